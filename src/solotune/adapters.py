@@ -1,0 +1,130 @@
+"""LoRA injection (via peft), full fine-tuning set-up, parameter counts, saving and merging."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+
+from solotune.config import LoraConfig, ModelConfig
+from solotune.errors import SolotuneError
+
+
+@dataclass
+class ParamSummary:
+    trainable: int
+    total: int
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+    def line(self) -> str:
+        """The line peft and the reference experiment print."""
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.trainable_pct:.4f}"
+        )
+
+
+def count_parameters(model: torch.nn.Module) -> ParamSummary:
+    """Trainable and total parameter counts (tied weights counted once)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return ParamSummary(
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+    )
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct short names of the model's linear layers (what target_modules may name)."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names)
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
+    """Freeze the model and wrap the target layers with trainable LoRA adapters."""
+    targets = cfg.target_modules
+    if targets != ["all-linear"]:
+        available = linear_module_names(model)
+        unknown = [t for t in targets if t not in available]
+        if unknown:
+            raise SolotuneError(
+                f"lora.target_modules: {', '.join(unknown)} not in this model; its linear layers "
+                f"are: {', '.join(available)} (or use all-linear)"
+            )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    # autocast_adapter_dtype keeps the adapter weights in fp32 when the base is bf16/fp16:
+    # they are the trained weights, and small updates must not round away.
+    return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+
+
+def prepare_full_finetune(model: torch.nn.Module) -> torch.nn.Module:
+    """Full fine-tuning: every parameter trains."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def save_trained(model: torch.nn.Module, tokenizer, folder: Path) -> None:
+    """LoRA: the adapter in PEFT format; full fine-tune: a complete HF model. Safetensors both."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
+    """Wrap a base model with a saved adapter (for inference)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise SolotuneError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter_dir)
+
+
+def adapter_base_model(adapter_dir: str | Path) -> str:
+    """The base model an adapter was trained on, as recorded in its adapter_config.json."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise SolotuneError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    base = json.loads(path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise SolotuneError(f"{path} names no base model; pass --model")
+    return base
+
+
+def merge_adapter(model: PeftModel) -> torch.nn.Module:
+    """Fold the LoRA update into the base weights and drop the adapter wrappers."""
+    return model.merge_and_unload()
+
+
+def merge_to_folder(adapter_dir: str, output_dir: str, model_name: str | None = None) -> float:
+    """Merge an adapter into its fp32 base, save a plain HF model; return the max logit difference.
+
+    The difference between the adapter model and the merged model on a probe text is printed,
+    so the user sees that the merge preserved the outputs (it is ~1e-6, rounding only).
+    """
+    from solotune.models import load_model, load_tokenizer, resolve_model_source
+
+    mcfg = ModelConfig(name=model_name or adapter_base_model(adapter_dir))
+    source = resolve_model_source(mcfg)
+    tokenizer = load_tokenizer(adapter_dir, mcfg)
+    model = load_adapter(load_model(source, mcfg, torch.float32, torch.device("cpu")), adapter_dir).eval()
+    probe = tokenizer("Merging folds the low-rank update into the weights.", return_tensors="pt")
+    with torch.inference_mode():
+        before = model(**probe).logits
+        merged = merge_adapter(model)
+        diff = (merged(**probe).logits - before).abs().max().item()
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    print(f"merged {adapter_dir} into {source}: saved {output_dir} (max logit difference vs adapter: {diff:.2e})")
+    return diff

@@ -1,0 +1,60 @@
+"""The run folder: creating it, and writing files so that a half-written one never looks complete.
+
+A run folder is complete when it holds metrics.json, which is written last and atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from solotune.errors import SolotuneError
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+
+
+def prepare_output_dir(requested: str | None) -> Path:
+    """Create the run folder (default runs/<date>-<time>); refuse one that holds a finished run."""
+    path = Path(requested) if requested else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if (path / METRICS_FILE).exists():
+        raise SolotuneError(f"{path} already holds a finished run; choose another --output-dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SolotuneError(f"cannot write to output folder {path}: {e.strerror}") from None
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary file and a rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,136 @@
+"""The `solotune` command: train, generate, merge.
+
+Every leaf of the config tree is an option (`--lora.r 8`, `--train.grad-accum 4`), and the
+common ones have short aliases (`--mp`, `--grad-accum`, `--batch`, ...). Errors the user can
+fix are printed as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from solotune.config import GenerateConfig, PrecisionConfig, RunConfig, apply_override, leaf_fields, load_yaml
+from solotune.errors import SolotuneError
+
+ALIASES = {
+    "model.name": ["--model"],
+    "data.path": ["--data"],
+    "data.samples": ["--samples"],
+    "data.max_len": ["--max-len"],
+    "lora.enabled": ["--lora"],
+    "lora.target_modules": ["--target-modules"],
+    "precision.mp": ["--mp"],
+    "precision.base_dtype": ["--base-dtype"],
+    "train.batch": ["--batch"],
+    "train.grad_accum": ["--grad-accum"],
+    "train.grad_checkpointing": ["--grad-checkpointing"],
+    "train.epochs": ["--epochs"],
+    "train.max_steps": ["--max-steps"],
+    "train.lr": ["--lr"],
+    "train.seed": ["--seed"],
+    "device": ["--device"],
+    "output_dir": ["--output-dir"],
+}
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per config leaf, named by its dotted path, plus the aliases above."""
+    for path, tp, f in leaf_fields():
+        names = [f"--{path.replace('_', '-')}"] + ALIASES.get(path, [])
+        kwargs = {"dest": path, "default": argparse.SUPPRESS, "help": f"default: {_default_of(f)}"}
+        if tp is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+        elif "list" in str(tp):
+            parser.add_argument(*names, nargs="+", metavar="VALUE", **kwargs)
+        else:
+            parser.add_argument(*names, metavar=path.rsplit(".", 1)[-1].upper(), choices=f.metadata.get("choices"), **kwargs)
+
+
+def _default_of(f) -> object:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """YAML file (if any), then each option given on the command line, in schema order."""
+    cfg = load_yaml(args.config) if args.config else RunConfig()
+    given = vars(args)
+    for path, _, _ in leaf_fields():
+        if path in given:
+            apply_override(cfg, path, given[path])
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from solotune.train import run_training
+
+    run_training(config_from_args(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from solotune.generate import generate, load_for_inference, print_generations
+
+    defaults = GenerateConfig()
+    given = bool(args.prompt or args.instruction)
+    cfg = GenerateConfig(
+        prompts=args.prompt if given else defaults.prompts,
+        instructions=args.instruction if given else defaults.instructions,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+    )
+    model, tokenizer, policy = load_for_inference(args.adapter, args.model, PrecisionConfig(mp=args.mp), args.device)
+    print_generations(f"generations ({args.adapter or args.model or 'embedded default'})", generate(model, tokenizer, cfg, policy))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from solotune.adapters import merge_to_folder
+
+    merge_to_folder(args.adapter, args.output, args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="solotune", description="Fine-tune a causal LM on one GPU or a CPU, measured.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune a model (default: the embedded SmolLM2-135M on the built-in data)")
+    train.add_argument("config", nargs="?", help="a YAML config file; options below override it")
+    add_config_options(train)
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="generate from prompts with a base model or a saved adapter, timed")
+    gen.add_argument("--adapter", help="a saved adapter (or full fine-tune) folder, e.g. runs/<run>/adapter")
+    gen.add_argument("--model", help="base model (default: the one the adapter names, else the embedded default)")
+    gen.add_argument("--prompt", action="append", default=[], help="a raw prompt (repeatable)")
+    gen.add_argument("--instruction", action="append", default=[], help="an instruction, wrapped in the Alpaca template (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens)
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--mp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    gen.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    gen.set_defaults(func=cmd_generate)
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model and save a plain HF model")
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True, help="folder for the merged model")
+    merge.add_argument("--model", help="base model (default: the one the adapter names)")
+    merge.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except SolotuneError as e:
+        print(f"solotune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("solotune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The typed run configuration: defaults, YAML loading, CLI overrides and validation.
+
+One dataclass tree is the schema and holds every default. YAML and the command line are both
+parsed into it by the same converter, so a value means the same thing wherever it comes from,
+and an unknown key is an error instead of a silent fallback to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from solotune.errors import SolotuneError
+
+REFERENCE_PROMPTS = [
+    "Best Hiking place in Los Angeles for sunset is",
+    "A brief message congratulating the team on the launch:\n\nHi everyone,\n\nI just",
+]
+
+
+def choices(*values: str) -> dict:
+    """Field metadata restricting a string field to `values`."""
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    """Where the model comes from."""
+
+    # A local Hugging Face folder, a hub id, or a .gguf file; None = the embedded default.
+    name: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = field(default="sdpa", metadata=choices("sdpa", "eager"))
+
+
+@dataclass
+class DataConfig:
+    """Which records to train on and how to turn them into tokens."""
+
+    # A .json / .jsonl / .parquet file or a hub data set name; None = the built-in data set.
+    path: str | None = None
+    split: str = "train"
+    format: str = field(
+        default="auto", metadata=choices("auto", "alpaca", "prompt_response", "messages", "text")
+    )
+    samples: int | None = None  # keep the first N records
+    max_len: int = 512
+    train_on_prompt: bool = False  # False: loss on response tokens only
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (Hu et al., 2021); enabled=False means full fine-tuning."""
+
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # The reference experiment adapts the attention q, k and v projections; "all-linear" adapts
+    # every linear layer but the LM head.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+
+@dataclass
+class PrecisionConfig:
+    """Mixed precision and the storage dtype of the weights."""
+
+    # auto: bf16 where the device has native bf16, else fp16 on CUDA, else off (fp32).
+    mp: str = field(default="auto", metadata=choices("auto", "off", "bf16", "fp16"))
+    # auto: frozen weights (LoRA) in the compute dtype, trainable weights (full) in fp32.
+    base_dtype: str = field(default="auto", metadata=choices("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: batches, schedule, and the memory-saving switches of the loop."""
+
+    batch: int = 8  # effective batch: records per optimizer step
+    grad_accum: int = 1  # micro-batches per step; micro-batch size = batch / grad_accum
+    grad_checkpointing: bool = False
+    epochs: int = 1
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    shuffle: bool = True  # a new seeded record order every epoch
+    lr: float = 2e-4
+    schedule: str = field(default="cosine", metadata=choices("cosine", "linear", "constant"))
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+
+
+@dataclass
+class GenerateConfig:
+    """Generations before and after training (and for `solotune generate`)."""
+
+    enabled: bool = True
+    prompts: list[str] = field(default_factory=lambda: list(REFERENCE_PROMPTS))  # used verbatim
+    # Wrapped in the data set's prompt template, to show what the fine-tuning taught.
+    instructions: list[str] = field(
+        default_factory=lambda: [
+            "What is 27 + 15?",
+            "Reverse the letters of the word 'garden'.",
+        ]
+    )
+    max_new_tokens: int = 48
+    do_sample: bool = False  # greedy by default, so before/after compare like with like
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+@dataclass
+class RunConfig:
+    """Everything one `solotune train` run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    device: str = field(default="auto", metadata=choices("auto", "cpu", "cuda"))
+    output_dir: str | None = None  # None: runs/<date>-<time>
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting raw values (from YAML or from CLI strings) into the schema's types.
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, allows None) for `X | None`; (tp, False) otherwise."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def convert_value(raw: Any, tp: Any, where: str, from_cli: bool = False) -> Any:
+    """Convert `raw` to type `tp`, or raise SolotuneError naming `where`."""
+    inner, optional = _unwrap_optional(tp)
+    if raw is None or (from_cli and optional and str(raw).lower() in ("none", "null")):
+        if optional:
+            return None
+        raise SolotuneError(f"{where}: a value is required (expected {_type_name(inner)})")
+    if typing.get_origin(inner) is list:
+        items = raw.split(",") if from_cli and isinstance(raw, str) else raw
+        if not isinstance(items, list):
+            raise SolotuneError(f"{where}: expected a list of strings, got {raw!r}")
+        return [convert_value(x, str, f"{where}[{i}]") for i, x in enumerate(items)]
+    if inner is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_cli and str(raw).lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return str(raw).lower() in ("true", "yes", "1", "on")
+        raise SolotuneError(f"{where}: expected true or false, got {raw!r}")
+    if inner is int:
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise SolotuneError(f"{where}: expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except ValueError:
+            raise SolotuneError(f"{where}: expected an integer, got {raw!r}") from None
+    if inner is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise SolotuneError(f"{where}: expected a number, got {raw!r}")
+        try:
+            return float(raw)
+        except ValueError:
+            raise SolotuneError(f"{where}: expected a number, got {raw!r}") from None
+    if inner is str:
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise SolotuneError(f"{where}: expected a string, got {raw!r}")
+        return str(raw)
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, "a list"
+    )
+
+
+def build(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise SolotuneError(f"{where}: expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise SolotuneError(
+            f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(known)})"
+        )
+    values = {}
+    for name, raw in data.items():
+        tp = hints[name]
+        sub = f"{where}.{name}" if where != "config" else name
+        if dataclasses.is_dataclass(tp):
+            values[name] = build(tp, raw, sub)
+        else:
+            values[name] = convert_value(raw, tp, sub)
+    return cls(**values)
+
+
+def load_yaml(path: str | Path) -> RunConfig:
+    """Read a YAML config file into a RunConfig (every key optional, no unknown keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SolotuneError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SolotuneError(f"{path}: not valid YAML: {e}") from None
+    return build(RunConfig, data or {}, where=str(path))
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (for YAML / JSON output)."""
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaves of the tree, for generating CLI options and applying overrides.
+
+
+def leaf_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
+    """Every leaf of the schema as (dotted path, type, field)."""
+    leaves = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            leaves.extend(leaf_fields(tp, path + "."))
+        else:
+            leaves.append((path, tp, f))
+    return leaves
+
+
+def apply_override(cfg: RunConfig, dotted: str, raw: Any, from_cli: bool = True) -> None:
+    """Set the leaf at `dotted` (e.g. "lora.r") from a raw value, converting and checking it."""
+    *parents, name = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = getattr(node, p)
+    tp = typing.get_type_hints(type(node))[name]
+    setattr(node, name, convert_value(raw, tp, f"--{dotted.replace('_', '-')}", from_cli))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check values and combinations that no type can express; raise on the first problem."""
+    for path, _, f in leaf_fields():
+        allowed = f.metadata.get("choices")
+        value = _get(cfg, path)
+        if allowed and value not in allowed:
+            raise SolotuneError(f"{path}: {value!r} is not one of {', '.join(allowed)}")
+    t, d, lo, g = cfg.train, cfg.data, cfg.lora, cfg.generate
+    _require(t.batch >= 1, "train.batch", t.batch, "must be at least 1")
+    _require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be at least 1")
+    _require(
+        t.batch % t.grad_accum == 0,
+        "train.grad_accum",
+        t.grad_accum,
+        f"must divide the batch ({t.batch}) so that every micro-batch has the same size; "
+        f"try one of {[k for k in range(1, t.batch + 1) if t.batch % k == 0]}",
+    )
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "must be at least 1")
+    _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be at least 1")
+    _require(t.lr > 0, "train.lr", t.lr, "must be positive")
+    _require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0")
+    _require(d.max_len >= 8, "data.max_len", d.max_len, "must be at least 8 tokens")
+    _require(d.samples is None or d.samples >= 1, "data.samples", d.samples, "must be at least 1")
+    _require(lo.r >= 1, "lora.r", lo.r, "must be at least 1")
+    _require(lo.alpha > 0, "lora.alpha", lo.alpha, "must be positive")
+    _require(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "must be in [0, 1)")
+    _require(len(lo.target_modules) >= 1, "lora.target_modules", lo.target_modules, "must name at least one module")
+    _require(g.max_new_tokens >= 1, "generate.max_new_tokens", g.max_new_tokens, "must be at least 1")
+    _require(g.temperature > 0, "generate.temperature", g.temperature, "must be positive")
+    _require(0 < g.top_p <= 1, "generate.top_p", g.top_p, "must be in (0, 1]")
+    return cfg
+
+
+def _require(ok: bool, path: str, value: Any, what: str) -> None:
+    if not ok:
+        raise SolotuneError(f"{path} = {value!r}: {what}")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

