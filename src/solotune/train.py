@@ -56,8 +56,8 @@ def response_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: PrecisionPolicy, max_grad_norm: float) -> StepResult:
-    """One optimizer step over the effective batch, accumulated over its micro-batches.
+def accumulate_gradients(model, micro_batches: list[Batch], policy: PrecisionPolicy) -> torch.Tensor:
+    """Forward and backward over the effective batch's micro-batches; returns the step's loss.
 
     Each micro-batch's summed loss is divided by the response-token count of the whole step,
     so the accumulated gradient and the reported loss are exactly those of the full batch,
@@ -71,16 +71,22 @@ def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: 
         loss = response_loss_sum(logits, mb.labels) / n_loss_tokens
         policy.scaler.scale(loss).backward()
         step_loss += loss.detach()
+    return step_loss
+
+
+def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: PrecisionPolicy, max_grad_norm: float) -> StepResult:
+    """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero."""
+    loss = accumulate_gradients(model, micro_batches, policy)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     policy.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    scale_before = policy.scaler.get_scale() if policy.scaler.is_enabled() else 1.0
-    policy.scaler.step(optimizer)
+    scale_before = policy.scaler.get_scale()
+    policy.scaler.step(optimizer)  # skips the update if the unscaled gradients hold inf/NaN
     policy.scaler.update()
-    skipped = policy.scaler.is_enabled() and policy.scaler.get_scale() < scale_before
+    skipped = policy.scaler.get_scale() < scale_before
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_loss.item(), grad_norm.item(), skipped)
+    return StepResult(loss.item(), grad_norm.item(), skipped)
 
 
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):
@@ -134,12 +140,19 @@ def _record_step(result: LoopResult, out: StepResult, micro: list[Batch]) -> Non
     result.positions += sum(mb.n_positions for mb in micro)
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them.
+
+    Non-reentrant checkpointing works with frozen inputs (LoRA) without hooks on the embeddings.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
     """Load the model in the policy's dtype and set it up for LoRA or full fine-tuning."""
     model = load_model(source, cfg.model, policy.base_dtype, policy.device)
     if cfg.train.grad_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs (LoRA) without hooks on the embeddings.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
 
 
