@@ -71,4 +71,5 @@ def test_merged_equals_unmerged(tokenizer, inputs):
         assert not any("lora_" in n for n, _ in merged.named_parameters())
         merged_out = merged(**inputs).logits
     assert not torch.allclose(unmerged, base_out, atol=1e-3)  # the adapter does change the output
-    torch.testing.assert_close(merged_out, unmerged, atol=1e-5, rtol=1e-5)
+    # fp32 rounding of W + BA vs W x + B(A x) on logits of magnitude ~10.
+    torch.testing.assert_close(merged_out, unmerged, atol=1e-4, rtol=1e-4)

@@ -5,8 +5,10 @@ A run folder is complete when it holds metrics.json, which is written last and a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -19,11 +21,17 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 
 
-def prepare_output_dir(requested: str | None) -> Path:
-    """Create the run folder (default runs/<date>-<time>); refuse one that holds a finished run."""
+@contextlib.contextmanager
+def run_folder(requested: str | None):
+    """Create the run folder (default runs/<date>-<time>) for the duration of a run.
+
+    A folder holding a finished run is refused. If the run fails with a user error, a folder
+    that this run created is removed again, so nothing half-written is left behind.
+    """
     path = Path(requested) if requested else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if (path / METRICS_FILE).exists():
         raise SolotuneError(f"{path} already holds a finished run; choose another --output-dir")
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -31,7 +39,12 @@ def prepare_output_dir(requested: str | None) -> Path:
         probe.unlink()
     except OSError as e:
         raise SolotuneError(f"cannot write to output folder {path}: {e.strerror}") from None
-    return path
+    try:
+        yield path
+    except SolotuneError:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def write_atomic(path: Path, text: str) -> None:

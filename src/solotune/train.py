@@ -162,12 +162,16 @@ def run_training(cfg: RunConfig) -> dict:
     transformers.set_seed(cfg.train.seed)
     policy = resolve_policy(cfg.precision, cfg.device, frozen_base=cfg.lora.enabled)
     print(policy.describe())
-    out_dir = artifacts.prepare_output_dir(cfg.output_dir)
-    artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
+    with artifacts.run_folder(cfg.output_dir) as out_dir:
+        artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
+        return _run(cfg, policy, out_dir)
 
+
+def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path) -> dict:
+    records = read_records(cfg.data)  # a missing or unreadable data file fails before any model work
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
-    examples, data_stats, fmt = tokenize_records(read_records(cfg.data), tokenizer, cfg.data)
+    examples, data_stats, fmt = tokenize_records(records, tokenizer, cfg.data)
     print(f"data: {len(examples)} examples ({fmt}) from {cfg.data.path or 'the built-in data set'}, "
           f"{data_stats.tokens:,} tokens, {data_stats.truncated} truncated, {data_stats.dropped} dropped")
 
