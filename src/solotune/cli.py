@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 
 from solotune.config import GenerateConfig, PrecisionConfig, RunConfig, apply_override, leaf_fields, load_yaml
 from solotune.errors import SolotuneError
@@ -118,9 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Our own progress bar and summary say what matters; silence the libraries' chatter."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     try:
         args.func(args)
     except SolotuneError as e:

