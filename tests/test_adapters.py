@@ -2,7 +2,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import make_model
+from solotune.testing import make_model
 from solotune.adapters import apply_lora, count_parameters, merge_adapter, save_trained
 from solotune.config import LoraConfig
 from solotune.errors import SolotuneError

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_model
+from solotune.testing import make_model
 from solotune.adapters import apply_lora, prepare_full_finetune
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, collate, split_micro_batches, tokenize_records
@@ -99,7 +99,7 @@ def test_gradient_checkpointing_cuts_activation_memory_and_keeps_gradients(token
     batch = collate(examples_from(tokenizer, rows), tokenizer.pad_token_id)
     measured = {}
     for ckpt in (False, True):
-        base = make_model(tokenizer, hidden=128, layers=4)
+        base = make_model(tokenizer, hidden_size=128, num_hidden_layers=4)
         if ckpt:
             enable_checkpointing(base)
         model = apply_lora(base, LoraConfig(r=4, dropout=0.0)).train()
