@@ -103,3 +103,15 @@ def static_breakdown(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         "gradients_mib": grad_bytes / MIB,
         "optimizer_state_mib": tensor_mib(state),
     }
+
+
+def memory_report(peak: PeakMemory, static: dict[str, float]) -> dict:
+    """The peak and its parts; what the static parts do not explain is activations and the rest."""
+    return {
+        "kind": peak.kind,
+        "peak_mib": peak.peak_mib,
+        "reserved_mib": peak.reserved_mib,
+        **static,
+        # Activations and temporaries (and, in a CPU's RSS, the Python runtime and libraries).
+        "activations_and_other_mib": max(peak.peak_mib - sum(static.values()), 0.0),
+    }

@@ -24,7 +24,7 @@ from solotune.adapters import apply_lora, count_parameters, prepare_full_finetun
 from solotune.config import RunConfig, TrainConfig, to_dict, validate
 from solotune.data import IGNORE_INDEX, Batch, Example, collate, plan_steps, read_records, split_micro_batches, tokenize_records
 from solotune.generate import generate, print_generations
-from solotune.memory import PeakMemoryProbe, static_breakdown
+from solotune.memory import PeakMemoryProbe, memory_report, static_breakdown
 from solotune.models import load_model, load_tokenizer, resolve_model_source
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
 
@@ -114,21 +114,12 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
         result.lrs.append(scheduler.get_last_lr()[0])
         out = train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm)
         _record_step(result, out, micro)
-        if step == 1:
-            result.memory = static_breakdown(model, optimizer)
+        if step == 1:  # gradients and optimizer state exist from the first step on
+            static = static_breakdown(model, optimizer)
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}", peak_mib=f"{probe.read().peak_mib:.0f}")
     result.runtime_s = time.perf_counter() - start
-    peak = probe.read()
-    known = sum(result.memory.values())
-    result.memory = {
-        "kind": peak.kind,
-        "peak_mib": peak.peak_mib,
-        "reserved_mib": peak.reserved_mib,
-        **result.memory,
-        # The rest of the peak: activations and temporaries (and, on CPU, the runtime itself).
-        "activations_and_other_mib": max(peak.peak_mib - known, 0.0),
-    }
+    result.memory = memory_report(probe.read(), static)
     return result
 
 
@@ -244,3 +235,5 @@ def print_summary(m: dict, out_dir: Path) -> None:
         f"throughput: {t['tokens_per_s']:.0f} tokens/s  padding: {100 * t['padding_fraction']:.1f}%\n"
         f"saved: {m['artifacts']['trained']}  metrics: {out_dir / artifacts.METRICS_FILE}"
     )
+    if t["skipped_steps"]:
+        print(f"fp16: {t['skipped_steps']} of {t['steps']} steps skipped by the gradient scaler (overflow)")
