@@ -57,7 +57,7 @@ def row(name: str, m: dict) -> str:
     mem, t = m["memory"], m["train"]
     reserved = mem["reserved_mib"] if mem["reserved_mib"] is not None else float("nan")
     return (f"| {name} | {mem['peak_mib']:,.0f} | {reserved:,.0f} | {mem['parameters_mib']:,.0f} | "
-            f"{mem['gradients_mib']:,.1f} | {mem['optimizer_state_mib']:,.1f} | {mem['activations_and_other_mib']:,.0f} | "
+            f"{mem['gradients_mib']:,.1f} | {mem['optimizer_state_mib']:,.1f} | {mem['activations_mib']:,.0f} | "
             f"{t['tokens_per_s']:,.0f} | {t['avg_loss']:.4f} |")
 
 
@@ -73,7 +73,7 @@ def main() -> None:
         model_dir = Path(tmp) / "model"
         build_model_folder(args.shape, model_dir)
         results = {}
-        print("| configuration | peak allocated MiB | reserved MiB | parameters | gradients | optimizer state | activations + other | tokens/s | avg loss |")
+        print("| configuration | peak allocated MiB | reserved MiB | parameters | gradients | optimizer state | activations | tokens/s | avg loss |")
         print("|---|---|---|---|---|---|---|---|---|")
         for i, (name, extra) in enumerate(CONFIGS.items()):
             if args.only and name not in args.only:

@@ -45,7 +45,7 @@ def test_train_writes_metrics_config_and_a_peft_adapter(lora_run):
     assert t["tokens_per_s"] > 0 and t["runtime_s"] > 0 and 0 <= t["padding_fraction"] < 1
     mem = m["memory"]
     assert mem["peak_mib"] > 0 and mem["kind"] in ("cpu_rss", "cuda_allocator")
-    assert mem["optimizer_state_mib"] == pytest.approx(2 * mem["gradients_mib"], rel=0.01)  # AdamW: m and v
+    assert mem["tracked_peak_mib"] > mem["parameters_mib"] > 0
     assert m["config"]["train"]["grad_accum"] == 2 and m["versions"]["torch"] == torch.__version__
     assert len(m["generations"]["before"]) == len(m["generations"]["after"]) == 4
     assert all(g["seconds"] > 0 for g in m["generations"]["after"])

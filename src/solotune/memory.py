@@ -1,4 +1,4 @@
-"""Measuring peak memory over the training loop, and the static parts of it.
+"""Measuring peak memory over the training loop, and what it is made of.
 
 CUDA: the caching allocator's peak (`max_memory_allocated`, and `max_memory_reserved`).
 CPU: the process's resident-set high-water mark (VmHWM), reset just before the loop by writing
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import resource
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 MIB = 2**20
 
@@ -74,44 +77,95 @@ def rss_high_water_mark_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
 
 
-def tensor_mib(tensors) -> float:
-    """Total storage of distinct tensors (shared storage counted once), in MiB."""
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or not isinstance(t, torch.Tensor):
-            continue
-        key = t.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    return total / MIB
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
 
 
-def static_breakdown(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Sizes (MiB) of the parts that live through the whole step: parameters, gradients, optimizer state.
+class TensorMemoryTracker(TorchDispatchMode):
+    """Follows every tensor storage created and freed on a device, and the peak of their total.
 
-    Gradients are measured as one full set for the trainable parameters (what exists at the
-    end of backward); call this after the first step, when the optimizer state exists.
+    Each storage is counted once (views share it) under one category: parameters, gradients,
+    optimizer state, or activations (everything else: saved activations and temporaries).
+    Gradients are recognised when autograd assigns them to a parameter, optimizer state by
+    being created inside `optimizer.step()`; the tracker installs its own hooks for both, so
+    the training step knows nothing about it. The parts at the peak add up to the peak by
+    construction; on CUDA the peak matches the allocator's `max_memory_allocated` up to its
+    512-byte rounding.
     """
-    params = list(model.parameters())
-    trainable = [p for p in params if p.requires_grad]
-    grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    state = [v for s in optimizer.state.values() for v in s.values()]
-    return {
-        "parameters_mib": tensor_mib(params),
-        "gradients_mib": grad_bytes / MIB,
-        "optimizer_state_mib": tensor_mib(state),
-    }
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+        super().__init__()
+        self.device_type = device.type
+        self.live: dict[int, list] = {}  # storage id -> [bytes, category]
+        self.totals = dict.fromkeys(CATEGORIES, 0)
+        self.peak_bytes, self.peak_parts = 0, dict(self.totals)
+        self._phase = "activations"
+        self._hooks = [
+            optimizer.register_step_pre_hook(lambda *_: self._set_phase("optimizer_state")),
+            optimizer.register_step_post_hook(lambda *_: self._set_phase("activations")),
+        ]
+        for p in model.parameters():
+            self._track(p, "parameters")
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+                self._track(p.grad, "gradients")
+        for state in optimizer.state.values():
+            for t in state.values():
+                self._track(t, "optimizer_state")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            self._track(t, self._phase)
+        return out
+
+    def close(self) -> None:
+        """Remove the hooks (the tracker's totals stay readable)."""
+        for h in self._hooks:
+            h.remove()
+
+    def parts_mib(self) -> dict[str, float]:
+        """The peak and its parts, in MiB."""
+        return {"tracked_peak_mib": self.peak_bytes / MIB, **{f"{k}_mib": v / MIB for k, v in self.peak_parts.items()}}
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase
+
+    def _track(self, t, category: str) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        n = storage.nbytes()
+        self.live[key] = [n, category]
+        self.totals[category] += n
+        weakref.finalize(storage, self._free, key)
+        total = self.peak_bytes_now()
+        if total > self.peak_bytes:
+            self.peak_bytes, self.peak_parts = total, dict(self.totals)
+
+    def peak_bytes_now(self) -> int:
+        return sum(self.totals.values())
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry:
+            self.totals[entry[1]] -= entry[0]
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        entry = self.live.get(p.grad.untyped_storage()._cdata)
+        if entry and entry[1] != "gradients":
+            self.totals[entry[1]] -= entry[0]
+            self.totals["gradients"] += entry[0]
+            entry[1] = "gradients"
 
 
-def memory_report(peak: PeakMemory, static: dict[str, float]) -> dict:
-    """The peak and its parts; what the static parts do not explain is activations and the rest."""
+def memory_report(peak: PeakMemory, tracker: TensorMemoryTracker) -> dict:
+    """The measured peak (allocator or RSS) and the tracked tensor peak with its four parts."""
     return {
         "kind": peak.kind,
         "peak_mib": peak.peak_mib,
         "reserved_mib": peak.reserved_mib,
-        **static,
-        # Activations and temporaries (and, in a CPU's RSS, the Python runtime and libraries).
-        "activations_and_other_mib": max(peak.peak_mib - sum(static.values()), 0.0),
+        **tracker.parts_mib(),
     }

@@ -24,7 +24,7 @@ from solotune.adapters import apply_lora, count_parameters, prepare_full_finetun
 from solotune.config import RunConfig, TrainConfig, to_dict, validate
 from solotune.data import IGNORE_INDEX, Batch, Example, collate, plan_steps, read_records, split_micro_batches, tokenize_records
 from solotune.generate import generate, print_generations
-from solotune.memory import PeakMemoryProbe, memory_report, static_breakdown
+from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
 
@@ -105,21 +105,22 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     result, probe = LoopResult(), PeakMemoryProbe(policy.device)
+    tracker = TensorMemoryTracker(model, optimizer, policy.device)
     model.train()
     probe.reset()
     start = time.perf_counter()
     bar = tqdm(steps, desc="train", unit="step", dynamic_ncols=True)
-    for step, indices in enumerate(bar, start=1):
-        micro = [collate([examples[i] for i in mb], pad_id).to(policy.device) for mb in split_micro_batches(indices, cfg.grad_accum)]
-        result.lrs.append(scheduler.get_last_lr()[0])
-        out = train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm)
-        _record_step(result, out, micro)
-        if step == 1:  # gradients and optimizer state exist from the first step on
-            static = static_breakdown(model, optimizer)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}", peak_mib=f"{probe.read().peak_mib:.0f}")
+    with tracker:
+        for indices in bar:
+            micro = [collate([examples[i] for i in mb], pad_id).to(policy.device) for mb in split_micro_batches(indices, cfg.grad_accum)]
+            result.lrs.append(scheduler.get_last_lr()[0])
+            out = train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm)
+            _record_step(result, out, micro)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}", peak_mib=f"{probe.read().peak_mib:.0f}")
     result.runtime_s = time.perf_counter() - start
-    result.memory = memory_report(probe.read(), static)
+    tracker.close()
+    result.memory = memory_report(probe.read(), tracker)
     return result
 
 
@@ -224,13 +225,13 @@ def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: 
 def print_summary(m: dict, out_dir: Path) -> None:
     t, mem = m["train"], m["memory"]
     where = "CUDA allocator peak" if mem["kind"] == "cuda_allocator" else "peak RSS of the loop"
+    parts = f"tensor peak {mem['tracked_peak_mib']:,.1f} MiB = parameters {mem['parameters_mib']:,.1f} + gradients " \
+        f"{mem['gradients_mib']:,.1f} + optimizer state {mem['optimizer_state_mib']:,.1f} + activations {mem['activations_mib']:,.1f}"
     reserved = f", reserved {mem['reserved_mib']:,.0f} MiB" if mem["reserved_mib"] is not None else ""
     print(
         f"\n== run summary ==\n{m['params']['line']}\n"
         f"steps: {t['steps']}  average loss: {t['avg_loss']:.4f}  final loss: {t['final_loss']:.4f}\n"
-        f"{where}: {mem['peak_mib']:,.0f} MiB{reserved}  (parameters {mem['parameters_mib']:,.0f}, "
-        f"gradients {mem['gradients_mib']:,.1f}, optimizer state {mem['optimizer_state_mib']:,.1f}, "
-        f"activations and other {mem['activations_and_other_mib']:,.0f} MiB)\n"
+        f"{where}: {mem['peak_mib']:,.0f} MiB{reserved}\n{parts}\n"
         f"runtime: {t['runtime_s']:.1f} s (model load {m['model']['load_s']:.1f} s)  "
         f"throughput: {t['tokens_per_s']:.0f} tokens/s  padding: {100 * t['padding_fraction']:.1f}%\n"
         f"saved: {m['artifacts']['trained']}  metrics: {out_dir / artifacts.METRICS_FILE}"
