@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 from datetime import datetime
@@ -71,3 +72,16 @@ def write_yaml(path: Path, data: dict) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def machine_info() -> dict:
+    """CPU model, core count and memory of this machine (Linux /proc; best effort elsewhere)."""
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "memory_gib": None}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), info["cpu"])
+        meminfo = Path("/proc/meminfo").read_text().split()
+        info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
+    except (OSError, ValueError):
+        pass
+    return info

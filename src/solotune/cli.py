@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from solotune.config import GenerateConfig, PrecisionConfig, RunConfig, apply_override, leaf_fields, load_yaml
-from solotune.errors import SolotuneError
+from solotune.errors import OUT_OF_MEMORY_EXIT, USER_ERROR_EXIT, SolotuneError
 
 ALIASES = {
     "model.name": ["--model"],
@@ -34,6 +34,7 @@ ALIASES = {
     "train.seed": ["--seed"],
     "device": ["--device"],
     "output_dir": ["--output-dir"],
+    "mem_limit": ["--mem-limit"],
 }
 
 
@@ -70,6 +71,32 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_training(config_from_args(args))
 
 
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from solotune.ablate import parse_axes, run_grid
+    from solotune.report import write_report
+
+    cfg = config_from_args(args)
+    if args.resume:
+        grid_dir = run_grid(cfg, [], Path(args.resume), resume=True, timeout_s=args.cell_timeout)
+    else:
+        out = Path(cfg.output_dir) if cfg.output_dir else None
+        grid_dir = run_grid(cfg, parse_axes(args.axes), out, resume=False, timeout_s=args.cell_timeout)
+    print(f"report: {write_report(grid_dir)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from solotune.report import write_report
+
+    folder = Path(args.grid)
+    if not (folder / "grid.json").is_file():
+        raise SolotuneError(f"{folder} is not an ablation grid folder (no grid.json)")
+    print(f"report: {write_report(folder)}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from solotune.generate import generate, load_for_inference, print_generations
 
@@ -99,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="a YAML config file; options below override it")
     add_config_options(train)
     train.set_defaults(func=cmd_train)
+
+    ablate = sub.add_parser("ablate", help="run every combination of the techniques, one process per cell; tables + HTML report")
+    ablate.add_argument("config", nargs="?", help="a YAML config file shared by every cell; options below override it")
+    ablate.add_argument("--axes", default="ga,mp,lora", help="comma-separated axes from ga, mp, lora, gc (default: ga,mp,lora)")
+    ablate.add_argument("--resume", metavar="GRID_DIR", help="finish an interrupted grid: run only the cells without a result")
+    ablate.add_argument("--cell-timeout", type=float, metavar="SECONDS", help="stop a cell that runs longer (it becomes X)")
+    add_config_options(ablate)
+    ablate.set_defaults(func=cmd_ablate)
+
+    report = sub.add_parser("report", help="rebuild the tables and report.html of a grid")
+    report.add_argument("grid", help="the grid folder, e.g. runs/ablate-<id>")
+    report.set_defaults(func=cmd_report)
 
     gen = sub.add_parser("generate", help="generate from prompts with a base model or a saved adapter, timed")
     gen.add_argument("--adapter", help="a saved adapter (or full fine-tune) folder, e.g. runs/<run>/adapter")
@@ -135,10 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except SolotuneError as e:
         print(f"solotune: error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print("solotune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from solotune.memory import is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"solotune: error: out of memory: {str(e).strip().splitlines()[0][:300]}", file=sys.stderr)
+        return OUT_OF_MEMORY_EXIT
     return 0
 
 

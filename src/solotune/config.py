@@ -8,6 +8,7 @@ and an unknown key is an error instead of a silent fallback to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     device: str = field(default="auto", metadata=choices("auto", "cpu", "cuda"))
     output_dir: str | None = None  # None: runs/<date>-<time>
+    # Cap the run's memory as a smaller card would ("24GB", "512MiB"): CUDA: a per-process
+    # fraction of the GPU; CPU: the process's data-segment limit. None: no cap.
+    mem_limit: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +289,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(g.max_new_tokens >= 1, "generate.max_new_tokens", g.max_new_tokens, "must be at least 1")
     _require(g.temperature > 0, "generate.temperature", g.temperature, "must be positive")
     _require(0 < g.top_p <= 1, "generate.top_p", g.top_p, "must be in (0, 1]")
+    if cfg.mem_limit is not None:
+        _require(parse_size(cfg.mem_limit) > 0, "mem_limit", cfg.mem_limit, "must be positive")
     return cfg
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str, where: str = "mem_limit") -> int:
+    """Bytes in "24GB" (decimal), "512MiB" (binary) or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].lower() not in SIZE_UNITS:
+        raise SolotuneError(f"{where}: {text!r} is not a size like 24GB, 512MiB or 1.5GiB")
+    return int(float(m[1]) * SIZE_UNITS[m[2].lower()])
 
 
 def _require(ok: bool, path: str, value: Any, what: str) -> None:

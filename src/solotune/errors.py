@@ -1,4 +1,7 @@
-"""The one error type that solotune raises for anything the user can fix."""
+"""The one error type that solotune raises for anything the user can fix, and the exit codes."""
+
+USER_ERROR_EXIT = 2
+OUT_OF_MEMORY_EXIT = 3  # a run that ran out of memory; `solotune ablate` marks its cell X (OOM)
 
 
 class SolotuneError(Exception):

@@ -57,6 +57,24 @@ class PeakMemoryProbe:
         return PeakMemory("cpu_rss", rss_high_water_mark_mib(), reset_ok=self.reset_ok)
 
 
+def apply_memory_limit(limit_bytes: int, device: torch.device) -> str:
+    """Make this process fail to allocate past `limit_bytes`, as a smaller device would; say how."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(limit_bytes / total, 1.0), device)
+        return f"memory limit: {limit_bytes / MIB:,.0f} MiB of the GPU's {total / MIB:,.0f} MiB"
+    # RLIMIT_DATA counts private writable memory (the heap, anonymous mappings): close to what
+    # tensors occupy, unlike RLIMIT_AS, which also counts libraries and reserved address space.
+    resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    return f"memory limit: {limit_bytes / MIB:,.0f} MiB of data segment (CPU)"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for the ways PyTorch and Python report a failed allocation."""
+    text = str(e).lower()
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "can't allocate memory" in text
+
+
 def _reset_rss_high_water_mark() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")

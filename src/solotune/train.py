@@ -21,10 +21,10 @@ from tqdm import tqdm
 import solotune
 from solotune import artifacts
 from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune, save_trained
-from solotune.config import RunConfig, TrainConfig, to_dict, validate
+from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
 from solotune.data import IGNORE_INDEX, Batch, Example, collate, plan_steps, read_records, split_micro_batches, tokenize_records
 from solotune.generate import generate, print_generations
-from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, memory_report
+from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, apply_memory_limit, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
 
@@ -154,6 +154,8 @@ def run_training(cfg: RunConfig) -> dict:
     transformers.set_seed(cfg.train.seed)
     policy = resolve_policy(cfg.precision, cfg.device, frozen_base=cfg.lora.enabled)
     print(policy.describe())
+    if cfg.mem_limit:
+        print(apply_memory_limit(parse_size(cfg.mem_limit), policy.device))
     with artifacts.run_folder(cfg.output_dir) as out_dir:
         artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
         return _run(cfg, policy, out_dir)
@@ -197,6 +199,8 @@ def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: 
                      "transformers": transformers.__version__, "peft": peft.__version__},
         "config": to_dict(cfg),
         "device": str(policy.device),
+        "machine": {**artifacts.machine_info(),
+                    "gpu": torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else None},
         "precision": {"mp": policy.mp, "base_dtype": DTYPE_NAMES[policy.base_dtype],
                       "grad_scaler": policy.scaler.is_enabled(), "decisions": policy.reasons},
         "model": {"source": source, "load_s": load_s},

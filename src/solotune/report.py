@@ -1,0 +1,277 @@
+"""Tables and the HTML report of a grid, from its saved results alone (no torch needed).
+
+Table 2 (the reference study's layout): peak memory, runtime and more for every cell, `X` for a
+cell that did not finish. Table 1: each cell's tensor peak broken into parameters, gradients,
+optimizer state and activations, and what each technique changed, in words and numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PARTS = ("parameters", "gradients", "optimizer_state", "activations")
+PART_LABELS = {"parameters": "parameters", "gradients": "gradients", "optimizer_state": "optimizer state", "activations": "activations"}
+
+
+@dataclass
+class CellResult:
+    name: str
+    values: dict  # axis key -> value
+    status: str  # "ok", "X", or "pending"
+    reason: str
+    metrics: dict | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class Grid:
+    folder: Path
+    axes: list[dict]  # {"key", "label", "values"}
+    cells: list[CellResult]
+
+    def label(self, cell: CellResult) -> str:
+        return " ".join(f"{a['label']} {cell.values[a['key']]}" for a in self.axes)
+
+
+def load_grid(folder: Path) -> Grid:
+    grid = json.loads((folder / "grid.json").read_text())
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    cells = []
+    for c in grid["cells"]:
+        r = results.get(c["name"], {"status": "pending"})
+        metrics_path = folder / "cells" / c["name"] / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if r["status"] == "ok" and metrics_path.exists() else None
+        cells.append(CellResult(c["name"], c["values"], r["status"], r.get("reason", ""), metrics))
+    return Grid(folder, grid["axes"], cells)
+
+
+METRIC_ROWS = [  # (row label, how to read it from metrics.json, format)
+    ("Peak MiB", lambda m: m["memory"]["peak_mib"], "{:,.1f}"),
+    ("Tensor MiB", lambda m: m["memory"]["tracked_peak_mib"], "{:,.1f}"),
+    ("Time s", lambda m: m["train"]["runtime_s"], "{:,.1f}"),
+    ("Tokens/s", lambda m: m["train"]["tokens_per_s"], "{:,.0f}"),
+    ("Avg loss", lambda m: m["train"]["avg_loss"], "{:.4f}"),
+    ("Final loss", lambda m: m["train"]["final_loss"], "{:.4f}"),
+    ("Trainable", lambda m: m["params"]["trainable"], "{:,}"),
+]
+
+
+def cell_value(cell: CellResult, read, fmt: str) -> str:
+    return fmt.format(read(cell.metrics)) if cell.ok else ("X" if cell.status == "X" else "…")
+
+
+def table2_text(grid: Grid) -> str:
+    """The reference layout: one header row per axis, one column per cell."""
+    width = max(12, *(len(cell_value(c, r, f)) + 2 for c in grid.cells for _, r, f in METRIC_ROWS))
+    lines, span = [], len(grid.cells)
+    for axis in grid.axes:
+        span //= len(axis["values"])
+        repeats = len(grid.cells) // (span * len(axis["values"]))
+        heads = [v.center(width * span) for _ in range(repeats) for v in axis["values"]]
+        lines.append(f"{axis['label']:<12}" + "".join(heads))
+    for label, read, fmt in METRIC_ROWS:
+        lines.append(f"{label:<12}" + "".join(cell_value(c, read, fmt).rjust(width) for c in grid.cells))
+    return "\n".join(lines)
+
+
+def table2_rows(grid: Grid) -> list[list[str]]:
+    """Table 2 in long form (a row per cell) for Markdown and CSV."""
+    head = [a["label"] for a in grid.axes] + [label for label, _, _ in METRIC_ROWS] + ["note"]
+    rows = [head]
+    for c in grid.cells:
+        rows.append([c.values[a["key"]] for a in grid.axes] + [cell_value(c, r, f) for _, r, f in METRIC_ROWS] + [c.reason])
+    return rows
+
+
+def table1_rows(grid: Grid) -> list[list[str]]:
+    """Table 1: the tensor peak of every cell and its four parts (MiB)."""
+    rows = [["cell"] + [PART_LABELS[p] for p in PARTS] + ["tensor peak", "process peak"]]
+    for c in grid.cells:
+        if not c.ok:
+            rows.append([grid.label(c)] + ["X"] * 6)
+            continue
+        mem = c.metrics["memory"]
+        rows.append([grid.label(c)] + [f"{mem[p + '_mib']:,.1f}" for p in PARTS]
+                    + [f"{mem['tracked_peak_mib']:,.1f}", f"{mem['peak_mib']:,.1f}"])
+    return rows
+
+
+def axis_effects(grid: Grid) -> list[str]:
+    """For each axis, what switching it on changed, with every other axis at its first value."""
+    sentences = []
+    for axis in grid.axes:
+        base = {a["key"]: a["values"][0] for a in grid.axes}
+        off = _find(grid, base)
+        on = _find(grid, {**base, axis["key"]: axis["values"][-1]})
+        context = ", ".join(f"{a['label']} {base[a['key']]}" for a in grid.axes if a is not axis)
+        sentences.append(_effect_sentence(axis["label"], off, on, context))
+    return sentences
+
+
+def _find(grid: Grid, values: dict) -> CellResult:
+    return next(c for c in grid.cells if c.values == values)
+
+
+def _effect_sentence(label: str, off: CellResult, on: CellResult, context: str) -> str:
+    if not (off.ok and on.ok):
+        state = lambda c: "ran" if c.ok else f"X ({c.reason or c.status})"  # noqa: E731
+        return f"{label} ({context}): OFF {state(off)}, ON {state(on)}."
+    a, b = off.metrics["memory"], on.metrics["memory"]
+    changes = [f"{PART_LABELS[p]} {a[p + '_mib']:,.1f} → {b[p + '_mib']:,.1f} MiB" for p in PARTS]
+    ta, tb = off.metrics["train"]["runtime_s"], on.metrics["train"]["runtime_s"]
+    return (f"{label} ({context}): peak {a['peak_mib']:,.1f} → {b['peak_mib']:,.1f} MiB "
+            f"({_ratio(a['peak_mib'], b['peak_mib'])}); {'; '.join(changes)}; runtime {ta:,.1f} → {tb:,.1f} s "
+            f"({_ratio(ta, tb)}).")
+
+
+def _ratio(before: float, after: float) -> str:
+    if before <= 0 or after <= 0:
+        return "n/a"
+    return f"{before / after:.2f}x less" if after < before else f"{after / before:.2f}x more"
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def write_report(folder: Path) -> Path:
+    """Write every table and report.html into the grid folder; print Table 2; return the report path."""
+    from solotune.artifacts import write_atomic
+
+    grid = load_grid(folder)
+    text = table2_text(grid)
+    write_atomic(folder / "table2.txt", text + "\n")
+    write_atomic(folder / "table2.md", markdown_table(table2_rows(grid)) + "\n")
+    buf = io.StringIO()
+    csv.writer(buf).writerows(table2_rows(grid))
+    write_atomic(folder / "table2.csv", buf.getvalue())
+    effects = axis_effects(grid)
+    write_atomic(folder / "table1.md", markdown_table(table1_rows(grid)) + "\n\n" + "\n".join(f"- {e}" for e in effects) + "\n")
+    write_atomic(folder / "report.html", render_html(grid, text, effects))
+    print(f"\n{text}\n")
+    for e in effects:
+        print(f"- {e}")
+    return folder / "report.html"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+
+def render_html(grid: Grid, table2: str, effects: list[str]) -> str:
+    """A self-contained page: tables, plots as inline PNGs, generations, config and machine."""
+    done = [c for c in grid.cells if c.ok]
+    first = done[0].metrics if done else {}
+    sections = [
+        f"<h1>solotune ablation: {html.escape(grid.folder.name)}</h1>",
+        "<h2>Table 2: every combination</h2>", f"<pre>{html.escape(table2)}</pre>",
+        _html_table(table2_rows(grid)),
+        "<h2>Table 1: where the memory goes</h2>", _html_table(table1_rows(grid)),
+        "<ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in effects) + "</ul>",
+    ]
+    if done:
+        sections += [
+            "<h2>Memory breakdown at the peak</h2>", _img(_plot_breakdown(grid, done)),
+            "<h2>Runtime and throughput</h2>", _img(_plot_speed(grid, done)),
+            "<h2>Loss curves</h2>", _img(_plot_losses(grid, done)),
+            "<h2>Generations</h2>", _html_generations(grid, done),
+            "<h2>Configuration, machine, versions</h2>",
+            f"<pre>{html.escape(json.dumps({k: first.get(k) for k in ('machine', 'versions', 'device', 'config')}, indent=2))}</pre>",
+        ]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%}")
+    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>solotune report</title><style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _html_generations(grid: Grid, done: list[CellResult]) -> str:
+    out = []
+    before = done[0].metrics["generations"]["before"]
+    if not before:
+        return "<p>Generation was disabled in this grid.</p>"
+    for i, g in enumerate(before):
+        out.append(f"<h3>{html.escape(g['prompt'])}</h3><p><b>before</b> ({g['seconds']:.2f} s): {html.escape(g['text'])}</p><ul>")
+        for c in done:
+            a = c.metrics["generations"]["after"][i]
+            out.append(f"<li><b>{html.escape(grid.label(c))}</b> ({a['seconds']:.2f} s): {html.escape(a['text'])}</li>")
+        out.append("</ul>")
+    return "".join(out)
+
+
+def _img(png: bytes) -> str:
+    return f"<img alt='plot' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _figure().close(fig)
+    return buf.getvalue()
+
+
+def _plot_breakdown(grid: Grid, done: list[CellResult]) -> bytes:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    labels = [grid.label(c).replace(" ", "\n", len(grid.axes) - 1) for c in done]
+    bottom = [0.0] * len(done)
+    for part in PARTS:
+        vals = [c.metrics["memory"][part + "_mib"] for c in done]
+        ax.bar(labels, vals, bottom=bottom, label=PART_LABELS[part])
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.scatter(labels, [c.metrics["memory"]["peak_mib"] for c in done], color="black", marker="_", s=400, label="process / allocator peak", zorder=3)
+    ax.set_ylabel("MiB at the tensor peak")
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    return _png(fig)
+
+
+def _plot_speed(grid: Grid, done: list[CellResult]) -> bytes:
+    plt = _figure()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [grid.label(c).replace(" ", "\n", len(grid.axes) - 1) for c in done]
+    a1.bar(labels, [c.metrics["train"]["runtime_s"] for c in done], color="tab:gray")
+    a1.set_ylabel("training loop, s")
+    a2.bar(labels, [c.metrics["train"]["tokens_per_s"] for c in done], color="tab:green")
+    a2.set_ylabel("non-padding tokens/s")
+    for a in (a1, a2):
+        a.tick_params(axis="x", labelsize=6)
+    return _png(fig)
+
+
+def _plot_losses(grid: Grid, done: list[CellResult]) -> bytes:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for c in done:
+        curve = c.metrics["train"]["loss_curve"]
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=grid.label(c))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over response tokens)")
+    ax.legend(fontsize=7)
+    return _png(fig)
