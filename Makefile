@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean
+.PHONY: demo test test-report install clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The HTML report in headless Chromium (needs Debian's chromium package).
+test-report: $(STAMP)
+	$(PY) -m pytest -q -m browser tests/test_report_html.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,5 +10,5 @@ fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_train.py tests/test_adapters.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
-timeout 300 python3 benchmarks/cuda_memory.py --steps 4 --out "$OUT/cuda_memory.json" 2>/dev/null | tee "$OUT/cuda_memory.md"
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory.py tests/test_ablate.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+timeout 200 python3 benchmarks/cuda_memory.py --steps 4 --out "$OUT/cuda_memory.json" 2>/dev/null | tee "$OUT/cuda_memory.md"

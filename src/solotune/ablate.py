@@ -159,6 +159,14 @@ def run_grid(cfg: RunConfig, axes: list[Axis], grid_dir: Path | None, resume: bo
         cell_dir = grid_dir / "cells" / cell.name
         results[cell.name] = run_cell(cell_argv(grid_dir / "base.yaml", cell_dir, cell), cell_dir, timeout_s)
         artifacts.write_json(results_path, results)
-        if results[cell.name]["status"] == "X":
-            print(f"=== cell {cell.name}: X ({results[cell.name]['reason']})")
+        print(f"=== cell {cell.name}: {cell_summary(results[cell.name], cell_dir)}", flush=True)
     return grid_dir
+
+
+def cell_summary(outcome: dict, cell_dir: Path) -> str:
+    """One line for the terminal: X and why, or the cell's headline numbers."""
+    if outcome["status"] == "X":
+        return f"X ({outcome['reason']})"
+    m = artifacts.read_json(cell_dir / artifacts.METRICS_FILE)
+    return (f"peak {m['memory']['peak_mib']:,.0f} MiB, loop {m['train']['runtime_s']:.1f} s, "
+            f"{m['train']['tokens_per_s']:.0f} tokens/s, average loss {m['train']['avg_loss']:.4f}")
