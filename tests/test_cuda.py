@@ -34,11 +34,12 @@ def test_cuda_run_reports_the_allocator_peak(tiny_model_dir, tmp_path):
     mem = m["memory"]
     assert m["device"].startswith("cuda") and mem["kind"] == "cuda_allocator"
     assert mem["reserved_mib"] >= mem["peak_mib"] > 0
-    # The tracker's tensor peak is the allocator's peak (within its 512-byte rounding and the
-    # few tensors made outside the loop), and its four parts add up to it.
-    assert mem["tracked_peak_mib"] == pytest.approx(mem["peak_mib"], rel=0.05)
+    # The four tracked parts add up to the tracked peak, and with what no op of the loop made
+    # (cuBLAS workspaces: 64 MiB measured on an H200) to the allocator's peak.
     parts = sum(mem[f"{k}_mib"] for k in ("parameters", "gradients", "optimizer_state", "activations"))
     assert parts == pytest.approx(mem["tracked_peak_mib"], rel=1e-9)
+    assert mem["tracked_peak_mib"] <= mem["peak_mib"] <= mem["tracked_peak_mib"] + 128
+    assert mem["tracked_peak_mib"] + mem["untracked_mib"] == pytest.approx(mem["peak_mib"])
 
 
 def test_fp16_runs_with_the_scaler_and_bf16_without(tiny_model_dir, tmp_path):

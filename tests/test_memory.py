@@ -38,6 +38,7 @@ def test_the_parts_add_up_to_the_tracked_peak(tokenizer):
     assert mem["parameters_mib"] == pytest.approx(all_params, rel=1e-9)
     assert mem["optimizer_state_mib"] == pytest.approx(2 * trainable_mib(model), rel=0.01)
     assert mem["activations_mib"] > 0 and mem["peak_mib"] > mem["tracked_peak_mib"]  # RSS holds the runtime too
+    assert mem["tracked_peak_mib"] + mem["untracked_mib"] == pytest.approx(mem["peak_mib"])
 
 
 def test_lora_has_smaller_gradients_and_optimizer_state_than_full(tokenizer):

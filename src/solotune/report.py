@@ -95,14 +95,14 @@ def table2_rows(grid: Grid) -> list[list[str]]:
 
 def table1_rows(grid: Grid) -> list[list[str]]:
     """Table 1: the tensor peak of every cell and its four parts (MiB)."""
-    rows = [["cell"] + [PART_LABELS[p] for p in PARTS] + ["tensor peak", "process peak"]]
+    rows = [["cell"] + [PART_LABELS[p] for p in PARTS] + ["tensor peak", "runtime, untracked", "measured peak"]]
     for c in grid.cells:
         if not c.ok:
-            rows.append([grid.label(c)] + ["X"] * 6)
+            rows.append([grid.label(c)] + ["X"] * 7)
             continue
         mem = c.metrics["memory"]
         rows.append([grid.label(c)] + [f"{mem[p + '_mib']:,.1f}" for p in PARTS]
-                    + [f"{mem['tracked_peak_mib']:,.1f}", f"{mem['peak_mib']:,.1f}"])
+                    + [f"{mem['tracked_peak_mib']:,.1f}", f"{mem['untracked_mib']:,.1f}", f"{mem['peak_mib']:,.1f}"])
     return rows
 
 
@@ -241,12 +241,12 @@ def _plot_breakdown(grid: Grid, done: list[CellResult]) -> bytes:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     labels = [grid.label(c).replace(" ", "\n", len(grid.axes) - 1) for c in done]
     bottom = [0.0] * len(done)
-    for part in PARTS:
+    for part in (*PARTS, "untracked"):
         vals = [c.metrics["memory"][part + "_mib"] for c in done]
-        ax.bar(labels, vals, bottom=bottom, label=PART_LABELS[part])
+        style = {"color": "lightgray", "hatch": "//"} if part == "untracked" else {}
+        ax.bar(labels, vals, bottom=bottom, label=PART_LABELS.get(part, "runtime, untracked"), **style)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.scatter(labels, [c.metrics["memory"]["peak_mib"] for c in done], color="black", marker="_", s=400, label="process / allocator peak", zorder=3)
-    ax.set_ylabel("MiB at the tensor peak")
+    ax.set_ylabel("MiB at the peak (bar top = measured peak)")
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     return _png(fig)

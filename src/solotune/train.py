@@ -230,7 +230,8 @@ def print_summary(m: dict, out_dir: Path) -> None:
     t, mem = m["train"], m["memory"]
     where = "CUDA allocator peak" if mem["kind"] == "cuda_allocator" else "peak RSS of the loop"
     parts = f"tensor peak {mem['tracked_peak_mib']:,.1f} MiB = parameters {mem['parameters_mib']:,.1f} + gradients " \
-        f"{mem['gradients_mib']:,.1f} + optimizer state {mem['optimizer_state_mib']:,.1f} + activations {mem['activations_mib']:,.1f}"
+        f"{mem['gradients_mib']:,.1f} + optimizer state {mem['optimizer_state_mib']:,.1f} + activations {mem['activations_mib']:,.1f}" \
+        f"; runtime and untracked {mem['untracked_mib']:,.1f} MiB"
     reserved = f", reserved {mem['reserved_mib']:,.0f} MiB" if mem["reserved_mib"] is not None else ""
     print(
         f"\n== run summary ==\n{m['params']['line']}\n"
