@@ -241,12 +241,13 @@ def _plot_breakdown(grid: Grid, done: list[CellResult]) -> bytes:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     labels = [grid.label(c).replace(" ", "\n", len(grid.axes) - 1) for c in done]
     bottom = [0.0] * len(done)
-    for part in (*PARTS, "untracked"):
+    for part in PARTS:
         vals = [c.metrics["memory"][part + "_mib"] for c in done]
-        style = {"color": "lightgray", "hatch": "//"} if part == "untracked" else {}
-        ax.bar(labels, vals, bottom=bottom, label=PART_LABELS.get(part, "runtime, untracked"), **style)
+        ax.bar(labels, vals, bottom=bottom, label=PART_LABELS[part])
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_ylabel("MiB at the peak (bar top = measured peak)")
+    for x, (top, c) in enumerate(zip(bottom, done)):  # the measured peak also holds the runtime
+        ax.annotate(f"measured {c.metrics['memory']['peak_mib']:,.0f}", (x, top), ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel("MiB at the tensor peak")
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
     return _png(fig)
