@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from solotune.testing import make_model, make_tokenizer
+from solotune.testing import save_model_folder
 
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -34,12 +34,6 @@ CONFIGS = {
     "full fp32": ["--no-lora"],
     "full bf16 autocast": ["--no-lora", "--mp", "bf16"],
 }
-
-
-def build_model_folder(shape: str, folder: Path) -> None:
-    tokenizer = make_tokenizer()
-    make_model(tokenizer, initializer_range=0.02, **SHAPES[shape]).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def run_one(model_dir: Path, out: Path, extra: list[str], steps: int, device: str) -> dict:
@@ -71,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        build_model_folder(args.shape, model_dir)
+        save_model_folder(model_dir, initializer_range=0.02, **SHAPES[args.shape])
         results = {}
         print("| configuration | peak allocated MiB | reserved MiB | parameters | gradients | optimizer state | activations | tokens/s | avg loss |")
         print("|---|---|---|---|---|---|---|---|---|")

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
-from solotune.testing import make_model, make_tokenizer
+from solotune.testing import make_tokenizer, save_model_folder
 
 @pytest.fixture(scope="session")
 def tokenizer():
@@ -17,12 +17,9 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer):
+def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama + tokenizer folder, loadable with --model."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_model_folder(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from solotune.cli import main
 from solotune.config import RunConfig
 from solotune.errors import SolotuneError
 from solotune.report import axis_effects, load_grid, table2_text
-from solotune.testing import make_model
+from solotune.testing import save_model_folder
 
 
 def test_cells_cover_every_combination_in_the_reference_order():
@@ -31,12 +31,9 @@ def test_failure_reasons():
 
 
 @pytest.fixture(scope="module")
-def wide_model_dir(tmp_path_factory, tokenizer):
+def wide_model_dir(tmp_path_factory):
     """Big enough (80 M parameters) that full fine-tuning needs ~1 GiB more than LoRA."""
-    folder = tmp_path_factory.mktemp("wide")
-    make_model(tokenizer, hidden_size=1024, num_hidden_layers=8).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_model_folder(tmp_path_factory.mktemp("wide"), hidden_size=1024, num_hidden_layers=8)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from solotune.testing import make_model
+from solotune.testing import save_model_folder
 from solotune.config import RunConfig
 from solotune.train import run_training
 
@@ -59,12 +59,9 @@ def test_mixed_precision_tracks_the_fp32_loss(tiny_model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def wide_model_dir(tmp_path_factory, tokenizer):
+def wide_model_dir(tmp_path_factory):
     """Wide and deep enough that activations, not weights, dominate the peak."""
-    folder = tmp_path_factory.mktemp("wide-llama")
-    make_model(tokenizer, hidden_size=256, num_hidden_layers=6).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_model_folder(tmp_path_factory.mktemp("wide-llama"), hidden_size=256, num_hidden_layers=6)
 
 
 def test_accumulation_and_checkpointing_lower_the_cuda_peak(wide_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""The `solotune` command: train, generate, merge.
+"""The `solotune` command: train, ablate, report, generate, merge.
 
 Every leaf of the config tree is an option (`--lora.r 8`, `--train.grad-accum 4`), and the
 common ones have short aliases (`--mp`, `--grad-accum`, `--batch`, ...). Errors the user can
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 import warnings
 
 from solotune.config import GenerateConfig, PrecisionConfig, RunConfig, apply_override, leaf_fields, load_yaml
@@ -32,20 +33,17 @@ ALIASES = {
     "train.max_steps": ["--max-steps"],
     "train.lr": ["--lr"],
     "train.seed": ["--seed"],
-    "device": ["--device"],
-    "output_dir": ["--output-dir"],
-    "mem_limit": ["--mem-limit"],
 }
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per config leaf, named by its dotted path, plus the aliases above."""
     for path, tp, f in leaf_fields():
-        names = [f"--{path.replace('_', '-')}"] + ALIASES.get(path, [])
+        names = list(dict.fromkeys([f"--{path.replace('_', '-')}"] + ALIASES.get(path, [])))
         kwargs = {"dest": path, "default": argparse.SUPPRESS, "help": f"default: {_default_of(f)}"}
         if tp is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
-        elif "list" in str(tp):
+        elif typing.get_origin(tp) is list:
             parser.add_argument(*names, nargs="+", metavar="VALUE", **kwargs)
         else:
             parser.add_argument(*names, metavar=path.rsplit(".", 1)[-1].upper(), choices=f.metadata.get("choices"), **kwargs)

@@ -52,3 +52,11 @@ def make_model(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
     )
     settings.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+def save_model_folder(folder, seed: int = 0, **overrides):
+    """A random model of the given shape and the byte tokenizer, saved as a HF folder; returns it."""
+    tokenizer = make_tokenizer()
+    make_model(tokenizer, seed=seed, **overrides).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
