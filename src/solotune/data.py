@@ -222,6 +222,7 @@ def check_record(record: Record, fmt: str) -> None:
     for key in text_keys:
         if not isinstance(r[key], str):
             raise SolotuneError(f"{where}: field {key!r} must be a string, got {type(r[key]).__name__}")
+        _check_unicode(r[key], where, key)
     if not r[REQUIRED_KEYS[fmt][-1]].strip():
         raise SolotuneError(f"{where}: field {REQUIRED_KEYS[fmt][-1]!r} is empty")
 
@@ -232,8 +233,17 @@ def _check_messages(messages, where: str) -> None:
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise SolotuneError(f"{where}: messages[{i}] must have string 'role' and 'content'")
+        _check_unicode(m["content"], where, f"messages[{i}].content")
     if not any(m["role"] == "assistant" for m in messages):
         raise SolotuneError(f"{where}: no 'assistant' message to learn from")
+
+
+def _check_unicode(text: str, where: str, key: str) -> None:
+    """JSON can spell lone UTF-16 surrogates (\\ud800), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SolotuneError(f"{where}: field {key!r} holds invalid Unicode ({e.reason} at character {e.start})") from None
 
 
 # ---------------------------------------------------------------------------------------------
