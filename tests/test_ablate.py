@@ -24,6 +24,12 @@ def test_cells_cover_every_combination_in_the_reference_order():
     assert set(AXES) == {"ga", "mp", "lora", "gc"}
 
 
+def test_resume_and_report_need_a_grid_folder(tmp_path, capsys):
+    assert main(["ablate", "--resume", str(tmp_path)]) == 2
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not an ablation grid folder" in capsys.readouterr().err
+
+
 def test_failure_reasons():
     assert failure_reason(3, "train: 10%\rsolotune: error: out of memory: can't allocate").startswith("OOM (can't allocate")
     assert "OOM killer" in failure_reason(-9, "")

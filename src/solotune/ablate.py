@@ -133,6 +133,8 @@ def failure_reason(code: int, stderr_tail: str) -> str:
 def run_grid(cfg: RunConfig, axes: list[Axis], grid_dir: Path | None, resume: bool, timeout_s: float | None) -> Path:
     """Run (or finish) a grid; returns its folder."""
     if resume:
+        if not (grid_dir / GRID_FILE).is_file():
+            raise SolotuneError(f"--resume {grid_dir}: not an ablation grid folder (no {GRID_FILE})")
         grid = artifacts.read_json(grid_dir / GRID_FILE)
         cells = [Cell(c["name"], c["values"], c["overrides"]) for c in grid["cells"]]
     else:

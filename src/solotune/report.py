@@ -51,7 +51,8 @@ def load_grid(folder: Path) -> Grid:
         r = results.get(c["name"], {"status": "pending"})
         metrics_path = folder / "cells" / c["name"] / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if r["status"] == "ok" and metrics_path.exists() else None
-        cells.append(CellResult(c["name"], c["values"], r["status"], r.get("reason", ""), metrics))
+        status = "pending" if r["status"] == "ok" and metrics is None else r["status"]  # its files were removed
+        cells.append(CellResult(c["name"], c["values"], status, r.get("reason", ""), metrics))
     return Grid(folder, grid["axes"], cells)
 
 
