@@ -1,4 +1,4 @@
-"""The `solotune` command: train, ablate, report, generate, merge.
+"""The `solotune` command: train, ablate, report, estimate, generate, merge.
 
 Every leaf of the config tree is an option (`--lora.r 8`, `--train.grad-accum 4`), and the
 common ones have short aliases (`--mp`, `--grad-accum`, `--batch`, ...). Errors the user can
@@ -95,6 +95,17 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {write_report(folder)}")
 
 
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from solotune.config import parse_size, validate
+    from solotune.estimate import estimate_memory, model_config, print_estimate
+
+    cfg = validate(config_from_args(args))
+    seq_len = args.seq_len or cfg.data.max_len
+    est = estimate_memory(model_config(cfg.model.name, cfg.model.trust_remote_code), cfg, seq_len)
+    gpu_mib = parse_size(args.gpu_mem, "--gpu-mem") / 2**20 if args.gpu_mem else None
+    print_estimate(est, cfg, seq_len, args.overhead_mib, gpu_mib)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from solotune.generate import generate, load_for_inference, print_generations
 
@@ -132,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--cell-timeout", type=float, metavar="SECONDS", help="stop a cell that runs longer (it becomes X)")
     add_config_options(ablate)
     ablate.set_defaults(func=cmd_ablate)
+
+    estimate = sub.add_parser("estimate", help="predict a configuration's memory from the model's config alone")
+    estimate.add_argument("config", nargs="?", help="the YAML config file that train takes; options below override it")
+    estimate.add_argument("--seq-len", type=int, help="tokens per sequence (default: --max-len, every sequence full)")
+    estimate.add_argument("--gpu-mem", help="does it fit in this much, e.g. 24GB or 80GiB")
+    estimate.add_argument("--overhead-mib", type=float, default=700.0, help="CUDA context + cuBLAS workspaces + allocator slack")
+    add_config_options(estimate)
+    estimate.set_defaults(func=cmd_estimate)
 
     report = sub.add_parser("report", help="rebuild the tables and report.html of a grid")
     report.add_argument("grid", help="the grid folder, e.g. runs/ablate-<id>")

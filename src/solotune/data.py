@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,32 +70,23 @@ class DataStats:
 
 @dataclass
 class Batch:
-    """A right-padded micro-batch."""
+    """A right-padded micro-batch, with its token counts (plain ints, counted once in `collate`)."""
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T)
     record_indices: list[int]
-
-    @property
-    def n_tokens(self) -> int:
-        """Non-padding tokens."""
-        return int(self.attention_mask.sum())
+    n_tokens: int  # non-padding tokens
+    n_loss_tokens: int  # positions whose next token carries loss
 
     @property
     def n_positions(self) -> int:
         """All positions, padding included."""
         return self.input_ids.numel()
 
-    @property
-    def n_loss_tokens(self) -> int:
-        """Positions whose next token carries loss."""
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
-
     def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.record_indices
-        )
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       labels=self.labels.to(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,4 +339,6 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
-    return Batch(input_ids, attention_mask, labels, [e.record_index for e in examples])
+    n_loss_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples)
+    return Batch(input_ids, attention_mask, labels, [e.record_index for e in examples],
+                 n_tokens=sum(len(e.input_ids) for e in examples), n_loss_tokens=n_loss_tokens)

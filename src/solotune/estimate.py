@@ -1,0 +1,156 @@
+"""Predicting a run's memory before running it: the training step itself, on fake tensors.
+
+The model is built from its config alone on the `meta` device, wrapped exactly as `train` wraps
+it (precision policy, LoRA or full, checkpointing), its parameters replaced by fake tensors
+(shapes and dtypes, no storage), and two optimizer steps of `train`'s own step code run under
+`FakeTensorMode` with the same `TensorMemoryTracker` that measures real runs. So the prediction
+covers any architecture transformers knows, with no formula per family.
+
+The CPU stands in for CUDA here: a fake `cuda` device aborts a CPU-only PyTorch, and CPU autocast
+casts the same matmuls to 16 bits (its op lists are close to CUDA's, not identical).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune
+from solotune.config import RunConfig
+from solotune.data import Batch
+from solotune.errors import SolotuneError
+from solotune.memory import TensorMemoryTracker
+from solotune.precision import resolve_policy
+from solotune.train import accumulate_gradients, enable_checkpointing, make_optimizer
+
+# Shapes as published in each model's config.json (Llama / Mistral / Qwen2 code paths).
+PRESETS = {
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2-360m": dict(model_type="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2-1.7b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),
+}
+HUB_PRESETS = {"meta-llama/Llama-2-7b-hf": "llama2-7b", "meta-llama/Llama-2-13b-hf": "llama2-13b",
+               "meta-llama/Meta-Llama-3-8B": "llama3-8b", "mistralai/Mistral-7B-v0.1": "mistral-7b",
+               "Qwen/Qwen2.5-7B": "qwen2.5-7b", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+               "HuggingFaceTB/SmolLM2-360M-Instruct": "smollm2-360m", "HuggingFaceTB/SmolLM2-1.7B-Instruct": "smollm2-1.7b"}
+# What a CUDA process holds beyond its tensors: the context (~500 MiB on recent GPUs) and the
+# cuBLAS workspaces and allocator rounding (64-180 MiB measured on an H200, README). Configurable.
+DEFAULT_CUDA_OVERHEAD_MIB = 700.0
+
+
+@dataclass
+class Estimate:
+    parts_mib: dict  # tracked_peak_mib and the four parts, as `train` reports them
+    trainable: int
+    total: int
+    seconds: float
+
+    def total_mib(self, overhead_mib: float) -> float:
+        return self.parts_mib["tracked_peak_mib"] + overhead_mib
+
+
+def model_config(name: str | None, trust_remote_code: bool = False) -> PretrainedConfig:
+    """A model's config from a preset, a local config.json or folder, or the hub (config only)."""
+    name = name or "smollm2-135m"
+    preset = PRESETS.get(name.lower()) or PRESETS.get(HUB_PRESETS.get(name, ""))
+    if preset:
+        settings = dict(preset)
+        return AutoConfig.for_model(settings.pop("model_type"), **settings)
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SolotuneError(
+            f"no config for model {name!r} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+            f"pass a local config.json or folder, or a preset: {', '.join(PRESETS)}"
+        ) from None
+
+
+def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> Estimate:
+    """Simulate two optimizer steps of `cfg` at full-length micro-batches of `seq_len` tokens."""
+    start = time.perf_counter()
+    policy = resolve_policy(cfg.precision, "cpu", frozen_base=cfg.lora.enabled)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=policy.base_dtype)
+    if cfg.train.grad_checkpointing:
+        enable_checkpointing(model)
+    model = apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
+    counts = count_parameters(model)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _make_parameters_fake(model, fake_mode)
+    model.train()
+    micro = cfg.train.batch // cfg.train.grad_accum
+    ids = torch.zeros((micro, seq_len), dtype=torch.long)
+    batch = Batch(ids, torch.ones_like(ids), ids, list(range(micro)), micro * seq_len, micro * (seq_len - 1))
+    with fake_mode, _quiet():
+        optimizer, _ = make_optimizer(model, cfg.train, total_steps=2)
+        tracker = TensorMemoryTracker(model, optimizer, torch.device("cpu"))
+        with tracker:
+            for _ in range(2):  # the second step holds the optimizer state the first created
+                accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    tracker.close()
+    return Estimate(tracker.parts_mib(), counts.trainable, counts.total, time.perf_counter() - start)
+
+
+def _make_parameters_fake(model: torch.nn.Module, fake_mode: FakeTensorMode) -> None:
+    """Replace meta parameters and buffers by fake CPU tensors, keeping tied weights tied.
+
+    `Module.to()` cannot swap parameters made under FakeTensorMode, so they are set directly.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in list(table.items()):
+                if t is None:
+                    continue
+                if id(t) not in memo:
+                    with fake_mode:
+                        new = torch.empty(t.shape, dtype=t.dtype)
+                    memo[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+                table[name] = memo[id(t)]
+
+
+@contextlib.contextmanager
+def _quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: float, gpu_mib: float | None) -> None:
+    """The breakdown, the total with the CUDA overhead, and whether it fits."""
+    p = est.parts_mib
+    micro = cfg.train.batch // cfg.train.grad_accum
+    total = est.total_mib(overhead_mib)
+    print(f"model {cfg.model.name or 'smollm2-135m'}: {est.total:,} parameters, {est.trainable:,} trainable "
+          f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tuning'}); "
+          f"micro-batch {micro} x {seq_len} tokens, {cfg.train.grad_accum} per step; mp {cfg.precision.mp}; "
+          f"checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}")
+    print(f"  parameters       {p['parameters_mib']:>12,.1f} MiB\n  gradients        {p['gradients_mib']:>12,.1f} MiB\n"
+          f"  optimizer state  {p['optimizer_state_mib']:>12,.1f} MiB\n  activations      {p['activations_mib']:>12,.1f} MiB\n"
+          f"  tensor peak      {p['tracked_peak_mib']:>12,.1f} MiB\n  + CUDA overhead  {overhead_mib:>12,.1f} MiB\n"
+          f"  = peak           {total:>12,.1f} MiB ({total * 2**20 / 1e6:,.1f} MB)   [simulated in {est.seconds:.1f} s]")
+    if gpu_mib is not None:
+        verdict = "fits" if total <= gpu_mib else "does NOT fit"
+        print(f"  {verdict} in {gpu_mib:,.0f} MiB (margin {gpu_mib - total:+,.0f} MiB)")

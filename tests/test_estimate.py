@@ -1,0 +1,70 @@
+import pytest
+
+from solotune.config import RunConfig
+from solotune.data import Record, tokenize_records
+from solotune.errors import SolotuneError
+from solotune.estimate import PRESETS, estimate_memory, model_config
+from solotune.models import load_tokenizer, resolve_model_source
+from solotune.precision import resolve_policy
+from solotune.testing import save_model_folder
+from solotune.train import build_model, train_loop
+
+PARTS = ("parameters", "gradients", "optimizer_state", "activations")
+SEQ = 128  # every record below is exactly this long: prompt 100 + response 27 + EOS
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model_folder(tmp_path_factory.mktemp("est"), hidden_size=128, num_hidden_layers=4)
+
+
+def run_config(model_dir, lora, mp, checkpointing, batch, grad_accum):
+    cfg = RunConfig()
+    cfg.model.name = str(model_dir)
+    cfg.lora.enabled, cfg.precision.mp, cfg.train.grad_checkpointing = lora, mp, checkpointing
+    cfg.train.batch, cfg.train.grad_accum, cfg.train.max_steps = batch, grad_accum, 2
+    return cfg
+
+
+def measured(cfg):
+    source = resolve_model_source(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    rows = [Record({"prompt": "p" * 100, "response": "r" * 27}, f"row {i}") for i in range(16)]
+    examples, _, _ = tokenize_records(rows, tokenizer, cfg.data)
+    assert {len(e.input_ids) for e in examples} == {SEQ}
+    policy = resolve_policy(cfg.precision, "cpu", frozen_base=cfg.lora.enabled)
+    return train_loop(build_model(source, cfg, policy), examples, tokenizer.pad_token_id, policy, cfg.train).memory
+
+
+@pytest.mark.parametrize(
+    "lora, mp, checkpointing, batch, grad_accum",
+    [
+        (True, "off", False, 4, 1),
+        (True, "bf16", False, 4, 1),
+        (False, "off", False, 4, 1),
+        (False, "bf16", False, 4, 1),
+        (True, "off", True, 4, 1),
+        (True, "off", False, 8, 1),
+        (True, "off", False, 8, 4),
+    ],
+)
+def test_estimate_matches_the_measured_breakdown(model_dir, lora, mp, checkpointing, batch, grad_accum):
+    cfg = run_config(model_dir, lora, mp, checkpointing, batch, grad_accum)
+    real = measured(cfg)
+    est = estimate_memory(model_config(str(model_dir)), cfg, SEQ).parts_mib
+    assert est["tracked_peak_mib"] == pytest.approx(real["tracked_peak_mib"], rel=0.10)
+    for part in PARTS:
+        assert abs(est[f"{part}_mib"] - real[f"{part}_mib"]) <= max(0.10 * real[f"{part}_mib"], 5.0), part
+
+
+def test_presets_and_missing_configs():
+    assert model_config("llama2-7b").num_hidden_layers == 32
+    assert model_config("meta-llama/Llama-2-7b-hf").hidden_size == 4096
+    assert set(PRESETS) >= {"llama2-7b", "llama2-13b", "llama3-8b", "mistral-7b", "qwen2.5-7b", "smollm2-135m"}
+    with pytest.raises(SolotuneError, match=r"no config for model 'no-org/no-model'.*preset"):
+        model_config("no-org/no-model")
+
+
+def test_smollm2_lora_parameter_count_from_the_preset():
+    est = estimate_memory(model_config("smollm2-135m"), RunConfig(), seq_len=16)
+    assert (est.trainable, est.total) == (1_290_240, 135_805_248)  # as `train` prints for the real model
