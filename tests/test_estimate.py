@@ -3,7 +3,7 @@ import pytest
 from solotune.config import RunConfig
 from solotune.data import Record, tokenize_records
 from solotune.errors import SolotuneError
-from solotune.estimate import PRESETS, estimate_memory, model_config
+from solotune.estimate import PRESETS, estimate_memory, model_config, search
 from solotune.models import load_tokenizer, resolve_model_source
 from solotune.precision import resolve_policy
 from solotune.testing import save_model_folder
@@ -68,3 +68,17 @@ def test_presets_and_missing_configs():
 def test_smollm2_lora_parameter_count_from_the_preset():
     est = estimate_memory(model_config("smollm2-135m"), RunConfig(), seq_len=16)
     assert (est.trainable, est.total) == (1_290_240, 135_805_248)  # as `train` prints for the real model
+
+
+def test_search_lists_only_configurations_the_estimate_says_fit(model_dir):
+    cfg = run_config(model_dir, lora=True, mp="off", checkpointing=False, batch=8, grad_accum=1)
+    config = model_config(str(model_dir))
+    full_b8 = estimate_memory(config, run_config(model_dir, False, "off", False, 8, 1), SEQ).parts_mib["tracked_peak_mib"]
+    lora_b1 = estimate_memory(config, run_config(model_dir, True, "off", False, 8, 8), SEQ).parts_mib["tracked_peak_mib"]
+    budget = (full_b8 + lora_b1) / 2  # room for LoRA at some micro-batch, not for full at 8
+    found = search(config, cfg, SEQ, gpu_mib=budget, overhead_mib=0.0)
+    assert found and all(c.peak_mib <= budget for c in found)
+    assert not any(not c.lora and c.micro_batch == 8 and not c.grad_checkpointing for c in found)
+    keys = [(c.grad_checkpointing, -c.micro_batch) for c in found]
+    assert keys == sorted(keys)  # no recomputation first, then larger micro-batches
+    assert found[0].train_command(cfg, SEQ).startswith(f"solotune train --model {model_dir} --mp off")

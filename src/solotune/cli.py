@@ -97,13 +97,17 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> None:
     from solotune.config import parse_size, validate
-    from solotune.estimate import estimate_memory, model_config, print_estimate
+    from solotune.estimate import estimate_memory, model_config, print_estimate, print_search, search
 
     cfg = validate(config_from_args(args))
     seq_len = args.seq_len or cfg.data.max_len
     est = estimate_memory(model_config(cfg.model.name, cfg.model.trust_remote_code), cfg, seq_len)
     gpu_mib = parse_size(args.gpu_mem, "--gpu-mem") / 2**20 if args.gpu_mem else None
     print_estimate(est, cfg, seq_len, args.overhead_mib, gpu_mib)
+    if args.search:
+        if gpu_mib is None:
+            raise SolotuneError("--search needs --gpu-mem, the memory to fit in")
+        print_search(search(model_config(cfg.model.name, cfg.model.trust_remote_code), cfg, seq_len, gpu_mib, args.overhead_mib), cfg, seq_len, gpu_mib)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -148,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("config", nargs="?", help="the YAML config file that train takes; options below override it")
     estimate.add_argument("--seq-len", type=int, help="tokens per sequence (default: --max-len, every sequence full)")
     estimate.add_argument("--gpu-mem", help="does it fit in this much, e.g. 24GB or 80GiB")
+    estimate.add_argument("--search", action="store_true", help="list the configurations that fit in --gpu-mem, fastest first")
     estimate.add_argument("--overhead-mib", type=float, default=700.0, help="CUDA context + cuBLAS workspaces + allocator slack")
     add_config_options(estimate)
     estimate.set_defaults(func=cmd_estimate)

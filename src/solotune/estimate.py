@@ -13,6 +13,7 @@ casts the same matmuls to 16 bits (its op lists are close to CUDA's, not identic
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass
 
@@ -154,3 +155,52 @@ def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: fl
     if gpu_mib is not None:
         verdict = "fits" if total <= gpu_mib else "does NOT fit"
         print(f"  {verdict} in {gpu_mib:,.0f} MiB (margin {gpu_mib - total:+,.0f} MiB)")
+
+
+@dataclass
+class Candidate:
+    """One configuration of the search grid and its estimated peak (MiB, overhead included)."""
+
+    lora: bool
+    grad_checkpointing: bool
+    micro_batch: int
+    peak_mib: float
+
+    def train_command(self, cfg: RunConfig, seq_len: int) -> str:
+        model = f" --model {cfg.model.name}" if cfg.model.name else ""
+        return (f"solotune train{model} --mp {cfg.precision.mp} {'--lora' if self.lora else '--no-lora'} "
+                f"--batch {cfg.train.batch} --grad-accum {cfg.train.batch // self.micro_batch} "
+                f"--max-len {seq_len}{' --grad-checkpointing' if self.grad_checkpointing else ''}")
+
+
+def search(config: PretrainedConfig, cfg: RunConfig, seq_len: int, gpu_mib: float, overhead_mib: float) -> list[Candidate]:
+    """Every (LoRA / full, checkpointing, micro-batch) that fits, fastest first.
+
+    Micro-batches are tried largest first; the first that fits is simulated and the smaller ones
+    are listed with it (activations only shrink with the micro-batch). Expected speed orders the
+    result: no recomputation before checkpointing, then larger micro-batches.
+    """
+    fits = []
+    micros = [m for m in (8, 4, 2, 1) if m <= cfg.train.batch and cfg.train.batch % m == 0]
+    for lora in (True, False):
+        for ckpt in (False, True):
+            for m in micros:
+                trial = copy.deepcopy(cfg)
+                trial.lora.enabled, trial.train.grad_checkpointing = lora, ckpt
+                trial.train.grad_accum = cfg.train.batch // m
+                peak = estimate_memory(config, trial, seq_len).total_mib(overhead_mib)
+                if peak <= gpu_mib:
+                    fits += [Candidate(lora, ckpt, smaller, peak) for smaller in micros if smaller <= m]
+                    break
+    return sorted(fits, key=lambda c: (c.grad_checkpointing, -c.micro_batch, not c.lora))
+
+
+def print_search(found: list[Candidate], cfg: RunConfig, seq_len: int, gpu_mib: float) -> None:
+    if not found:
+        print(f"\nno configuration of the grid fits in {gpu_mib:,.0f} MiB at {seq_len} tokens; try a shorter --seq-len")
+        return
+    print(f"\nconfigurations that fit in {gpu_mib:,.0f} MiB (mp {cfg.precision.mp}, batch {cfg.train.batch}), fastest first:")
+    for c in found:
+        print(f"  {'LoRA' if c.lora else 'full'}, checkpointing {'on ' if c.grad_checkpointing else 'off'}, "
+              f"micro-batch {c.micro_batch}: at most {c.peak_mib:,.0f} MiB")
+    print(f"best: {found[0].train_command(cfg, seq_len)}")
