@@ -52,6 +52,7 @@ HUB_PRESETS = {"meta-llama/Llama-2-7b-hf": "llama2-7b", "meta-llama/Llama-2-13b-
                "meta-llama/Meta-Llama-3-8B": "llama3-8b", "mistralai/Mistral-7B-v0.1": "mistral-7b",
                "Qwen/Qwen2.5-7B": "qwen2.5-7b", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
                "HuggingFaceTB/SmolLM2-360M-Instruct": "smollm2-360m", "HuggingFaceTB/SmolLM2-1.7B-Instruct": "smollm2-1.7b"}
+PRESET_HUB_IDS = {preset: hub_id for hub_id, preset in HUB_PRESETS.items()}
 # What a CUDA process holds beyond its tensors: the context (~500 MiB on recent GPUs) and the
 # cuBLAS workspaces and allocator rounding (64-180 MiB measured on an H200, README). Configurable.
 DEFAULT_CUDA_OVERHEAD_MIB = 700.0
@@ -167,7 +168,8 @@ class Candidate:
     peak_mib: float
 
     def train_command(self, cfg: RunConfig, seq_len: int) -> str:
-        model = f" --model {cfg.model.name}" if cfg.model.name else ""
+        name = PRESET_HUB_IDS.get((cfg.model.name or "").lower(), cfg.model.name)  # train loads weights, not presets
+        model = f" --model {name}" if name else ""
         return (f"solotune train{model} --mp {cfg.precision.mp} {'--lora' if self.lora else '--no-lora'} "
                 f"--batch {cfg.train.batch} --grad-accum {cfg.train.batch // self.micro_batch} "
                 f"--max-len {seq_len}{' --grad-checkpointing' if self.grad_checkpointing else ''}")
