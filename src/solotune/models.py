@@ -65,8 +65,11 @@ def resolve_model_source(cfg: ModelConfig) -> str:
 
 def convert_gguf(gguf: Path, name: str) -> Path:
     """De-quantize a GGUF file once into a cached HF folder (safetensors, fp32); return it."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # Keyed by content (size and the first MiB, which holds the header and metadata), not by path,
+    # so every virtual environment that installs the same wheel shares one conversion.
+    with gguf.open("rb") as f:
+        head = f.read(2**20)
+    key = hashlib.sha256(f"{gguf.stat().st_size}:".encode() + head).hexdigest()[:12]
     target = cache_dir() / "models" / f"{name}-{key}"
     if (target / "config.json").is_file():
         return target
