@@ -12,9 +12,9 @@ casts the same matmuls to 16 bits (its op lists are close to CUDA's, not identic
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +101,8 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
     micro = cfg.train.batch // cfg.train.grad_accum
     ids = torch.zeros((micro, seq_len), dtype=torch.long)
     batch = Batch(ids, torch.ones_like(ids), ids, list(range(micro)), micro * seq_len, micro * (seq_len - 1))
-    with fake_mode, _quiet():
+    with fake_mode, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation notes, once per simulated step
         optimizer, _ = make_optimizer(model, cfg.train, total_steps=2)
         tracker = TensorMemoryTracker(model, optimizer, torch.device("cpu"))
         with tracker:
@@ -129,33 +130,6 @@ def _make_parameters_fake(model: torch.nn.Module, fake_mode: FakeTensorMode) -> 
                         new = torch.empty(t.shape, dtype=t.dtype)
                     memo[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
                 table[name] = memo[id(t)]
-
-
-@contextlib.contextmanager
-def _quiet():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: float, gpu_mib: float | None) -> None:
-    """The breakdown, the total with the CUDA overhead, and whether it fits."""
-    p = est.parts_mib
-    micro = cfg.train.batch // cfg.train.grad_accum
-    total = est.total_mib(overhead_mib)
-    print(f"model {cfg.model.name or 'smollm2-135m'}: {est.total:,} parameters, {est.trainable:,} trainable "
-          f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tuning'}); "
-          f"micro-batch {micro} x {seq_len} tokens, {cfg.train.grad_accum} per step; mp {cfg.precision.mp}; "
-          f"checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}")
-    print(f"  parameters       {p['parameters_mib']:>12,.1f} MiB\n  gradients        {p['gradients_mib']:>12,.1f} MiB\n"
-          f"  optimizer state  {p['optimizer_state_mib']:>12,.1f} MiB\n  activations      {p['activations_mib']:>12,.1f} MiB\n"
-          f"  tensor peak      {p['tracked_peak_mib']:>12,.1f} MiB\n  + CUDA overhead  {overhead_mib:>12,.1f} MiB\n"
-          f"  = peak           {total:>12,.1f} MiB ({total * 2**20 / 1e6:,.1f} MB)   [simulated in {est.seconds:.1f} s]")
-    if gpu_mib is not None:
-        verdict = "fits" if total <= gpu_mib else "does NOT fit"
-        print(f"  {verdict} in {gpu_mib:,.0f} MiB (margin {gpu_mib - total:+,.0f} MiB)")
 
 
 @dataclass

@@ -116,6 +116,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.device_type = device.type
         self.live: dict[int, list] = {}  # storage id -> [bytes, category]
         self.totals = dict.fromkeys(CATEGORIES, 0)
+        self.current_bytes = 0  # sum of totals, kept as it changes: this runs on every op
         self.peak_bytes, self.peak_parts = 0, dict(self.totals)
         self._phase = "activations"
         self._hooks = [
@@ -159,18 +160,16 @@ class TensorMemoryTracker(TorchDispatchMode):
         n = storage.nbytes()
         self.live[key] = [n, category]
         self.totals[category] += n
+        self.current_bytes += n
         weakref.finalize(storage, self._free, key)
-        total = self.peak_bytes_now()
-        if total > self.peak_bytes:
-            self.peak_bytes, self.peak_parts = total, dict(self.totals)
-
-    def peak_bytes_now(self) -> int:
-        return sum(self.totals.values())
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes, self.peak_parts = self.current_bytes, dict(self.totals)
 
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
         if entry:
             self.totals[entry[1]] -= entry[0]
+            self.current_bytes -= entry[0]
 
     def _on_grad(self, p: torch.Tensor) -> None:
         entry = self.live.get(p.grad.untyped_storage()._cdata)
