@@ -12,6 +12,7 @@ from peft import PeftModel, get_peft_model
 
 from solotune.config import LoraConfig, ModelConfig
 from solotune.errors import SolotuneError
+from solotune.models import load_model, load_tokenizer, resolve_model_source
 
 
 @dataclass
@@ -113,8 +114,6 @@ def merge_to_folder(adapter_dir: str, output_dir: str, model_name: str | None = 
     The difference between the adapter model and the merged model on a probe text is printed,
     so the user sees that the merge preserved the outputs (it is ~1e-6, rounding only).
     """
-    from solotune.models import load_model, load_tokenizer, resolve_model_source
-
     mcfg = ModelConfig(name=model_name or adapter_base_model(adapter_dir))
     source = resolve_model_source(mcfg)
     tokenizer = load_tokenizer(adapter_dir, mcfg)
