@@ -40,7 +40,8 @@ def step_seconds(mp: str, base_dtype: str, batch: int, seq: int, steps: int) -> 
     from solotune.config import RunConfig
     from solotune.models import resolve_model_source
     from solotune.precision import resolve_policy
-    from solotune.train import build_model, response_loss_sum
+    from solotune.loss import full_response_loss_sum
+    from solotune.train import build_model
 
     cfg = RunConfig()
     cfg.precision.mp, cfg.precision.base_dtype = mp, base_dtype
@@ -52,7 +53,7 @@ def step_seconds(mp: str, base_dtype: str, batch: int, seq: int, steps: int) -> 
         start = time.perf_counter()
         with policy.autocast():
             logits = model(input_ids=x, use_cache=False).logits
-        (response_loss_sum(logits, x) / x.numel()).backward()
+        (full_response_loss_sum(logits, x) / x.numel()).backward()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])  # the first step warms up
 

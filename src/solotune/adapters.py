@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from solotune.config import LoraConfig, ModelConfig
 from solotune.errors import SolotuneError
@@ -68,7 +70,61 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
     )
     # autocast_adapter_dtype keeps the adapter weights in fp32 when the base is bf16/fp16:
     # they are the trained weights, and small updates must not round away.
-    return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+    model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+    if cfg.shared_dropout and cfg.dropout > 0:
+        share_dropout_masks(model)
+    return model
+
+
+class SharedDropout(torch.nn.Module):
+    """Dropout that draws one mask per layer input and hands the same dropped tensor to every
+    adapter reading that input.
+
+    PEFT gives q, k and v a dropout each: three full-width random masks and three dropped
+    copies of the same hidden states, in every layer. Here `input_key` (set by a hook on each
+    adapted layer to the layer's own input) says which input is being dropped; a repeat of the
+    same input returns the cached result. The cache lives for one forward of the parent block
+    (a hook clears it), so nothing outlives the step, and activation checkpointing, which
+    replays the block with the same RNG state, draws the same mask again.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.input_key: torch.Tensor | None = None
+        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input_key, dropped)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if self._cached is not None and self._cached[0] is self.input_key and self._cached[1].dtype == x.dtype:
+            return self._cached[1]
+        dropped = F.dropout(x, self.p, training=True)
+        self._cached = (self.input_key, dropped) if self.input_key is not None else None
+        return dropped
+
+    def clear(self) -> None:
+        self.input_key, self._cached = None, None
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, shared"
+
+
+def share_dropout_masks(model: torch.nn.Module) -> int:
+    """Give the LoRA layers under each parent block one SharedDropout; returns how many blocks."""
+    shared_blocks = 0
+    for parent in model.modules():
+        adapted = [m for m in parent.children() if isinstance(m, LoraLayer)]
+        dropouts = [(m, name) for m in adapted for name, d in m.lora_dropout.items() if isinstance(d, torch.nn.Dropout)]
+        if len(dropouts) < 2:
+            continue
+        shared = SharedDropout(dropouts[0][0].lora_dropout[dropouts[0][1]].p)
+        for layer, name in dropouts:
+            layer.lora_dropout[name] = shared
+            layer.register_forward_pre_hook(lambda _m, args, s=shared: setattr(s, "input_key", args[0] if args else None))
+        parent.register_forward_hook(lambda *_, s=shared: s.clear())
+        shared_blocks += 1
+    return shared_blocks
 
 
 def prepare_full_finetune(model: torch.nn.Module) -> torch.nn.Module:

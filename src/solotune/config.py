@@ -64,6 +64,9 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
+    # One dropout mask per layer input shared by the adapters that read it (q, k and v), not a
+    # separate full-width mask for each (see adapters.share_dropout_masks).
+    shared_dropout: bool = True
     # The reference experiment adapts the attention q, k and v projections; "all-linear" adapts
     # every linear layer but the LM head.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
@@ -86,6 +89,14 @@ class TrainConfig:
     batch: int = 8  # effective batch: records per optimizer step
     grad_accum: int = 1  # micro-batches per step; micro-batch size = batch / grad_accum
     grad_checkpointing: bool = False
+    # Each micro-batch as one row of its records back to back: no compute on padding, the
+    # same records per step and the same losses as padded batches (see attention.py).
+    padding_free: bool = True
+    # LM head + cross-entropy on response positions only, this many at a time, never the full
+    # B x T x V logits (see loss.py); 0 computes the full logits.
+    ce_chunk: int = 1024
+    compile: bool = False  # torch.compile the decoder (first steps pay the compile time)
+    offload_activations: bool = False  # CUDA: keep saved activations in pinned CPU memory
     epochs: int = 1
     max_steps: int | None = None  # stop early after this many optimizer steps
     shuffle: bool = True  # a new seeded record order every epoch
@@ -280,6 +291,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0")
+    _require(t.ce_chunk >= 0, "train.ce_chunk", t.ce_chunk, "must be >= 0 (0: full logits)")
     _require(d.max_len >= 8, "data.max_len", d.max_len, "must be at least 8 tokens")
     _require(d.samples is None or d.samples >= 1, "data.samples", d.samples, "must be at least 1")
     _require(lo.r >= 1, "lora.r", lo.r, "must be at least 1")

@@ -70,7 +70,12 @@ class DataStats:
 
 @dataclass
 class Batch:
-    """A right-padded micro-batch, with its token counts (plain ints, counted once in `collate`)."""
+    """A micro-batch, with its token counts (plain ints, counted once when it is built).
+
+    Padded (`collate`): one right-padded row per record. Padding-free (`collate_packed`): one
+    row holding the records back to back, with positions restarting at each record and the
+    records' lengths in `segment_lengths`, which the attention uses to keep records apart.
+    """
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
@@ -78,15 +83,27 @@ class Batch:
     record_indices: list[int]
     n_tokens: int  # non-padding tokens
     n_loss_tokens: int  # positions whose next token carries loss
+    # Flat indices (into B*T) of the positions whose next token carries loss, counted on the
+    # host so that the loss needs no data-dependent shapes (nor a device sync) to find them.
+    loss_positions: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None  # padding-free only
+    segment_lengths: tuple[int, ...] | None = None  # padding-free only
 
     @property
     def n_positions(self) -> int:
         """All positions, padding included."""
         return self.input_ids.numel()
 
+    def model_inputs(self) -> dict:
+        """Keyword arguments of the model's forward for this batch (training, no KV cache)."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+        if self.segment_lengths is not None:
+            inputs.update(position_ids=self.position_ids, segment_lengths=self.segment_lengths)
+        return inputs
+
     def to(self, device: torch.device) -> Batch:
-        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-                       labels=self.labels.to(device))
+        names = ("input_ids", "attention_mask", "labels", "loss_positions", "position_ids")
+        return replace(self, **{n: getattr(self, n).to(device) for n in names if getattr(self, n) is not None})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +281,7 @@ def tokenize_records(records: list[Record], tokenizer, cfg: DataConfig) -> tuple
         truncated=truncated,
         dropped=dropped,
         tokens=sum(len(e.input_ids) for e in examples),
-        loss_tokens=sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples),
+        loss_tokens=count_loss_tokens(examples),
     )
     return examples, stats, fmt
 
@@ -339,6 +356,37 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
-    n_loss_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples)
     return Batch(input_ids, attention_mask, labels, [e.record_index for e in examples],
-                 n_tokens=sum(len(e.input_ids) for e in examples), n_loss_tokens=n_loss_tokens)
+                 n_tokens=sum(len(e.input_ids) for e in examples), n_loss_tokens=count_loss_tokens(examples),
+                 loss_positions=loss_positions(examples, [row * T for row in range(B)]))
+
+
+def collate_packed(examples: list[Example]) -> Batch:
+    """One padding-free row: the records back to back, each attending only to itself.
+
+    Each record's first label is cleared: in the row it would be "predicted" from the end of
+    the previous record. In a padded batch that position is never a target either, so the
+    per-record losses are the same as `collate`'s.
+    """
+    input_ids, labels, positions, starts = [], [], [], []
+    for e in examples:
+        starts.append(len(input_ids))
+        input_ids += e.input_ids
+        labels += [IGNORE_INDEX] + e.labels[1:]
+        positions += range(len(e.input_ids))
+    row = torch.tensor([input_ids])
+    return Batch(row, torch.ones_like(row), torch.tensor([labels]), [e.record_index for e in examples],
+                 n_tokens=row.shape[1], n_loss_tokens=count_loss_tokens(examples),
+                 loss_positions=loss_positions(examples, starts), position_ids=torch.tensor([positions]), segment_lengths=tuple(len(e.input_ids) for e in examples))
+
+
+def loss_positions(examples: list[Example], starts: list[int]) -> torch.Tensor:
+    """Flat indices of the positions predicting a response token; `starts`: each record's offset."""
+    return torch.tensor(
+        [start + t for e, start in zip(examples, starts) for t, y in enumerate(e.labels[1:]) if y != IGNORE_INDEX],
+        dtype=torch.long,
+    )
+
+
+def count_loss_tokens(examples: list[Example]) -> int:
+    return sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in examples)

@@ -23,11 +23,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune
 from solotune.config import RunConfig
-from solotune.data import Batch
+from solotune.attention import enable_padding_free
+from solotune.data import Example
 from solotune.errors import SolotuneError
+from solotune.loss import ResponseLoss
 from solotune.memory import TensorMemoryTracker
 from solotune.precision import resolve_policy
-from solotune.train import accumulate_gradients, enable_checkpointing, make_optimizer
+from solotune.train import accumulate_gradients, enable_checkpointing, make_batch, make_optimizer
 
 # Shapes as published in each model's config.json (Llama / Mistral / Qwen2 code paths).
 PRESETS = {
@@ -91,6 +93,8 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
     policy = resolve_policy(cfg.precision, "cpu", frozen_base=cfg.lora.enabled)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=policy.base_dtype)
+    if cfg.train.padding_free:
+        enable_padding_free(model, seq_len)
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model)
     model = apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
@@ -99,15 +103,17 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
     _make_parameters_fake(model, fake_mode)
     model.train()
     micro = cfg.train.batch // cfg.train.grad_accum
-    ids = torch.zeros((micro, seq_len), dtype=torch.long)
-    batch = Batch(ids, torch.ones_like(ids), ids, list(range(micro)), micro * seq_len, micro * (seq_len - 1))
+    # Every record at full length, every position a target: the worst case of a step.
+    records = [Example([0] * seq_len, [0] * seq_len, i) for i in range(micro)]
+    batch = make_batch(records, pad_id=0, padding_free=cfg.train.padding_free)
+    loss_fn = ResponseLoss(cfg.train.ce_chunk)
     with fake_mode, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' deprecation notes, once per simulated step
         optimizer, _ = make_optimizer(model, cfg.train, total_steps=2)
         tracker = TensorMemoryTracker(model, optimizer, torch.device("cpu"))
         with tracker:
             for _ in range(2):  # the second step holds the optimizer state the first created
-                accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy)
+                accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy, loss_fn)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     tracker.close()

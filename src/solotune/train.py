@@ -6,6 +6,7 @@ Flow: config -> precision policy -> tokenizer + data (checked before any model w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import time
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import peft
 import torch
-import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
@@ -22,8 +22,12 @@ import solotune
 from solotune import artifacts
 from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune, save_trained
 from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
-from solotune.data import IGNORE_INDEX, Batch, Example, collate, plan_steps, read_records, split_micro_batches, tokenize_records
+from solotune.attention import enable_padding_free
+from solotune.data import Batch, Example, collate, collate_packed, plan_steps, read_records, split_micro_batches, tokenize_records
+from solotune.errors import SolotuneError
+from solotune.flops import FlopModel, matmul_peak_flops
 from solotune.generate import generate, print_generations
+from solotune.loss import ResponseLoss
 from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, apply_memory_limit, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
@@ -43,40 +47,37 @@ class LoopResult:
     lrs: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     tokens: int = 0  # non-padding tokens processed
+    flops: float = 0.0  # model FLOPs of the steps (flops.py)
     positions: int = 0  # all positions, padding included
     runtime_s: float = 0.0
     memory: dict = field(default_factory=dict)
 
 
-def response_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over positions with a label, in fp32."""
-    V = logits.shape[-1]
-    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    targets = labels[:, 1:]  # (B, T-1)
-    return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def accumulate_gradients(model, micro_batches: list[Batch], policy: PrecisionPolicy) -> torch.Tensor:
+def accumulate_gradients(model, micro_batches: list[Batch], policy: PrecisionPolicy,
+                         loss_fn: ResponseLoss = ResponseLoss(), offload: bool = False) -> torch.Tensor:
     """Forward and backward over the effective batch's micro-batches; returns the step's loss.
 
     Each micro-batch's summed loss is divided by the response-token count of the whole step,
     so the accumulated gradient and the reported loss are exactly those of the full batch,
-    however it is split.
+    however it is split. `offload` keeps the activations saved for backward in pinned CPU
+    memory (CUDA), trading transfer time for GPU memory.
     """
     n_loss_tokens = sum(mb.n_loss_tokens for mb in micro_batches)
     step_loss = torch.zeros((), device=policy.device)
+    saved_tensors = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
     for mb in micro_batches:
-        with policy.autocast():
-            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        loss = response_loss_sum(logits, mb.labels) / n_loss_tokens
-        policy.scaler.scale(loss).backward()
+        with saved_tensors:
+            with policy.autocast():
+                loss = loss_fn(model, mb) / n_loss_tokens
+            policy.scaler.scale(loss).backward()
         step_loss += loss.detach()
     return step_loss
 
 
-def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: PrecisionPolicy, max_grad_norm: float) -> StepResult:
+def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: PrecisionPolicy, max_grad_norm: float,
+               loss_fn: ResponseLoss = ResponseLoss(), offload: bool = False) -> StepResult:
     """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero."""
-    loss = accumulate_gradients(model, micro_batches, policy)
+    loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     policy.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
@@ -106,22 +107,33 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     result, probe = LoopResult(), PeakMemoryProbe(policy.device)
     tracker = TensorMemoryTracker(model, optimizer, policy.device)
+    loss_fn = ResponseLoss(cfg.ce_chunk)
+    flop_model = FlopModel.of(model)
+    if cfg.padding_free:
+        enable_padding_free(model, max(len(e.input_ids) for e in examples))
     model.train()
     probe.reset()
     start = time.perf_counter()
     bar = tqdm(steps, desc="train", unit="step", dynamic_ncols=True)
     with tracker:
         for indices in bar:
-            micro = [collate([examples[i] for i in mb], pad_id).to(policy.device) for mb in split_micro_batches(indices, cfg.grad_accum)]
+            micro = [make_batch([examples[i] for i in mb], pad_id, cfg.padding_free).to(policy.device)
+                     for mb in split_micro_batches(indices, cfg.grad_accum)]
             result.lrs.append(scheduler.get_last_lr()[0])
-            out = train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm)
+            out = train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm, loss_fn, cfg.offload_activations)
             _record_step(result, out, micro)
+            result.flops += flop_model.step_flops(micro)
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}", peak_mib=f"{probe.read().peak_mib:.0f}")
     result.runtime_s = time.perf_counter() - start
     tracker.close()
     result.memory = memory_report(probe.read(), tracker)
     return result
+
+
+def make_batch(examples: list[Example], pad_id: int, padding_free: bool) -> Batch:
+    """A micro-batch as one padding-free row, or padded to its longest record."""
+    return collate_packed(examples) if padding_free else collate(examples, pad_id)
 
 
 def _record_step(result: LoopResult, out: StepResult, micro: list[Batch]) -> None:
@@ -145,7 +157,10 @@ def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
     model = load_model(source, cfg.model, policy.base_dtype, policy.device)
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model)
-    return apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
+    model = apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
+    if cfg.train.compile:
+        model.get_decoder().compile(dynamic=True)
+    return model
 
 
 def run_training(cfg: RunConfig) -> dict:
@@ -154,6 +169,8 @@ def run_training(cfg: RunConfig) -> dict:
     transformers.set_seed(cfg.train.seed)
     policy = resolve_policy(cfg.precision, cfg.device, frozen_base=cfg.lora.enabled)
     print(policy.describe())
+    if cfg.train.offload_activations and policy.device.type != "cuda":
+        raise SolotuneError("train.offload_activations moves activations from the GPU to CPU memory; it needs --device cuda")
     if cfg.mem_limit:
         print(apply_memory_limit(parse_size(cfg.mem_limit), policy.device))
     with artifacts.run_folder(cfg.output_dir) as out_dir:
@@ -178,10 +195,11 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path) -> dict:
     before = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
     loop = train_loop(model, examples, tokenizer.pad_token_id, policy, cfg.train)
     after = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
+    peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype)  # measured after the loop, cached
 
     saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
     save_trained(model, tokenizer, saved)
-    metrics = collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop, before, after, saved)
+    metrics = collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop, before, after, saved, peak_flops)
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
     if before:
         print_generations("before fine-tuning", before)
@@ -190,9 +208,11 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path) -> dict:
     return metrics
 
 
-def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: LoopResult, before, after, saved: Path) -> dict:
+def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: LoopResult, before, after, saved: Path,
+                    peak_flops: float) -> dict:
     """Everything measured in the run, with the resolved config and library versions."""
     n_steps = len(loop.losses)
+    flops_per_s = loop.flops / loop.runtime_s
     return {
         "solotune_version": solotune.__version__,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -213,6 +233,10 @@ def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: 
             "tokens": loop.tokens,
             "tokens_per_s": loop.tokens / loop.runtime_s,
             "padding_fraction": 1 - loop.tokens / loop.positions,
+            "model_tflops": loop.flops / 1e12,
+            "model_gflops_per_s": flops_per_s / 1e9,
+            "matmul_peak_gflops_per_s": peak_flops / 1e9,  # measured on this device, compute dtype
+            "mfu": flops_per_s / peak_flops,
             "avg_loss": sum(loop.losses) / n_steps,
             "final_loss": loop.losses[-1],
             "skipped_steps": loop.skipped_steps,
@@ -238,7 +262,8 @@ def print_summary(m: dict, out_dir: Path) -> None:
         f"steps: {t['steps']}  average loss: {t['avg_loss']:.4f}  final loss: {t['final_loss']:.4f}\n"
         f"{where}: {mem['peak_mib']:,.0f} MiB{reserved}\n{parts}\n"
         f"runtime: {t['runtime_s']:.1f} s (model load {m['model']['load_s']:.1f} s)  "
-        f"throughput: {t['tokens_per_s']:.0f} tokens/s  padding: {100 * t['padding_fraction']:.1f}%\n"
+        f"throughput: {t['tokens_per_s']:.0f} tokens/s  padding: {100 * t['padding_fraction']:.1f}%  "
+        f"MFU: {100 * t['mfu']:.0f}% ({t['model_gflops_per_s']:.0f} of {t['matmul_peak_gflops_per_s']:.0f} GFLOP/s, the measured matmul peak)\n"
         f"saved: {m['artifacts']['trained']}  metrics: {out_dir / artifacts.METRICS_FILE}"
     )
     if t["skipped_steps"]:

@@ -1,0 +1,106 @@
+"""Model FLOPs of a training step, and the device's measured matmul peak: together, MFU.
+
+Counted, per step (multiply-add = 2 FLOPs):
+  body       every weight matrix of the decoder (embedding lookup excluded): 2 FLOPs per weight
+             per token forward, 2 for the input gradient, 2 more for the weight gradient where
+             the weight trains: 4N per token under LoRA (frozen base), 6N under full fine-tuning;
+  attention  Q K^T and A V of each record, causal (half of L^2), forward plus twice that backward;
+  LM head    only at the positions that carry loss: the work the loss needs, not what a
+             full-logits implementation spends on prompt and padding positions.
+This is deliberately conservative: a loop that computes logits everywhere, or attends across
+padding, does more arithmetic than it is credited for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from solotune.data import Batch
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """The shape facts of a model that its training FLOPs depend on."""
+
+    body_weights: int  # elements of the decoder's weight matrices, adapters included
+    trained_body_weights: int  # those of them that train (and so need weight gradients)
+    head_weights: int  # the LM head's (vocabulary x hidden)
+    head_trains: bool
+    attention_width: int  # heads x head dim, summed over layers
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> FlopModel:
+        head = model.get_output_embeddings().weight
+        embed = model.get_input_embeddings().weight
+        matrices = {id(p): p for p in model.parameters() if p.dim() == 2}
+        matrices.pop(id(head), None)
+        matrices.pop(id(embed), None)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        width = cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
+        return cls(
+            body_weights=sum(p.numel() for p in matrices.values()),
+            trained_body_weights=sum(p.numel() for p in matrices.values() if p.requires_grad),
+            head_weights=head.numel(),
+            head_trains=head.requires_grad,
+            attention_width=width,
+        )
+
+    def step_flops(self, batches: list[Batch]) -> float:
+        """FLOPs of one optimizer step over these micro-batches (forward and backward)."""
+        tokens = sum(b.n_tokens for b in batches)
+        loss_positions = sum(b.n_loss_tokens for b in batches)
+        squares = sum(n * n for b in batches for n in _record_lengths(b))
+        body = (4 * self.body_weights + 2 * self.trained_body_weights) * tokens
+        attention = 3 * 2 * squares * self.attention_width  # 2 matmuls x 2 FLOPs x L^2 / 2 causal, x3 for backward
+        head = (6 if self.head_trains else 4) * self.head_weights * loss_positions
+        return body + attention + head
+
+
+def _record_lengths(batch: Batch) -> list[int]:
+    if batch.segment_lengths is not None:
+        return list(batch.segment_lengths)
+    return batch.attention_mask.sum(dim=1).tolist()
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The best FLOP/s of a large square matmul on this device in this dtype (measured, cached)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    key = f"{device.type}|{name}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    cache = Path(os.environ.get("SOLOTUNE_CACHE", Path.home() / ".cache" / "solotune")) / "matmul_peak.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in known:
+        known[key] = _measure_matmul(device, dtype)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known, indent=1))
+    return known[key]
+
+
+def _measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
+    best = 0.0
+    for n in (1024, 2048, 4096, 8192):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        torch.matmul(a, b)  # warm-up
+        for _ in range(2):
+            _sync(device)
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            best = max(best, 2 * n**3 / elapsed)
+        if elapsed > 0.1:  # long enough to reach the peak; larger only costs time
+            break
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

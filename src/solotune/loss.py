@@ -1,0 +1,70 @@
+"""The training loss: summed next-token cross-entropy over the response positions.
+
+Two ways to compute the same number. `full` asks the model for its logits, B x T x V of them,
+which for a 49k vocabulary and 8 x 512 tokens is 768 MiB in fp32, and three logits-sized
+tensors are alive at once in backward. `chunked` takes the decoder's hidden states, keeps only
+the positions that carry a loss, and runs the LM head and cross-entropy on chunks of them
+under activation checkpointing: one chunk's logits exist at a time, in forward and again in
+backward, and no logits are computed for prompt or padding positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from solotune.data import IGNORE_INDEX, Batch
+
+
+def full_response_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions with a label, in fp32."""
+    V = logits.shape[-1]
+    # Shift the labels, not the logits: position t predicts token t+1, and the last position
+    # predicts nothing. Slicing the logits instead would copy all of them once more.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_response_loss_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                              positions: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The same sum from the final hidden states (B, T, H), `chunk` loss positions at a time.
+
+    `positions`: flat indices into B*T of the positions that predict a response token
+    (Batch.loss_positions); position t's target is the label at t + 1 of the same row.
+    """
+    h = hidden.flatten(0, 1)[positions]  # (N, H)
+    targets = labels.flatten()[positions + 1]  # (N,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        total = total + checkpoint(
+            _head_cross_entropy, lm_head, h[start : start + chunk], targets[start : start + chunk], use_reentrant=False
+        )
+    return total
+
+
+def _head_cross_entropy(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(h).float(), targets, reduction="sum")
+
+
+@dataclass(frozen=True)
+class ResponseLoss:
+    """How the loop computes a micro-batch's summed loss; `chunk` = 0 means full logits."""
+
+    chunk: int = 1024
+
+    def __call__(self, model, batch: Batch) -> torch.Tensor:
+        inputs = batch.model_inputs()
+        if not self.chunk or not supports_chunked_head(model):
+            return full_response_loss_sum(model(**inputs).logits, batch.labels)
+        hidden = model.get_decoder()(**inputs).last_hidden_state
+        return chunked_response_loss_sum(hidden, model.get_output_embeddings(), batch.labels, batch.loss_positions, self.chunk)
+
+
+def supports_chunked_head(model) -> bool:
+    """True where logits are exactly lm_head(last hidden state): no scaling or soft-capping after it."""
+    config = model.config
+    transformed = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0)
+    return not transformed and model.get_output_embeddings() is not None and hasattr(model, "get_decoder")

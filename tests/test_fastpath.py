@@ -1,0 +1,154 @@
+"""The performance techniques compute the same numbers as the plain path (fp32, stated tolerances)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from solotune.adapters import SharedDropout, apply_lora
+from solotune.attention import enable_padding_free
+from solotune.config import DataConfig, LoraConfig, PrecisionConfig, RunConfig, TrainConfig
+from solotune.data import IGNORE_INDEX, Record, collate, collate_packed, tokenize_records
+from solotune.loss import ResponseLoss, full_response_loss_sum
+from solotune.memory import MIB
+from solotune.precision import resolve_policy
+from solotune.testing import make_model, save_model_folder
+from solotune.train import build_model, enable_checkpointing, train_loop
+
+
+def examples(tokenizer, n=5, train_on_prompt=False):
+    rows = [{"prompt": f"question {i}: " + "x" * (3 + 11 * i), "response": "y" * (4 + 7 * (n - i))} for i in range(n)]
+    records = [Record(r, f"row {i}") for i, r in enumerate(rows)]
+    return tokenize_records(records, tokenizer, DataConfig(train_on_prompt=train_on_prompt))[0]
+
+
+def per_token_losses(logits, labels):
+    """Per-position next-token CE, 0 where there is no target: (B, T-1)."""
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True], ids=["response-only", "every-token"])
+def test_padding_free_row_gives_each_record_its_padded_loss(tokenizer, train_on_prompt):
+    """Records back to back in one row, positions restarting, attention per record == padded batch (1e-5)."""
+    exs = examples(tokenizer, train_on_prompt=train_on_prompt)
+    model = make_model(tokenizer)
+    padded, packed = collate(exs, tokenizer.pad_token_id), collate_packed(exs)
+    assert packed.n_positions == packed.n_tokens == padded.n_tokens < padded.n_positions
+    assert packed.n_loss_tokens == padded.n_loss_tokens
+    with torch.no_grad():
+        ref = per_token_losses(model(**padded.model_inputs()).logits, padded.labels)
+        enable_padding_free(model, max_len=512)
+        row = per_token_losses(model(**packed.model_inputs()).logits, packed.labels)[0]
+    start = 0
+    for i, e in enumerate(exs):
+        n = len(e.input_ids)
+        # The row's position start+t predicts token t+1 of record i, as position t of padded row i.
+        mine, theirs = row[start : start + n - 1], ref[i, : n - 1]
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-5), f"record {i}: max diff {(mine - theirs).abs().max():.2e}"
+        assert theirs.sum() > 0
+        start += n
+    # The last position of each record has no target in the row (the next record's first label is cleared).
+    assert row.sum().item() == pytest.approx(ref.sum().item(), rel=1e-5)
+
+
+def loss_and_grads(model, batch, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_chunked_cross_entropy_equals_the_full_logits(tokenizer, padding_free, full):
+    """Loss and every gradient of the chunked LM head + CE match the full-logits path to 1e-5 (fp32)."""
+    exs = examples(tokenizer)
+    model = make_model(tokenizer)
+    if padding_free:
+        enable_padding_free(model, 512)
+    model = apply_lora(model, LoraConfig(r=4, dropout=0.0)) if full is False else model.train()
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    batch = collate_packed(exs) if padding_free else collate(exs, tokenizer.pad_token_id)
+    ref_loss, ref_grads = loss_and_grads(model, batch, ResponseLoss(chunk=0))
+    assert ref_loss == pytest.approx(full_response_loss_sum(model(**batch.model_inputs()).logits, batch.labels).item())
+    loss, grads = loss_and_grads(model, batch, ResponseLoss(chunk=7))  # 7 does not divide the count
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, g in grads.items():
+        rel = (g - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-12)
+        assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+
+
+def run(tokenizer, steps=2, mp="off", vocab_size=None, **train):
+    shape = dict(hidden_size=128, num_hidden_layers=2, vocab_size=vocab_size or len(tokenizer))
+    model = apply_lora(make_model(tokenizer, **shape), LoraConfig(r=8, dropout=0.0))
+    rows = [{"prompt": "p" * 100, "response": "r" * 150}] * 8
+    exs, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
+    policy = resolve_policy(PrecisionConfig(mp=mp), "cpu", frozen_base=True)
+    return train_loop(model, exs, tokenizer.pad_token_id, policy, TrainConfig(batch=4, max_steps=steps, **train)), model
+
+
+def test_chunked_cross_entropy_holds_smaller_activations(tokenizer):
+    """Full logits (B x T x V fp32, several alive in backward) vs one chunk at a time, same loss."""
+    full, _ = run(tokenizer, ce_chunk=0, vocab_size=16384)  # a vocabulary large enough for logits to matter
+    chunked, _ = run(tokenizer, ce_chunk=64, vocab_size=16384)
+    assert chunked.losses == pytest.approx(full.losses, rel=1e-5)
+    assert chunked.memory["activations_mib"] < 0.7 * full.memory["activations_mib"]
+
+
+def test_bf16_frozen_base_holds_no_fp32_copy(tokenizer, tmp_path):
+    """Measured parameter memory under bf16 LoRA: ~2 bytes per frozen parameter (+ fp32 adapters)."""
+    cfg = RunConfig()
+    cfg.precision.mp, cfg.lora.r, cfg.lora.dropout = "bf16", 8, 0.0
+    policy = resolve_policy(cfg.precision, "cpu", frozen_base=True)
+    model = build_model(str(save_model_folder(tmp_path / "m", hidden_size=128, num_hidden_layers=2)), cfg, policy)
+    rows = [{"prompt": "p" * 100, "response": "r" * 150}] * 8
+    exs, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
+    result = train_loop(model, exs, tokenizer.pad_token_id, policy, TrainConfig(batch=4, max_steps=2))
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    expected_mib = (2 * frozen + 4 * adapters) / MIB
+    assert result.memory["parameters_mib"] == pytest.approx(expected_mib, rel=0.05)
+
+
+def lora_inputs(model):
+    """Record the tensor each adapter's lora_A receives, per adapted layer name."""
+    seen = {}
+    for name, m in model.named_modules():
+        if name.endswith("lora_A.default"):
+            m.register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: args[0]}))
+    return seen
+
+
+def test_shared_dropout_draws_one_mask_per_block_input(tokenizer):
+    exs = examples(tokenizer)
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    blocks = [m for m in model.modules() if isinstance(m, SharedDropout)]
+    assert len(blocks) == 2  # one per attention block
+    seen = lora_inputs(model.train())
+    model(**collate(exs, tokenizer.pad_token_id).model_inputs())
+    for layer in range(2):
+        q, k, v, o = (seen[f"base_model.model.model.layers.{layer}.self_attn.{p}_proj.lora_A.default"] for p in "qkvo")
+        assert q is k is v  # one dropped copy of the block's input for q, k and v
+        zeros = (q == 0).float().mean().item()
+        assert 0.4 < zeros < 0.6  # dropout at p = 0.5 did happen
+        assert o is not q  # o_proj reads another input: its own mask
+    assert all(b._cached is None and b.input_key is None for b in blocks)  # nothing outlives the block
+
+
+def test_shared_dropout_replays_the_same_mask_under_checkpointing(tokenizer):
+    """Checkpointed recomputation redraws the same masks: gradients equal the un-checkpointed run's."""
+    exs = examples(tokenizer)
+    batch = collate(exs, tokenizer.pad_token_id)
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(tokenizer)
+        if checkpointing:
+            enable_checkpointing(model)
+        model = apply_lora(model, LoraConfig(r=4, dropout=0.3)).train()
+        torch.manual_seed(1)
+        grads.append(loss_and_grads(model, batch, ResponseLoss())[1])
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, atol=1e-6), name
