@@ -132,7 +132,8 @@ def run_trl(s: Setting, args, out_dir: Path) -> dict:
         output_dir=str(out_dir / "trl"), per_device_train_batch_size=s.micro,
         gradient_accumulation_steps=EFFECTIVE_BATCH // s.micro, learning_rate=2e-4, num_train_epochs=1,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=0,
-        bf16=s.precision == "bf16", use_cpu=args.device == "cpu", max_length=args.max_len,
+        bf16=s.precision == "bf16", use_cpu=args.device == "cpu",
+        max_length=None if s.variant == "padding_free" else args.max_len,  # the records are truncated already
         completion_only_loss=True, padding_free=s.variant == "padding_free", train_sampling_strategy="sequential",
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )

@@ -19,9 +19,11 @@ def test_cells_cover_every_combination_in_the_reference_order():
     assert on["train.grad_accum"] == cfg.train.batch and on["lora.enabled"] is True and on["precision.mp"] in ("bf16", "fp16")
     argv = cell_argv("base.yaml", "out", cells[0])
     assert "--no-lora.enabled" in argv and argv[argv.index("--train.grad-accum") + 1] == "1"
-    with pytest.raises(SolotuneError, match="unknown axis qlora; choose from ga, mp, lora, gc"):
+    with pytest.raises(SolotuneError, match="unknown axis qlora; choose from ga, mp, lora, gc, pf"):
         parse_axes("lora,qlora")
-    assert set(AXES) == {"ga", "mp", "lora", "gc"}
+    assert set(AXES) == {"ga", "mp", "lora", "gc", "pf", "cce", "swiglu", "sdrop"}
+    plain = plan_cells(cfg, parse_axes("pf,cce,swiglu,sdrop"))[0].overrides
+    assert plain == {"train.padding_free": False, "train.ce_chunk": 0, "train.fused_swiglu": False, "lora.shared_dropout": False}
 
 
 def test_resume_and_report_need_a_grid_folder(tmp_path, capsys):

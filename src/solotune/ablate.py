@@ -51,6 +51,11 @@ AXES = {
     "mp": Axis("mp", "MP", ("OFF", "ON"), lambda c, v: {"precision.mp": _mp_on(c) if v == "ON" else "off"}),
     "lora": Axis("lora", "LoRA", ("OFF", "ON"), lambda c, v: {"lora.enabled": v == "ON"}),
     "gc": Axis("gc", "GC", ("OFF", "ON"), lambda c, v: {"train.grad_checkpointing": v == "ON"}),
+    # The performance techniques (issue 5), each against its plain form.
+    "pf": Axis("pf", "Padding-free", ("OFF", "ON"), lambda c, v: {"train.padding_free": v == "ON"}),
+    "cce": Axis("cce", "Chunked CE", ("OFF", "ON"), lambda c, v: {"train.ce_chunk": (c.train.ce_chunk or 1024) if v == "ON" else 0}),
+    "swiglu": Axis("swiglu", "Fused SwiGLU", ("OFF", "ON"), lambda c, v: {"train.fused_swiglu": v == "ON"}),
+    "sdrop": Axis("sdrop", "Shared dropout", ("OFF", "ON"), lambda c, v: {"lora.shared_dropout": v == "ON"}),
 }
 
 

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ablate = sub.add_parser("ablate", help="run every combination of the techniques, one process per cell; tables + HTML report")
     ablate.add_argument("config", nargs="?", help="a YAML config file shared by every cell; options below override it")
-    ablate.add_argument("--axes", default="ga,mp,lora", help="comma-separated axes from ga, mp, lora, gc (default: ga,mp,lora)")
+    ablate.add_argument("--axes", default="ga,mp,lora", help="comma-separated axes from ga, mp, lora, gc, pf, cce, swiglu, sdrop (default: ga,mp,lora)")
     ablate.add_argument("--resume", metavar="GRID_DIR", help="finish an interrupted grid: run only the cells without a result")
     ablate.add_argument("--cell-timeout", type=float, metavar="SECONDS", help="stop a cell that runs longer (it becomes X)")
     add_config_options(ablate)

@@ -95,7 +95,7 @@ class TrainConfig:
     # LM head + cross-entropy on response positions only, this many at a time, never the full
     # B x T x V logits (see loss.py); 0 computes the full logits.
     ce_chunk: int = 1024
-    compile: bool = False  # torch.compile the decoder (first steps pay the compile time)
+    fused_swiglu: bool = True  # gated-SiLU MLPs keep 2 activations for backward, not 3 (swiglu.py)
     offload_activations: bool = False  # CUDA: keep saved activations in pinned CPU memory
     epochs: int = 1
     max_steps: int | None = None  # stop early after this many optimizer steps

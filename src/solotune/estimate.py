@@ -29,6 +29,7 @@ from solotune.errors import SolotuneError
 from solotune.loss import ResponseLoss
 from solotune.memory import TensorMemoryTracker
 from solotune.precision import resolve_policy
+from solotune.swiglu import use_fused_swiglu
 from solotune.train import accumulate_gradients, enable_checkpointing, make_batch, make_optimizer
 
 # Shapes as published in each model's config.json (Llama / Mistral / Qwen2 code paths).
@@ -95,6 +96,8 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
         model = AutoModelForCausalLM.from_config(config, dtype=policy.base_dtype)
     if cfg.train.padding_free:
         enable_padding_free(model, seq_len)
+    if cfg.train.fused_swiglu:
+        use_fused_swiglu(model)
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model)
     model = apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)

@@ -30,6 +30,7 @@ from solotune.generate import generate, print_generations
 from solotune.loss import ResponseLoss
 from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, apply_memory_limit, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
+from solotune.swiglu import use_fused_swiglu
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
 
 
@@ -45,6 +46,7 @@ class LoopResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     tokens: int = 0  # non-padding tokens processed
     flops: float = 0.0  # model FLOPs of the steps (flops.py)
@@ -120,7 +122,9 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
             micro = [make_batch([examples[i] for i in mb], pad_id, cfg.padding_free).to(policy.device)
                      for mb in split_micro_batches(indices, cfg.grad_accum)]
             result.lrs.append(scheduler.get_last_lr()[0])
+            step_start = time.perf_counter()
             out = train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm, loss_fn, cfg.offload_activations)
+            result.step_seconds.append(time.perf_counter() - step_start)
             _record_step(result, out, micro)
             result.flops += flop_model.step_flops(micro)
             elapsed = time.perf_counter() - start
@@ -155,11 +159,11 @@ def enable_checkpointing(model) -> None:
 def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
     """Load the model in the policy's dtype and set it up for LoRA or full fine-tuning."""
     model = load_model(source, cfg.model, policy.base_dtype, policy.device)
+    if cfg.train.fused_swiglu:
+        use_fused_swiglu(model)
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model)
     model = apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
-    if cfg.train.compile:
-        model.get_decoder().compile(dynamic=True)
     return model
 
 
@@ -240,6 +244,7 @@ def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: 
             "avg_loss": sum(loop.losses) / n_steps,
             "final_loss": loop.losses[-1],
             "skipped_steps": loop.skipped_steps,
+            "step_seconds": loop.step_seconds,
             "loss_curve": loop.losses,
             "grad_norms": loop.grad_norms,
             "lr": loop.lrs,

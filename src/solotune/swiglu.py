@@ -1,0 +1,57 @@
+"""A SwiGLU MLP that keeps two activations for backward instead of three.
+
+`down(silu(gate(x)) * up(x))` run by autograd saves gate(x) for SiLU's backward and both
+silu(gate(x)) and up(x) for the product's: three (tokens x intermediate) tensors per layer,
+the largest activations of a LoRA step (45% of them for SmolLM2 at 2,000 tokens). The fused
+function saves gate(x) and up(x) and recomputes the sigmoid in backward, an elementwise op
+that costs far less than the memory it frees.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+class SiluMul(torch.autograd.Function):
+    """silu(gate) * up, saving only its two inputs."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_up = grad * silu if ctx.needs_input_grad[1] else None
+        # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        grad_gate = grad * up * sig * (1 + gate * (1 - sig)) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up
+
+
+def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def use_fused_swiglu(model: torch.nn.Module) -> int:
+    """Give every gated-SiLU MLP of `model` the fused forward; returns how many were changed.
+
+    Matches modules by their parts (gate_proj, up_proj, down_proj, a SiLU act_fn), the layout of
+    Llama, Mistral, Qwen2/3 and SmolLM; other MLPs are left as they are.
+    """
+    changed = 0
+    for module in model.modules():
+        parts = all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+        if parts and is_silu(getattr(module, "act_fn", None)):
+            module.forward = types.MethodType(_fused_forward, module)
+            changed += 1
+    return changed
