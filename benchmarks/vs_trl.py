@@ -41,10 +41,12 @@ class Setting:
     micro: int  # micro-batch size; accumulation = EFFECTIVE_BATCH / micro
     precision: str  # "fp32" or "bf16"
     variant: str = "default"  # solotune: "default" or "plain"; trl: "padded" or "padding_free"
+    checkpointing: bool = False  # TRL's SFTConfig turns gradient checkpointing on by default
 
     @property
     def label(self) -> str:
-        return f"{self.tool} {self.variant}, {self.micro} x {EFFECTIVE_BATCH // self.micro}, {self.precision}"
+        gc = ", checkpointing" if self.checkpointing else ""
+        return f"{self.tool} {self.variant}{gc}, {self.micro} x {EFFECTIVE_BATCH // self.micro}, {self.precision}"
 
 
 # solotune "plain": the techniques of issue 5 off (padded batches, full logits, PEFT's dropout),
@@ -56,11 +58,14 @@ def plan(precisions: list[str], peer_micros: list[int]) -> list[Setting]:
     """The runs, alternating between the tools."""
     runs = []
     for precision in precisions:
-        peer = [Setting("trl", m, precision, "padded") for m in peer_micros]
+        # The peer: its defaults (checkpointing on), then its faster settings with it off.
+        peer = [Setting("trl", EFFECTIVE_BATCH, precision, "padded", checkpointing=True)]
+        peer += [Setting("trl", m, precision, "padded") for m in peer_micros]
         peer.append(Setting("trl", EFFECTIVE_BATCH, precision, "padding_free"))
         ours = [Setting("solotune", EFFECTIVE_BATCH, precision, "default"),
                 Setting("solotune", EFFECTIVE_BATCH, precision, "plain"),
-                Setting("solotune", 1, precision, "default")]
+                Setting("solotune", 1, precision, "default"),
+                Setting("solotune", EFFECTIVE_BATCH, precision, "default", checkpointing=True)]
         for i in range(max(len(peer), len(ours))):
             runs += peer[i : i + 1] + ours[i : i + 1]
     return runs
@@ -90,7 +95,8 @@ def run_solotune(s: Setting, args, out_dir: Path) -> dict:
         "--epochs", "1", "--no-train.shuffle", "--train.schedule", "linear", "--train.warmup-ratio", "0",
         "--train.seed", "0", "--precision.mp", "off" if s.precision == "fp32" else s.precision,
         "--device", args.device, "--no-generate.enabled", "--output-dir", str(out_dir / "run"),
-    ] + (["--model", args.model] if args.model else []) + (PLAIN if s.variant == "plain" else [])
+    ] + (["--model", args.model] if args.model else []) + (PLAIN if s.variant == "plain" else []) \
+      + (["--grad-checkpointing"] if s.checkpointing else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     m = json.loads((out_dir / "run" / "metrics.json").read_text())
     t = m["train"]
@@ -135,7 +141,8 @@ def run_trl(s: Setting, args, out_dir: Path) -> dict:
         bf16=s.precision == "bf16", use_cpu=args.device == "cpu",
         max_length=None if s.variant == "padding_free" else args.max_len,  # the records are truncated already
         completion_only_loss=True, padding_free=s.variant == "padding_free", train_sampling_strategy="sequential",
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        gradient_checkpointing=s.checkpointing, logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0,
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"],
                              task_type="CAUSAL_LM")
@@ -196,10 +203,11 @@ def ratios(results: list[tuple[Setting, dict]], precision: str) -> list[str]:
     lines = [f"{precision}: headline: solotune at its fastest within the peer's memory ({best_s.label}) vs the peer at its fastest "
              f"({best_peer_s.label}): {best['tokens_per_s'] / best_peer['tokens_per_s']:.2f}x tokens/s at "
              f"{best['peak_mib'] / best_peer['peak_mib']:.2f}x the peak RSS (target >= 2.0x at <= 1.0x)"]
-    same = dict(((s.tool, s.variant, s.micro), r) for s, r in here)
-    ours8, peer8 = same.get(("solotune", "default", EFFECTIVE_BATCH)), same.get(("trl", "padded", EFFECTIVE_BATCH))
+    same = dict(((s.tool, s.variant, s.micro, s.checkpointing), r) for s, r in here)
+    ours8 = same.get(("solotune", "default", EFFECTIVE_BATCH, False))
+    peer8 = same.get(("trl", "padded", EFFECTIVE_BATCH, False))
     if ours8 and peer8:
-        lines.append(f"{precision}: same settings (micro-batch 8, no accumulation): {ours8['tokens_per_s'] / peer8['tokens_per_s']:.2f}x "
+        lines.append(f"{precision}: same settings (micro-batch 8, no accumulation, no checkpointing): {ours8['tokens_per_s'] / peer8['tokens_per_s']:.2f}x "
                      f"tokens/s at {ours8['peak_mib'] / peer8['peak_mib']:.2f}x the peak RSS (target >= 3.0x at <= 0.3x)")
         lines.append(f"{precision}: same maths: average loss {ours8['avg_loss']:.4f} vs {peer8['avg_loss']:.4f} "
                      f"({100 * (ours8['avg_loss'] / peer8['avg_loss'] - 1):+.2f}%, target within 1%)")

@@ -13,13 +13,8 @@ from solotune.memory import MIB
 from solotune.precision import resolve_policy
 from solotune.swiglu import use_fused_swiglu
 from solotune.testing import make_model, save_model_folder
+from solotune.testing import varied_examples as examples
 from solotune.train import build_model, enable_checkpointing, train_loop
-
-
-def examples(tokenizer, n=5, train_on_prompt=False):
-    rows = [{"prompt": f"question {i}: " + "x" * (3 + 11 * i), "response": "y" * (4 + 7 * (n - i))} for i in range(n)]
-    records = [Record(r, f"row {i}") for i, r in enumerate(rows)]
-    return tokenize_records(records, tokenizer, DataConfig(train_on_prompt=train_on_prompt))[0]
 
 
 def per_token_losses(logits, labels):

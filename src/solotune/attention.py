@@ -2,12 +2,17 @@
 
 A padding-free micro-batch is one row holding its records back to back (data.collate_packed).
 The model gets the row's `segment_lengths` as a keyword argument, which transformers passes
-down to the attention function of every layer; this one runs SDPA's causal kernel on each
-record's slice. No B x H x T x T mask is built, and no attention is computed across records or
-on padding. Without `segment_lengths` (generation, padded batches) it is plain SDPA.
+down to the attention function of every layer. On CUDA in bf16/fp16 that is one call of
+PyTorch's variable-length flash attention (torch.nn.attention.varlen) over the whole row;
+elsewhere it runs SDPA's causal kernel on each record's slice. Either way no B x H x T x T
+mask is built, and no attention is computed across records or on padding. Without
+`segment_lengths` (generation, padded batches) it is plain SDPA.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from transformers import AttentionInterface
@@ -19,10 +24,18 @@ from solotune.errors import SolotuneError
 NAME = "solotune_varlen"
 
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10
+    varlen_attn = None
+
+
 def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_lengths=None, **kwargs):
     """Attention of (B, H, T, D) tensors; with `segment_lengths`, causal within each segment."""
     if segment_lengths is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if _flash_varlen_applies(query, kwargs):
+        return _flash_varlen(query, key, value, segment_lengths, kwargs.get("scaling")), None
     outputs, start = [], 0
     for n in segment_lengths:
         end = start + n
@@ -32,6 +45,46 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_len
         outputs.append(out)  # (B, n, H, D)
         start = end
     return torch.cat(outputs, dim=1), None
+
+
+def _flash_varlen_applies(query: torch.Tensor, kwargs: dict) -> bool:
+    training_dropout = kwargs.get("dropout", 0.0)
+    return varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) \
+        and query.shape[0] == 1 and not training_dropout
+
+
+def _flash_varlen(query, key, value, segment_lengths: tuple[int, ...], scale: float | None) -> torch.Tensor:
+    """One flash-attention call over the row: (1, H, T, D) in, (1, T, H, D) out."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    groups = q.shape[1] // k.shape[1]
+    extra = {"scale": scale}
+    params = _varlen_params()
+    if "enable_gqa" in params:
+        extra["enable_gqa"] = groups > 1
+    elif groups > 1:  # older torch: repeat the key/value heads for grouped-query attention
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0)  # causal
+    else:
+        extra["is_causal"] = True
+    cu_seq = _cumulative_lengths(segment_lengths, q.device)
+    longest = max(segment_lengths)
+    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq, cu_seq, longest, longest, **extra)
+    return out.unsqueeze(0)
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+@functools.lru_cache(maxsize=8)
+def _cumulative_lengths(segment_lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(N+1,) int32 offsets of the segments, made once per row and reused by every layer."""
+    offsets = [0]
+    for n in segment_lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
 AttentionInterface.register(NAME, varlen_sdpa_attention)

@@ -60,3 +60,13 @@ def save_model_folder(folder, seed: int = 0, **overrides):
     make_model(tokenizer, seed=seed, **overrides).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def varied_examples(tokenizer, n: int = 5, train_on_prompt: bool = False):
+    """`n` tokenized prompt/response records of different lengths (prompts grow, responses shrink)."""
+    from solotune.config import DataConfig
+    from solotune.data import Record, tokenize_records
+
+    rows = [{"prompt": f"question {i}: " + "x" * (3 + 11 * i), "response": "y" * (4 + 7 * (n - i))} for i in range(n)]
+    records = [Record(r, f"row {i}") for i, r in enumerate(rows)]
+    return tokenize_records(records, tokenizer, DataConfig(train_on_prompt=train_on_prompt))[0]
