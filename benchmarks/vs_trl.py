@@ -49,9 +49,9 @@ class Setting:
         return f"{self.tool} {self.variant}{gc}, {self.micro} x {EFFECTIVE_BATCH // self.micro}, {self.precision}"
 
 
-# solotune "plain": the techniques of issue 5 off (padded batches, full logits, PEFT's dropout),
-# to show what they buy on their own.
-PLAIN = ["--no-train.padding-free", "--train.ce-chunk", "0", "--no-lora.shared-dropout"]
+# solotune "plain": the loop's own techniques off (padded batches, full logits, autograd's SwiGLU,
+# PEFT's dropout), to show what they buy.
+PLAIN = ["--no-train.padding-free", "--train.ce-chunk", "0", "--no-train.fused-swiglu", "--no-lora.shared-dropout"]
 
 
 def plan(precisions: list[str], peer_micros: list[int]) -> list[Setting]:

@@ -118,13 +118,28 @@ def test_bad_records_name_file_and_line(tokenizer, tmp_path, content, message):
         tokenize_records(read_records(cfg), tokenizer, cfg)
 
 
-def test_invalid_utf8_and_missing_file(tmp_path):
+def test_invalid_utf8_and_missing_file(tokenizer, tmp_path):
     f = tmp_path / "data.jsonl"
     f.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
-    with pytest.raises(SolotuneError, match=r"data.jsonl:2: not valid UTF-8"):
-        read_records(DataConfig(path=str(f)))
+    cfg = DataConfig(path=str(f))
+    with pytest.raises(SolotuneError, match=r"data.jsonl:2: not valid UTF-8 \(or skip such records with --data.on-bad-record skip\)"):
+        tokenize_records(read_records(cfg), tokenizer, cfg)
     with pytest.raises(SolotuneError, match=r"data file .*missing.json not found"):
         read_records(DataConfig(path=str(tmp_path / "missing.json")))
+
+
+def test_bad_records_can_be_skipped_and_long_ones_dropped(tokenizer, tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n{"instruction": \n'
+                  b'{"instruction": "\xff", "output": "x"}\n{"instruction": "long", "output": "' + b"y" * 400 + b'"}\n')
+    cfg = DataConfig(path=str(f), on_bad_record="skip", max_len=200)
+    examples, stats, _ = tokenize_records(read_records(cfg), tokenizer, cfg)
+    assert stats.skipped == 3 and len(examples) == 2 and stats.truncated == 1
+    assert stats.skip_reasons[0].endswith("data.jsonl:2: missing field 'output' (format alpaca)")
+    assert "data.jsonl:3: not valid JSON" in stats.skip_reasons[1] and "data.jsonl:4: not valid UTF-8" in stats.skip_reasons[2]
+    cfg.too_long = "drop"
+    examples, stats, _ = tokenize_records(read_records(cfg), tokenizer, cfg)
+    assert len(examples) == 1 and stats.dropped == 1 and stats.truncated == 0
 
 
 def test_hub_dataset_offline_gives_a_clear_message(monkeypatch):

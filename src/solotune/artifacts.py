@@ -27,7 +27,8 @@ def run_folder(requested: str | None):
     """Create the run folder (default runs/<date>-<time>) for the duration of a run.
 
     A folder holding a finished run is refused. If the run fails with a user error, a folder
-    that this run created is removed again, so nothing half-written is left behind.
+    that this run created is removed again, so nothing half-written is left behind, unless it
+    holds a checkpoint to resume from (the run was stopped, or failed after saving one).
     """
     path = Path(requested) if requested else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if (path / METRICS_FILE).exists():
@@ -43,7 +44,7 @@ def run_folder(requested: str | None):
     try:
         yield path
     except SolotuneError:
-        if created:
+        if created and not any((path / "checkpoints").glob("step-*")):
             shutil.rmtree(path, ignore_errors=True)
         raise
 

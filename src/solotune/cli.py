@@ -66,7 +66,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     from solotune.train import run_training
 
-    run_training(config_from_args(args))
+    if not args.resume:
+        return run_training(config_from_args(args))
+    from solotune.checkpoint import find_run
+
+    # The stopped run's own config, with any options given now on top (checked against the
+    # checkpoint's before training goes on).
+    run_dir = find_run(args.resume)
+    args.config = args.config or str(run_dir / "config.yaml")
+    cfg = config_from_args(args)
+    cfg.output_dir = str(run_dir)
+    run_training(cfg, resume=True)
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -137,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune a model (default: the embedded SmolLM2-135M on the built-in data)")
     train.add_argument("config", nargs="?", help="a YAML config file; options below override it")
+    train.add_argument("--resume", metavar="RUN", help="continue a stopped run from its newest checkpoint: "
+                       "its folder, or 'latest' (the newest unfinished run under runs/)")
     add_config_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except SolotuneError as e:
         print(f"solotune: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return getattr(e, "exit_code", USER_ERROR_EXIT)
     except KeyboardInterrupt:
         print("solotune: interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ class Record:
 
     fields: dict
     where: str
+    problem: str | None = None  # set when the record could not even be read (broken JSON line, bad UTF-8)
 
 
 @dataclass
@@ -62,10 +63,12 @@ class Example:
 @dataclass
 class DataStats:
     records: int
-    truncated: int  # longer than max_len, cut
-    dropped: int  # no response token left after truncation
+    truncated: int  # longer than max_len, cut (data.too_long = truncate)
+    dropped: int  # no response token left after truncation, or too long (data.too_long = drop)
     tokens: int
     loss_tokens: int
+    skipped: int = 0  # malformed records left out (data.on_bad_record = skip)
+    skip_reasons: list[str] = field(default_factory=list)  # the first few
 
 
 @dataclass
@@ -156,12 +159,14 @@ def _read_jsonl(p: Path) -> list[Record]:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
+            # A broken line becomes a record with a problem: `tokenize_records` reports it or
+            # skips it (data.on_bad_record), like any other malformed record.
             try:
                 rows.append(Record(json.loads(raw.decode("utf-8")), f"{p}:{n}"))
             except UnicodeDecodeError:
-                raise SolotuneError(f"{p}:{n}: not valid UTF-8") from None
+                rows.append(Record({}, f"{p}:{n}", "not valid UTF-8"))
             except json.JSONDecodeError as e:
-                raise SolotuneError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                rows.append(Record({}, f"{p}:{n}", f"not valid JSON ({e.msg})"))
     return rows
 
 
@@ -197,7 +202,7 @@ def detect_format(records: list[Record], requested: str) -> str:
     """The record format: the requested one, or the first whose keys the first record has."""
     if requested != "auto":
         return requested
-    first = records[0]
+    first = next((r for r in records if r.problem is None), records[0])
     if isinstance(first.fields, dict):
         for fmt, keys in REQUIRED_KEYS.items():
             if all(k in first.fields for k in keys):
@@ -218,6 +223,8 @@ def format_instruction(instruction: str, input_text: str = "") -> str:
 def check_record(record: Record, fmt: str) -> None:
     """Raise SolotuneError naming the record if it does not fit `fmt`."""
     r, where = record.fields, record.where
+    if record.problem:
+        raise SolotuneError(f"{where}: {record.problem}")
     if not isinstance(r, dict):
         raise SolotuneError(f"{where}: expected an object with keys {', '.join(REQUIRED_KEYS[fmt])}, got {r!r:.60}")
     for key in REQUIRED_KEYS[fmt]:
@@ -261,10 +268,19 @@ def _check_unicode(text: str, where: str, key: str) -> None:
 def tokenize_records(records: list[Record], tokenizer, cfg: DataConfig) -> tuple[list[Example], DataStats, str]:
     """Check and tokenize every record; returns the examples, counts and the detected format."""
     fmt = detect_format(records, cfg.format)
-    examples, truncated, dropped = [], 0, 0
+    examples, truncated, dropped, skipped = [], 0, 0, []
     for i, record in enumerate(records):
-        check_record(record, fmt)
+        try:
+            check_record(record, fmt)
+        except SolotuneError as e:
+            if cfg.on_bad_record == "error":
+                raise SolotuneError(f"{e} (or skip such records with --data.on-bad-record skip)") from None
+            skipped.append(str(e))
+            continue
         ids, labels = _tokenize(record, fmt, tokenizer, cfg.train_on_prompt)
+        if len(ids) > cfg.max_len and cfg.too_long == "drop":
+            dropped += 1
+            continue
         if len(ids) > cfg.max_len:
             truncated += 1
             ids, labels = ids[: cfg.max_len], labels[: cfg.max_len]
@@ -273,15 +289,16 @@ def tokenize_records(records: list[Record], tokenizer, cfg: DataConfig) -> tuple
             continue
         examples.append(Example(ids, labels, i))
     if not examples:
-        raise SolotuneError(
-            f"no record has a response token within max_len = {cfg.max_len}; raise --max-len"
-        )
+        why = f"; {len(skipped)} malformed, e.g. {skipped[0]}" if skipped else ""
+        raise SolotuneError(f"no usable record: none has a response token within max_len = {cfg.max_len}{why}")
     stats = DataStats(
         records=len(records),
         truncated=truncated,
         dropped=dropped,
         tokens=sum(len(e.input_ids) for e in examples),
         loss_tokens=count_loss_tokens(examples),
+        skipped=len(skipped),
+        skip_reasons=skipped[:3],
     )
     return examples, stats, fmt
 

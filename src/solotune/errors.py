@@ -9,3 +9,9 @@ class SolotuneError(Exception):
 
     The CLI prints the message alone (no traceback) and exits with status 2.
     """
+
+
+class RunStopped(SolotuneError):
+    """The run was asked to stop (SIGINT / SIGTERM) and saved a checkpoint to resume from."""
+
+    exit_code = 130

@@ -29,6 +29,10 @@ class Generation:
     def as_dict(self) -> dict:
         return {**asdict(self), "tokens_per_s": round(self.tokens_per_s, 2)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Generation:
+        return cls(d["prompt"], d["text"], d["new_tokens"], d["seconds"])
+
 
 def eval_inputs(cfg: GenerateConfig) -> list[tuple[str, str]]:
     """(shown prompt, model input) pairs: raw prompts as given, instructions templated."""

@@ -7,6 +7,7 @@ Flow: config -> precision policy -> tokenizer + data (checked before any model w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import platform
 import time
@@ -19,19 +20,27 @@ import transformers
 from tqdm import tqdm
 
 import solotune
-from solotune import artifacts
+from solotune import artifacts, checkpoint
 from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune, save_trained
 from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
 from solotune.attention import enable_padding_free
 from solotune.data import Batch, Example, collate, collate_packed, plan_steps, read_records, split_micro_batches, tokenize_records
-from solotune.errors import SolotuneError
+from solotune.checkpoint import Checkpointer, StopRequests
+from solotune.errors import RunStopped, SolotuneError
 from solotune.flops import FlopModel, matmul_peak_flops
-from solotune.generate import generate, print_generations
+from solotune.generate import Generation, generate, print_generations
 from solotune.loss import ResponseLoss
 from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, apply_memory_limit, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
 from solotune.swiglu import use_fused_swiglu
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
+
+
+MANY_SKIPS = 5  # consecutive fp16 overflow skips before a warning
+
+
+class NonFiniteStep(Exception):
+    """A step's loss or gradient is NaN or infinite (and no gradient scaler is there to skip it)."""
 
 
 @dataclass
@@ -83,6 +92,10 @@ def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     policy.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if not policy.scaler.is_enabled() and not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} "
+                            f"(loss {loss.item()}, gradient norm {grad_norm.item()})")
     scale_before = policy.scaler.get_scale()
     policy.scaler.step(optimizer)  # skips the update if the unscaled gradients hold inf/NaN
     policy.scaler.update()
@@ -102,8 +115,13 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
-def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPolicy, cfg: TrainConfig) -> LoopResult:
-    """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone."""
+def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPolicy, cfg: TrainConfig,
+               checkpoints: Checkpointer | None = None) -> LoopResult:
+    """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone.
+
+    With `checkpoints`, the loop resumes from its checkpoint (if any), saves on schedule, and
+    on SIGINT/SIGTERM saves after the current step and stops with the command that resumes it.
+    """
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
@@ -113,26 +131,74 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
     flop_model = FlopModel.of(model)
     if cfg.padding_free:
         enable_padding_free(model, max(len(e.input_ids) for e in examples))
+    first = 0
+    if checkpoints and checkpoints.resume_from:
+        result = LoopResult(**checkpoint.restore(checkpoints.resume_from, model, optimizer, scheduler, policy.scaler))
+        first = checkpoints.resume_from.step
+        print(f"resumed from {checkpoints.resume_from.path}: step {first} of {len(steps)}")
     model.train()
+    peaks, previous_runtime, saving_s, skip_run = [], result.runtime_s, 0.0, 0
     probe.reset()
     start = time.perf_counter()
-    bar = tqdm(steps, desc="train", unit="step", dynamic_ncols=True)
-    with tracker:
-        for indices in bar:
+    bar = tqdm(range(first, len(steps)), desc="train", unit="step", dynamic_ncols=True, initial=first, total=len(steps))
+    with tracker, (StopRequests() if checkpoints else contextlib.nullcontext()) as stop:
+        for step in bar:
             micro = [make_batch([examples[i] for i in mb], pad_id, cfg.padding_free).to(policy.device)
-                     for mb in split_micro_batches(indices, cfg.grad_accum)]
+                     for mb in split_micro_batches(steps[step], cfg.grad_accum)]
             result.lrs.append(scheduler.get_last_lr()[0])
             step_start = time.perf_counter()
-            out = train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm, loss_fn, cfg.offload_activations)
+            out = _guarded_step(model, micro, optimizer, scheduler, policy, cfg, loss_fn, step, checkpoints)
             result.step_seconds.append(time.perf_counter() - step_start)
             _record_step(result, out, micro)
             result.flops += flop_model.step_flops(micro)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{result.tokens / elapsed:.0f}", peak_mib=f"{probe.read().peak_mib:.0f}")
-    result.runtime_s = time.perf_counter() - start
+            skip_run = skip_run + 1 if out.skipped else 0
+            if skip_run == MANY_SKIPS:
+                tqdm.write(f"warning: fp16: the last {skip_run} steps were all skipped by the gradient scaler "
+                           f"(inf/NaN gradients; loss scale now {policy.scaler.get_scale():g}); consider --mp bf16")
+            elapsed = time.perf_counter() - start - saving_s
+            bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{result.tokens / (previous_runtime + elapsed):.0f}",
+                            peak_mib=f"{probe.read().peak_mib:.0f}")
+            stopping = stop is not None and stop.signal_name is not None
+            if checkpoints and (checkpoints.due(step + 1) or stopping or (cfg.save_every and step + 1 == len(steps))):
+                # Writing a checkpoint is not training: its time and memory stay out of the figures.
+                peaks.append(probe.read())
+                save_start = time.perf_counter()
+                result.runtime_s = previous_runtime + elapsed
+                saved = checkpoint.save(checkpoints.run_dir, step + 1, model, optimizer, scheduler, policy.scaler,
+                                        _records(result), checkpoints.fingerprint, cfg.keep)
+                saving_s += time.perf_counter() - save_start
+                probe.reset()
+            if stopping:
+                raise RunStopped(
+                    f"stopped by {stop.signal_name} after step {step + 1} of {len(steps)}; checkpoint: {saved}; "
+                    f"continue with: solotune train --resume {checkpoints.run_dir}"
+                )
+    result.runtime_s = previous_runtime + time.perf_counter() - start - saving_s
     tracker.close()
-    result.memory = memory_report(probe.read(), tracker)
+    result.memory = memory_report(max(peaks + [probe.read()], key=lambda p: p.peak_mib), tracker)
     return result
+
+
+def _records(result: LoopResult) -> dict:
+    """The loop's records so far, as a checkpoint keeps them (the memory report is per process)."""
+    return {k: v for k, v in dataclasses.asdict(result).items() if k != "memory"}
+
+
+def _guarded_step(model, micro, optimizer, scheduler, policy, cfg: TrainConfig, loss_fn, step: int,
+                  checkpoints: Checkpointer | None) -> StepResult:
+    """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
+    scaler skips such steps) before it reaches the weights."""
+    try:
+        return train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm, loss_fn, cfg.offload_activations)
+    except NonFiniteStep as e:
+        records = [i for mb in micro for i in mb.record_indices]
+        where = f"step {step + 1}, records {records} (0-based indices in the data file)"
+        if checkpoints:
+            artifacts.write_json(checkpoints.run_dir / "nonfinite-step.json", {"step": step + 1, "records": records, "what": str(e)})
+            last = checkpoint.latest(checkpoints.run_dir)
+            where += f"; written to {checkpoints.run_dir / 'nonfinite-step.json'}"
+            where += f"; last good checkpoint: {last.path}" if last else "; no checkpoint yet (see --train.save-every)"
+        raise SolotuneError(f"{e} at {where}. Lower --lr, check these records, or use --mp bf16/off") from None
 
 
 def make_batch(examples: list[Example], pad_id: int, padding_free: bool) -> Batch:
@@ -167,8 +233,11 @@ def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
     return model
 
 
-def run_training(cfg: RunConfig) -> dict:
-    """A whole `solotune train` run; returns the metrics it also writes to metrics.json."""
+def run_training(cfg: RunConfig, resume: bool = False) -> dict:
+    """A whole `solotune train` run; returns the metrics it also writes to metrics.json.
+
+    `resume`: continue the unfinished run in `cfg.output_dir` from its newest checkpoint.
+    """
     validate(cfg)
     transformers.set_seed(cfg.train.seed)
     policy = resolve_policy(cfg.precision, cfg.device, frozen_base=cfg.lora.enabled)
@@ -179,16 +248,19 @@ def run_training(cfg: RunConfig) -> dict:
         print(apply_memory_limit(parse_size(cfg.mem_limit), policy.device))
     with artifacts.run_folder(cfg.output_dir) as out_dir:
         artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
-        return _run(cfg, policy, out_dir)
+        return _run(cfg, policy, out_dir, resume)
 
 
-def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path) -> dict:
+def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -> dict:
     records = read_records(cfg.data)  # a missing or unreadable data file fails before any model work
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
     examples, data_stats, fmt = tokenize_records(records, tokenizer, cfg.data)
     print(f"data: {len(examples)} examples ({fmt}) from {cfg.data.path or 'the built-in data set'}, "
           f"{data_stats.tokens:,} tokens, {data_stats.truncated} truncated, {data_stats.dropped} dropped")
+    if data_stats.skipped:
+        print(f"data: {data_stats.skipped} malformed records skipped, e.g. " + "; ".join(data_stats.skip_reasons))
+    checkpoints = _checkpointer(cfg, examples, out_dir, resume)
 
     start = time.perf_counter()
     model = build_model(source, cfg, policy)
@@ -196,8 +268,8 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path) -> dict:
     params = count_parameters(model)
     print(params.line())
 
-    before = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
-    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, cfg.train)
+    before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume)
+    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, cfg.train, checkpoints)
     after = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
     peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype)  # measured after the loop, cached
 
@@ -210,6 +282,31 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path) -> dict:
         print_generations("after fine-tuning", after)
     print_summary(metrics, out_dir)
     return metrics
+
+
+def _checkpointer(cfg: RunConfig, examples: list[Example], out_dir: Path, resume: bool) -> Checkpointer:
+    """Checkpointing for this run; when resuming, the checkpoint to start from, checked against
+    this run's config and data before any model work."""
+    run_fingerprint = checkpoint.fingerprint(to_dict(cfg), examples)
+    start = None
+    if resume:
+        start = checkpoint.latest(out_dir)
+        if start is None:
+            raise SolotuneError(f"--resume: no complete checkpoint in {out_dir / checkpoint.CHECKPOINTS_DIR}")
+        checkpoint.check_compatible(start.state["fingerprint"], run_fingerprint, start.path)
+    return Checkpointer(out_dir, cfg.train.save_every, cfg.train.keep, run_fingerprint, start)
+
+
+def _generations_before(model, tokenizer, cfg: RunConfig, policy, out_dir: Path, resume: bool) -> list:
+    """The generations before training; a resumed run reuses those its first part recorded."""
+    saved = out_dir / "generations-before.json"
+    if not cfg.generate.enabled:
+        return []
+    if resume and saved.is_file():
+        return [Generation.from_dict(g) for g in artifacts.read_json(saved)["generations"]]
+    before = generate(model, tokenizer, cfg.generate, policy)
+    artifacts.write_json(saved, {"generations": [g.as_dict() for g in before]})
+    return before
 
 
 def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: LoopResult, before, after, saved: Path,

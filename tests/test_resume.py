@@ -1,0 +1,124 @@
+"""Checkpoints and resumption: a run killed with SIGKILL and resumed ends bitwise where an
+uninterrupted run ends; SIGTERM saves and says how to resume; bad checkpoints are refused."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from solotune.checkpoint import latest
+from solotune.testing import save_model_folder
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Big enough that a step takes tens of milliseconds, so a kill lands mid-run."""
+    return save_model_folder(tmp_path_factory.mktemp("resume-model"), hidden_size=256, num_hidden_layers=4)
+
+
+def train_cmd(model_dir, out, *extra):
+    return [sys.executable, "-m", "solotune.cli", "train", "--model", str(model_dir), "--samples", str(4 * STEPS),
+            "--batch", "4", "--mp", "off", "--lora.dropout", "0.1", "--no-generate.enabled", "--output-dir", str(out),
+            *extra]
+
+
+def run(cmd, check=True):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+def start_and_stop_at(cmd, out: Path, step: int, sig: int) -> tuple[int, str]:
+    """Start a run, send `sig` as soon as the checkpoint of `step` exists; (exit status, stderr)."""
+    log = out.parent / f"{out.name}.stderr"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / f"step-{step:06d}").exists():
+            assert proc.poll() is None, f"the run ended before its step-{step} checkpoint: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    return proc.returncode, log.read_text()
+
+
+def finished(out: Path):
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics["train"]["loss_curve"], load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run(train_cmd(model_dir, out))
+    return finished(out)
+
+
+def test_sigkill_then_resume_ends_bitwise_where_an_uninterrupted_run_ends(model_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    status, _ = start_and_stop_at(train_cmd(model_dir, out, "--train.save-every", "2"), out, 4, signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    assert not (out / "metrics.json").exists()
+    step = latest(out).step
+    assert 4 <= step < STEPS  # killed mid-run, after at least the step-4 checkpoint
+    resumed = run(train_cmd(model_dir, out, "--resume", str(out)))
+    assert f"resumed from {out / 'checkpoints'}" in resumed.stdout
+    losses, weights = finished(out)
+    ref_losses, ref_weights = reference
+    assert losses == ref_losses  # the whole curve, the part before the kill included
+    assert weights.keys() == ref_weights.keys()
+    for name, w in weights.items():
+        assert torch.equal(w, ref_weights[name]), name
+    # Our artifacts are safetensors, JSON and YAML (and the tokenizer's own files): nothing pickled.
+    kinds = {f.suffix for f in out.rglob("*") if f.is_file()}
+    assert kinds <= {".safetensors", ".json", ".yaml", ".jinja", ".txt", ".model", ".md"}, kinds
+
+
+def test_sigterm_saves_a_checkpoint_and_names_the_resume_command(model_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    status, stderr = start_and_stop_at(train_cmd(model_dir, out, "--train.save-every", "3"), out, 3, signal.SIGTERM)
+    assert status == 130
+    message = stderr.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in message and f"solotune train --resume {out}" in message
+    assert "Traceback" not in stderr
+    assert latest(out).step >= 3
+    run(train_cmd(model_dir, out, "--resume", str(out)))
+    assert finished(out)[0] == reference[0]
+
+
+def test_a_half_written_checkpoint_is_ignored(model_dir, tmp_path):
+    """What a kill during a checkpoint write leaves (a temporary folder) never counts as a checkpoint."""
+    out = tmp_path / "run"
+    start_and_stop_at(train_cmd(model_dir, out, "--train.save-every", "2"), out, 2, signal.SIGKILL)
+    good = latest(out)
+    partial = out / "checkpoints" / f".tmp-step-{good.step + 2:06d}"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"\0" * 100)
+    assert latest(out).path == good.path
+    run(train_cmd(model_dir, out, "--resume", str(out)))
+    assert (out / "metrics.json").exists()
+
+
+def test_resuming_with_another_config_or_data_is_refused(model_dir, tmp_path):
+    out = tmp_path / "run"
+    start_and_stop_at(train_cmd(model_dir, out, "--train.save-every", "2"), out, 2, signal.SIGKILL)
+    refused = run(train_cmd(model_dir, out, "--resume", str(out), "--lr", "1e-3"), check=False)
+    assert refused.returncode == 2
+    assert "different run" in refused.stderr and "train.lr: 0.0002 there, 0.001 now" in refused.stderr
+    refused = run(train_cmd(model_dir, out, "--resume", str(out), "--samples", "40"), check=False)
+    assert refused.returncode == 2 and "the training data" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    missing = run(train_cmd(model_dir, tmp_path / "nothing", "--resume", str(tmp_path / "nothing")), check=False)
+    assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
