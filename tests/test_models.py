@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from solotune.config import ModelConfig, RunConfig
 from solotune.errors import SolotuneError
@@ -21,6 +22,17 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(SolotuneError, match=r"could not read GGUF file .*broken.gguf"):
         resolve_model_source(ModelConfig(name=str(bad)))
+
+
+def test_corrupt_safetensors_weights_are_a_clear_error(tmp_path):
+    from solotune.models import load_model
+    from solotune.testing import save_model_folder
+
+    folder = save_model_folder(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    with pytest.raises(SolotuneError, match=r"the weights of .* are damaged or incomplete"):
+        load_model(str(folder), ModelConfig(name=str(folder)), torch.float32, torch.device("cpu"))
 
 
 def test_unreachable_hub_names_the_model_and_the_way_out(monkeypatch):

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from solotune.config import ModelConfig
@@ -126,6 +127,8 @@ def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs):
             "If you are offline or the hub is unreachable, download the model elsewhere and "
             "pass its local folder with --model PATH (or a .gguf file)."
         ) from None
+    except SafetensorError as e:
+        raise SolotuneError(f"the weights of {source} are damaged or incomplete ({_first_line(e)})") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise SolotuneError(
