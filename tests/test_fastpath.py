@@ -46,6 +46,13 @@ def test_padding_free_row_gives_each_record_its_padded_loss(tokenizer, train_on_
     assert row.sum().item() == pytest.approx(ref.sum().item(), rel=1e-5)
 
 
+def assert_same_gradients(grads, ref_grads, rel=1e-5):
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, g in grads.items():
+        diff = (g - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-12)
+        assert diff < rel, f"{name}: relative gradient difference {diff:.2e}"
+
+
 def loss_and_grads(model, batch, loss_fn):
     model.zero_grad(set_to_none=True)
     loss = loss_fn(model, batch)
@@ -70,10 +77,7 @@ def test_chunked_cross_entropy_equals_the_full_logits(tokenizer, padding_free, f
     assert ref_loss == pytest.approx(full_response_loss_sum(model(**batch.model_inputs()).logits, batch.labels).item())
     loss, grads = loss_and_grads(model, batch, ResponseLoss(chunk=7))  # 7 does not divide the count
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert grads.keys() == ref_grads.keys() and grads
-    for name, g in grads.items():
-        rel = (g - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-12)
-        assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+    assert_same_gradients(grads, ref_grads)
 
 
 def run(tokenizer, steps=2, mp="off", vocab_size=None, **train):
@@ -146,8 +150,7 @@ def test_shared_dropout_replays_the_same_mask_under_checkpointing(tokenizer):
         model = apply_lora(model, LoraConfig(r=4, dropout=0.3)).train()
         torch.manual_seed(1)
         grads.append(loss_and_grads(model, batch, ResponseLoss())[1])
-    for name, g in grads[0].items():
-        assert torch.allclose(grads[1][name], g, atol=1e-6), name
+    assert_same_gradients(grads[1], grads[0], rel=1e-6)
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
@@ -168,7 +171,5 @@ def test_fused_swiglu_equals_autograd_and_saves_less(tokenizer, full):
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(set(saved))))
     (ref_loss, ref_grads, ref_saved), (loss, grads, n_saved) = results
     assert loss == pytest.approx(ref_loss, rel=1e-6)
-    for name, g in grads.items():
-        rel = (g - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-12)
-        assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+    assert_same_gradients(grads, ref_grads)
     assert n_saved == ref_saved - 2  # one tensor fewer in each of the 2 layers

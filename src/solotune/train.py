@@ -160,14 +160,10 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
                             peak_mib=f"{probe.read().peak_mib:.0f}")
             stopping = stop is not None and stop.signal_name is not None
             if checkpoints and (checkpoints.due(step + 1) or stopping or (cfg.save_every and step + 1 == len(steps))):
-                # Writing a checkpoint is not training: its time and memory stay out of the figures.
-                peaks.append(probe.read())
-                save_start = time.perf_counter()
                 result.runtime_s = previous_runtime + elapsed
-                saved = checkpoint.save(checkpoints.run_dir, step + 1, model, optimizer, scheduler, policy.scaler,
-                                        _records(result), checkpoints.fingerprint, cfg.keep)
-                saving_s += time.perf_counter() - save_start
-                probe.reset()
+                saved, seconds = _save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, policy, result,
+                                                  cfg.keep, probe, peaks)
+                saving_s += seconds
             if stopping:
                 raise RunStopped(
                     f"stopped by {stop.signal_name} after step {step + 1} of {len(steps)}; checkpoint: {saved}; "
@@ -177,6 +173,22 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
     tracker.close()
     result.memory = memory_report(max(peaks + [probe.read()], key=lambda p: p.peak_mib), tracker)
     return result
+
+
+def _save_checkpoint(checkpoints: Checkpointer, step: int, model, optimizer, scheduler, policy, result: LoopResult,
+                     keep: int, probe: PeakMemoryProbe, peaks: list) -> tuple[Path, float]:
+    """Save a checkpoint; returns where and the seconds it took.
+
+    Writing a checkpoint is not training: the peak reached so far is kept in `peaks` and the
+    probe restarts after the write, and the caller leaves the seconds out of the runtime.
+    """
+    peaks.append(probe.read())
+    start = time.perf_counter()
+    saved = checkpoint.save(checkpoints.run_dir, step, model, optimizer, scheduler, policy.scaler, _records(result),
+                            checkpoints.fingerprint, keep)
+    seconds = time.perf_counter() - start
+    probe.reset()
+    return saved, seconds
 
 
 def _records(result: LoopResult) -> dict:
