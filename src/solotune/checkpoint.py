@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from solotune.artifacts import METRICS_FILE
 from solotune.errors import SolotuneError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -217,10 +219,11 @@ def find_run(requested: str, runs_root: Path = Path("runs")) -> Path:
         if latest(run) is None:
             raise SolotuneError(f"--resume {requested}: no complete checkpoint in {run / CHECKPOINTS_DIR}")
         return run
-    candidates = [p for p in runs_root.glob("*") if latest(p) is not None and not (p / "metrics.json").exists()]
+    newest = {p: latest(p) for p in runs_root.glob("*") if not (p / METRICS_FILE).exists()}
+    candidates = {p: c.path.stat().st_mtime for p, c in newest.items() if c is not None}
     if not candidates:
         raise SolotuneError(f"--resume latest: no unfinished run with a checkpoint under {runs_root}/")
-    return max(candidates, key=lambda p: latest(p).path.stat().st_mtime)
+    return max(candidates, key=candidates.get)
 
 
 @dataclass
@@ -228,7 +231,7 @@ class Checkpointer:
     """When and where the loop saves, and the checkpoint it resumes from (if any)."""
 
     run_dir: Path
-    save_every: int  # optimizer steps between checkpoints; 0 = only at the end (and on a stop signal)
+    save_every: int  # optimizer steps between checkpoints (and one at the end); 0 = only on a stop signal
     keep: int
     fingerprint: dict
     resume_from: Checkpoint | None = None
@@ -246,21 +249,15 @@ class StopRequests:
         self._previous = {}
 
     def __enter__(self) -> StopRequests:
-        import signal
-
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, _frame) -> None:
-        import signal
-
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

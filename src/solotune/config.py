@@ -108,7 +108,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 0
-    save_every: int = 0  # a checkpoint every N optimizer steps (0: only at the end and on Ctrl-C/SIGTERM)
+    save_every: int = 0  # a checkpoint every N optimizer steps and at the end (0: only on Ctrl-C/SIGTERM)
     keep: int = 2  # checkpoints kept (the newest)
 
 
@@ -295,7 +295,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0")
-    _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0: only at the end)")
+    _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0: only on a stop signal)")
     _require(t.keep >= 1, "train.keep", t.keep, "must be at least 1")
     _require(t.ce_chunk >= 0, "train.ce_chunk", t.ce_chunk, "must be >= 0 (0: full logits)")
     _require(d.max_len >= 8, "data.max_len", d.max_len, "must be at least 8 tokens")

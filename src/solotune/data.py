@@ -373,9 +373,9 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
+    targets = loss_positions(examples, [row * T for row in range(B)])
     return Batch(input_ids, attention_mask, labels, [e.record_index for e in examples],
-                 n_tokens=sum(len(e.input_ids) for e in examples), n_loss_tokens=count_loss_tokens(examples),
-                 loss_positions=loss_positions(examples, [row * T for row in range(B)]))
+                 n_tokens=sum(len(e.input_ids) for e in examples), n_loss_tokens=len(targets), loss_positions=targets)
 
 
 def collate_packed(examples: list[Example]) -> Batch:
@@ -391,10 +391,10 @@ def collate_packed(examples: list[Example]) -> Batch:
         input_ids += e.input_ids
         labels += [IGNORE_INDEX] + e.labels[1:]
         positions += range(len(e.input_ids))
-    row = torch.tensor([input_ids])
+    row, targets = torch.tensor([input_ids]), loss_positions(examples, starts)
     return Batch(row, torch.ones_like(row), torch.tensor([labels]), [e.record_index for e in examples],
-                 n_tokens=row.shape[1], n_loss_tokens=count_loss_tokens(examples),
-                 loss_positions=loss_positions(examples, starts), position_ids=torch.tensor([positions]), segment_lengths=tuple(len(e.input_ids) for e in examples))
+                 n_tokens=row.shape[1], n_loss_tokens=len(targets), loss_positions=targets,
+                 position_ids=torch.tensor([positions]), segment_lengths=tuple(len(e.input_ids) for e in examples))
 
 
 def loss_positions(examples: list[Example], starts: list[int]) -> torch.Tensor:

@@ -143,14 +143,15 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
     bar = tqdm(range(first, len(steps)), desc="train", unit="step", dynamic_ncols=True, initial=first, total=len(steps))
     with tracker, (StopRequests() if checkpoints else contextlib.nullcontext()) as stop:
         for step in bar:
-            micro = [make_batch([examples[i] for i in mb], pad_id, cfg.padding_free).to(policy.device)
+            micro = [make_batch([examples[i] for i in mb], pad_id, cfg.padding_free)
                      for mb in split_micro_batches(steps[step], cfg.grad_accum)]
+            result.flops += flop_model.step_flops(micro)  # on the host copies: no device sync
+            micro = [mb.to(policy.device) for mb in micro]
             result.lrs.append(scheduler.get_last_lr()[0])
             step_start = time.perf_counter()
             out = _guarded_step(model, micro, optimizer, scheduler, policy, cfg, loss_fn, step, checkpoints)
             result.step_seconds.append(time.perf_counter() - step_start)
             _record_step(result, out, micro)
-            result.flops += flop_model.step_flops(micro)
             skip_run = skip_run + 1 if out.skipped else 0
             if skip_run == MANY_SKIPS:
                 tqdm.write(f"warning: fp16: the last {skip_run} steps were all skipped by the gradient scaler "
