@@ -6,7 +6,7 @@ from solotune.ablate import AXES, cell_argv, failure_reason, parse_axes, plan_ce
 from solotune.cli import main
 from solotune.config import RunConfig
 from solotune.errors import SolotuneError
-from solotune.report import axis_effects, load_grid, table2_text
+from solotune.report import table1_rows, axis_effects, load_grid, table2_text
 from solotune.testing import save_model_folder
 
 
@@ -21,7 +21,8 @@ def test_cells_cover_every_combination_in_the_reference_order():
     assert "--no-lora.enabled" in argv and argv[argv.index("--train.grad-accum") + 1] == "1"
     with pytest.raises(SolotuneError, match="unknown axis qlora; choose from ga, mp, lora, gc, pf"):
         parse_axes("lora,qlora")
-    assert set(AXES) == {"ga", "mp", "lora", "gc", "pf", "cce", "swiglu", "sdrop"}
+    assert set(AXES) == {"ga", "mp", "lora", "gc", "pf", "cce", "swiglu", "sdrop", "compile"}
+    assert plan_cells(cfg, parse_axes("compile"))[1].overrides == {"train.compile": True, "train.track_memory": False}
     plain = plan_cells(cfg, parse_axes("pf,cce,swiglu,sdrop"))[0].overrides
     assert plain == {"train.padding_free": False, "train.ce_chunk": 0, "train.fused_swiglu": False, "lora.shared_dropout": False}
 
@@ -86,3 +87,17 @@ def test_resume_runs_only_the_missing_cells(tiny_model_dir, data_file, tmp_path)
     assert effects[0].startswith("GC (): peak ") and "activations" in effects[0]
     assert main(["report", str(grid)]) == 0
     assert "GC" in table2_text(g).splitlines()[0]
+
+
+def test_a_cell_without_memory_breakdown_is_reported_with_dashes(tiny_model_dir, data_file, tmp_path):
+    """A compiled cell runs with --train.track-memory false: its parts are shown as "–"."""
+    grid = tmp_path / "grid"
+    assert main(ablate_args(tiny_model_dir, data_file, grid, "--axes", "gc")) == 0
+    metrics_path = grid / "cells" / "gc-on" / "metrics.json"
+    m = json.loads(metrics_path.read_text())
+    m["memory"].update(dict.fromkeys([k for k in m["memory"] if k.endswith("_mib") and k not in ("peak_mib", "reserved_mib")]))
+    metrics_path.write_text(json.dumps(m))
+    g = load_grid(grid)
+    assert table1_rows(g)[2][1:6] == ["–"] * 5 and table1_rows(g)[2][-1] != "–"
+    assert "activations 0" not in axis_effects(g)[0] and "→ – MiB" in axis_effects(g)[0]
+    assert main(["report", str(grid)]) == 0

@@ -95,3 +95,12 @@ def test_missing_and_malformed_yaml(tmp_path):
     f.write_text("- a\n- b\n")
     with pytest.raises(SolotuneError, match="expected a mapping"):
         load_yaml(f)
+
+
+def test_compile_needs_the_memory_breakdown_off():
+    cfg = RunConfig()
+    cfg.train.compile = True
+    with pytest.raises(SolotuneError, match="train.compile = True: .*--train.track-memory false"):
+        validate(cfg)
+    cfg.train.track_memory = False
+    validate(cfg)

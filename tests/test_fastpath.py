@@ -173,3 +173,41 @@ def test_fused_swiglu_equals_autograd_and_saves_less(tokenizer, full):
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     assert_same_gradients(grads, ref_grads)
     assert n_saved == ref_saved - 2  # one tensor fewer in each of the 2 layers
+
+
+def test_compiled_layers_compute_the_eager_loss_and_gradients(tokenizer):
+    """torch.compile of each decoder layer (the aot_eager backend: Dynamo's capture and autograd's
+    graph without Inductor's minutes of C++ compiling) gives the eager loss and gradients (1e-5);
+    records of new lengths do not recompile; eager again afterwards."""
+    import torch._dynamo
+
+    from solotune.train import compile_seconds, compiled_layers
+
+    torch._dynamo.reset()
+    model = make_model(tokenizer)
+    enable_padding_free(model, 512)
+    model = apply_lora(model, LoraConfig(r=4, dropout=0.0))
+    exs = examples(tokenizer, n=6)
+    batches = [collate_packed(exs[:3]), collate_packed(exs[3:])]  # 3 records, then 3 of other lengths
+    eager = [loss_and_grads(model, b, ResponseLoss(chunk=0)) for b in batches]
+    before = compile_seconds()
+    graphs = torch._dynamo.utils.counters["stats"]
+    with compiled_layers(model, backend="aot_eager"):
+        compiled = [loss_and_grads(model, batches[0], ResponseLoss(chunk=0))]
+        after_first = graphs["unique_graphs"]
+        compiled.append(loss_and_grads(model, batches[1], ResponseLoss(chunk=0)))
+    assert compile_seconds() > before
+    assert after_first > 0 and graphs["unique_graphs"] == after_first  # no graph per record length
+    for (loss, grads), (ref_loss, ref_grads) in zip(compiled, eager):
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert_same_gradients(grads, ref_grads)
+    assert all("forward" not in vars(m) for m in model.modules())  # the compiled forwards are gone
+
+
+def test_without_memory_tracking_only_the_peak_is_reported(tokenizer):
+    """--train.track-memory false: same losses, the measured peak, no breakdown (None, not 0)."""
+    tracked, _ = run(tokenizer)
+    untracked, _ = run(tokenizer, track_memory=False)
+    assert untracked.losses == tracked.losses
+    assert untracked.memory["peak_mib"] > 0
+    assert untracked.memory["parameters_mib"] is None and untracked.memory["tracked_peak_mib"] is None

@@ -56,6 +56,9 @@ AXES = {
     "cce": Axis("cce", "Chunked CE", ("OFF", "ON"), lambda c, v: {"train.ce_chunk": (c.train.ce_chunk or 1024) if v == "ON" else 0}),
     "swiglu": Axis("swiglu", "Fused SwiGLU", ("OFF", "ON"), lambda c, v: {"train.fused_swiglu": v == "ON"}),
     "sdrop": Axis("sdrop", "Shared dropout", ("OFF", "ON"), lambda c, v: {"lora.shared_dropout": v == "ON"}),
+    # Compiled cells have no memory breakdown (the tracker's per-op hook stops Dynamo).
+    "compile": Axis("compile", "Compile", ("OFF", "ON"), lambda c, v: {"train.compile": True, "train.track_memory": False}
+                    if v == "ON" else {"train.compile": False}),
 }
 
 

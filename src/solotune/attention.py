@@ -30,6 +30,9 @@ except ImportError:  # torch < 2.10
     varlen_attn = None
 
 
+# Left out of torch.compile (--train.compile): traced, the loop over segments would unroll into
+# the graph with one slice per record; the layer's graph breaks here instead.
+@torch.compiler.disable
 def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_lengths=None, **kwargs):
     """Attention of (B, H, T, D) tensors; with `segment_lengths`, causal within each segment."""
     if segment_lengths is None:

@@ -99,6 +99,12 @@ class TrainConfig:
     ce_chunk: int = 1024
     fused_swiglu: bool = True  # gated-SiLU MLPs keep 2 activations for backward, not 3 (swiglu.py)
     offload_activations: bool = False  # CUDA: keep saved activations in pinned CPU memory
+    # torch.compile each decoder layer (shapes dynamic, so record lengths do not recompile);
+    # the compile time is reported apart from the runtime. Needs track_memory off.
+    compile: bool = False
+    # Split the peak into parameters / gradients / optimizer state / activations: a Python
+    # hook on every tensor op (memory.TensorMemoryTracker). Off: the measured peak only.
+    track_memory: bool = True
     epochs: int = 1
     max_steps: int | None = None  # stop early after this many optimizer steps
     shuffle: bool = True  # a new seeded record order every epoch
@@ -297,6 +303,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0")
     _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0: only on a stop signal)")
     _require(t.keep >= 1, "train.keep", t.keep, "must be at least 1")
+    _require(not (t.compile and t.track_memory), "train.compile", t.compile,
+             "torch.compile cannot trace under the memory breakdown's per-op hook; add --train.track-memory false")
     _require(t.ce_chunk >= 0, "train.ce_chunk", t.ce_chunk, "must be >= 0 (0: full logits)")
     _require(d.max_len >= 8, "data.max_len", d.max_len, "must be at least 8 tokens")
     _require(d.samples is None or d.samples >= 1, "data.samples", d.samples, "must be at least 1")

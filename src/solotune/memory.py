@@ -179,19 +179,18 @@ class TensorMemoryTracker(TorchDispatchMode):
             entry[1] = "gradients"
 
 
-def memory_report(peak: PeakMemory, tracker: TensorMemoryTracker) -> dict:
+def memory_report(peak: PeakMemory, tracker: TensorMemoryTracker | None) -> dict:
     """The measured peak (allocator or RSS): the tracked tensor peak's four parts, plus the rest.
 
     The rest is memory no tensor op of the loop created: on CUDA the cuBLAS workspaces and
     kernels' scratch space (measured on an H200: 64 MiB for a tiny model; the tracked parts were
     95-98% of the allocator peak for a 135M model); on the CPU the Python process, its libraries
-    and the allocator's caches.
+    and the allocator's caches. Without a tracker (`--train.track-memory false`) the parts
+    are None: only the measured peak is known.
     """
-    parts = tracker.parts_mib()
-    return {
-        "kind": peak.kind,
-        "peak_mib": peak.peak_mib,
-        "reserved_mib": peak.reserved_mib,
-        **parts,
-        "untracked_mib": max(peak.peak_mib - parts["tracked_peak_mib"], 0.0),
-    }
+    if tracker is None:
+        parts = dict.fromkeys(["tracked_peak_mib", *(f"{c}_mib" for c in CATEGORIES), "untracked_mib"])
+    else:
+        parts = tracker.parts_mib()
+        parts["untracked_mib"] = max(peak.peak_mib - parts["tracked_peak_mib"], 0.0)
+    return {"kind": peak.kind, "peak_mib": peak.peak_mib, "reserved_mib": peak.reserved_mib, **parts}

@@ -68,7 +68,14 @@ METRIC_ROWS = [  # (row label, how to read it from metrics.json, format)
 
 
 def cell_value(cell: CellResult, read, fmt: str) -> str:
-    return fmt.format(read(cell.metrics)) if cell.ok else ("X" if cell.status == "X" else "…")
+    if not cell.ok:
+        return "X" if cell.status == "X" else "…"
+    return _fmt(read(cell.metrics), fmt)
+
+
+def _fmt(value, fmt: str = "{:,.1f}") -> str:
+    """A number for a table; a dash where it was not measured (e.g. no memory breakdown)."""
+    return "–" if value is None else fmt.format(value)
 
 
 def table2_text(grid: Grid) -> str:
@@ -102,8 +109,8 @@ def table1_rows(grid: Grid) -> list[list[str]]:
             rows.append([grid.label(c)] + ["X"] * 7)
             continue
         mem = c.metrics["memory"]
-        rows.append([grid.label(c)] + [f"{mem[p + '_mib']:,.1f}" for p in PARTS]
-                    + [f"{mem['tracked_peak_mib']:,.1f}", f"{mem['untracked_mib']:,.1f}", f"{mem['peak_mib']:,.1f}"])
+        rows.append([grid.label(c)] + [_fmt(mem[p + "_mib"]) for p in PARTS]
+                    + [_fmt(mem["tracked_peak_mib"]), _fmt(mem["untracked_mib"]), _fmt(mem["peak_mib"])])
     return rows
 
 
@@ -128,7 +135,7 @@ def _effect_sentence(label: str, off: CellResult, on: CellResult, context: str) 
         state = lambda c: "ran" if c.ok else f"X ({c.reason or c.status})"  # noqa: E731
         return f"{label} ({context}): OFF {state(off)}, ON {state(on)}."
     a, b = off.metrics["memory"], on.metrics["memory"]
-    changes = [f"{PART_LABELS[p]} {a[p + '_mib']:,.1f} → {b[p + '_mib']:,.1f} MiB" for p in PARTS]
+    changes = [f"{PART_LABELS[p]} {_fmt(a[p + '_mib'])} → {_fmt(b[p + '_mib'])} MiB" for p in PARTS]
     ta, tb = off.metrics["train"]["runtime_s"], on.metrics["train"]["runtime_s"]
     return (f"{label} ({context}): peak {a['peak_mib']:,.1f} → {b['peak_mib']:,.1f} MiB "
             f"({_ratio(a['peak_mib'], b['peak_mib'])}); {'; '.join(changes)}; runtime {ta:,.1f} → {tb:,.1f} s "
@@ -243,7 +250,7 @@ def _plot_breakdown(grid: Grid, done: list[CellResult]) -> bytes:
     labels = [grid.label(c).replace(" ", "\n", len(grid.axes) - 1) for c in done]
     bottom = [0.0] * len(done)
     for part in PARTS:
-        vals = [c.metrics["memory"][part + "_mib"] for c in done]
+        vals = [c.metrics["memory"][part + "_mib"] or 0.0 for c in done]  # no breakdown: an empty bar
         ax.bar(labels, vals, bottom=bottom, label=PART_LABELS[part])
         bottom = [b + v for b, v in zip(bottom, vals)]
     for x, (top, c) in enumerate(zip(bottom, done)):  # the measured peak also holds the runtime

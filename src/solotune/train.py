@@ -18,6 +18,7 @@ import peft
 import torch
 import transformers
 from tqdm import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 import solotune
 from solotune import artifacts, checkpoint
@@ -60,7 +61,8 @@ class LoopResult:
     tokens: int = 0  # non-padding tokens processed
     flops: float = 0.0  # model FLOPs of the steps (flops.py)
     positions: int = 0  # all positions, padding included
-    runtime_s: float = 0.0
+    runtime_s: float = 0.0  # the loop's wall time, less checkpoint writes and compilation
+    compile_s: float = 0.0  # torch.compile's time inside the loop (--train.compile)
     memory: dict = field(default_factory=dict)
 
 
@@ -126,7 +128,7 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     result, probe = LoopResult(), PeakMemoryProbe(policy.device)
-    tracker = TensorMemoryTracker(model, optimizer, policy.device)
+    tracker = TensorMemoryTracker(model, optimizer, policy.device) if cfg.track_memory else None
     loss_fn = ResponseLoss(cfg.ce_chunk)
     flop_model = FlopModel.of(model)
     if cfg.padding_free:
@@ -138,25 +140,29 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
         print(f"resumed from {checkpoints.resume_from.path}: step {first} of {len(steps)}")
     model.train()
     peaks, previous_runtime, saving_s, skip_run = [], result.runtime_s, 0.0, 0
+    compiled_at_start = result.compile_s
     probe.reset()
     start = time.perf_counter()
     bar = tqdm(range(first, len(steps)), desc="train", unit="step", dynamic_ncols=True, initial=first, total=len(steps))
-    with tracker, (StopRequests() if checkpoints else contextlib.nullcontext()) as stop:
+    compiled = compiled_layers(model) if cfg.compile else contextlib.nullcontext()
+    with compiled, tracker or contextlib.nullcontext(), (StopRequests() if checkpoints else contextlib.nullcontext()) as stop:
         for step in bar:
             micro = [make_batch([examples[i] for i in mb], pad_id, cfg.padding_free)
                      for mb in split_micro_batches(steps[step], cfg.grad_accum)]
             result.flops += flop_model.step_flops(micro)  # on the host copies: no device sync
             micro = [mb.to(policy.device) for mb in micro]
             result.lrs.append(scheduler.get_last_lr()[0])
-            step_start = time.perf_counter()
+            step_start, compiled_before = time.perf_counter(), compile_seconds()
             out = _guarded_step(model, micro, optimizer, scheduler, policy, cfg, loss_fn, step, checkpoints)
-            result.step_seconds.append(time.perf_counter() - step_start)
+            step_compile_s = compile_seconds() - compiled_before
+            result.step_seconds.append(time.perf_counter() - step_start - step_compile_s)
+            result.compile_s += step_compile_s
             _record_step(result, out, micro)
             skip_run = skip_run + 1 if out.skipped else 0
             if skip_run == MANY_SKIPS:
                 tqdm.write(f"warning: fp16: the last {skip_run} steps were all skipped by the gradient scaler "
                            f"(inf/NaN gradients; loss scale now {policy.scaler.get_scale():g}); consider --mp bf16")
-            elapsed = time.perf_counter() - start - saving_s
+            elapsed = time.perf_counter() - start - saving_s - (result.compile_s - compiled_at_start)
             bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{result.tokens / (previous_runtime + elapsed):.0f}",
                             peak_mib=f"{probe.read().peak_mib:.0f}")
             stopping = stop is not None and stop.signal_name is not None
@@ -170,10 +176,40 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
                     f"stopped by {stop.signal_name} after step {step + 1} of {len(steps)}; checkpoint: {saved}; "
                     f"continue with: solotune train --resume {checkpoints.run_dir}"
                 )
-    result.runtime_s = previous_runtime + time.perf_counter() - start - saving_s
-    tracker.close()
+    result.runtime_s = previous_runtime + time.perf_counter() - start - saving_s - (result.compile_s - compiled_at_start)
+    if tracker:
+        tracker.close()
     result.memory = memory_report(max(peaks + [probe.read()], key=lambda p: p.peak_mib), tracker)
     return result
+
+
+@contextlib.contextmanager
+def compiled_layers(model, backend: str = "inductor"):
+    """torch.compile every decoder layer's forward for the loop; eager again afterwards.
+
+    Layers, not the whole model: all layers share one compiled graph, the loss and LM head
+    stay eager, and a graph break costs one layer, not the step. Shapes are dynamic from the
+    start, so a new record length does not recompile (a new number of records per micro-batch
+    does, once: the last step's when the batch does not divide the data). Generation, before and after the loop,
+    runs eager: it would otherwise compile graphs of its own.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise SolotuneError(f"train.compile: found no decoder layers to compile in {type(model).__name__}")
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute: the class's eager forward again
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent so far in this process (Dynamo + Inductor, all frames)."""
+    from torch._dynamo.utils import compilation_time_metrics  # private, but the only such record
+
+    return sum(compilation_time_metrics.get("_compile.compile_inner", []))
 
 
 def _save_checkpoint(checkpoints: Checkpointer, step: int, model, optimizer, scheduler, policy, result: LoopResult,
@@ -344,6 +380,7 @@ def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: 
         "train": {
             "steps": n_steps,
             "runtime_s": loop.runtime_s,
+            "compile_s": loop.compile_s,
             "tokens": loop.tokens,
             "tokens_per_s": loop.tokens / loop.runtime_s,
             "padding_fraction": 1 - loop.tokens / loop.positions,
@@ -370,13 +407,15 @@ def print_summary(m: dict, out_dir: Path) -> None:
     where = "CUDA allocator peak" if mem["kind"] == "cuda_allocator" else "peak RSS of the loop"
     parts = f"tensor peak {mem['tracked_peak_mib']:,.1f} MiB = parameters {mem['parameters_mib']:,.1f} + gradients " \
         f"{mem['gradients_mib']:,.1f} + optimizer state {mem['optimizer_state_mib']:,.1f} + activations {mem['activations_mib']:,.1f}" \
-        f"; runtime and untracked {mem['untracked_mib']:,.1f} MiB"
+        f"; runtime and untracked {mem['untracked_mib']:,.1f} MiB" if mem["tracked_peak_mib"] is not None \
+        else "no breakdown (--train.track-memory false)"
+    compiled = f" + compilation {t['compile_s']:.1f} s" if t.get("compile_s") else ""
     reserved = f", reserved {mem['reserved_mib']:,.0f} MiB" if mem["reserved_mib"] is not None else ""
     print(
         f"\n== run summary ==\n{m['params']['line']}\n"
         f"steps: {t['steps']}  average loss: {t['avg_loss']:.4f}  final loss: {t['final_loss']:.4f}\n"
         f"{where}: {mem['peak_mib']:,.0f} MiB{reserved}\n{parts}\n"
-        f"runtime: {t['runtime_s']:.1f} s (model load {m['model']['load_s']:.1f} s)  "
+        f"runtime: {t['runtime_s']:.1f} s{compiled} (model load {m['model']['load_s']:.1f} s)  "
         f"throughput: {t['tokens_per_s']:.0f} tokens/s  padding: {100 * t['padding_fraction']:.1f}%  "
         f"MFU: {100 * t['mfu']:.0f}% ({t['model_gflops_per_s']:.0f} of {t['matmul_peak_gflops_per_s']:.0f} GFLOP/s, the measured matmul peak)\n"
         f"saved: {m['artifacts']['trained']}  metrics: {out_dir / artifacts.METRICS_FILE}"
