@@ -39,8 +39,14 @@ def count_parameters(model: torch.nn.Module) -> ParamSummary:
     params = {id(p): p for p in model.parameters()}.values()
     return ParamSummary(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
+        total=sum(_weights_held(p) for p in params),
     )
+
+
+def _weights_held(p: torch.Tensor) -> int:
+    """How many weights a parameter holds: a 4-bit one packs two in each byte of its storage."""
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

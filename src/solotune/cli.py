@@ -26,6 +26,8 @@ ALIASES = {
     "lora.target_modules": ["--target-modules"],
     "precision.mp": ["--mp"],
     "precision.base_dtype": ["--base-dtype"],
+    "quant.method": ["--quant"],
+    "train.optim": ["--optim"],
     "train.batch": ["--batch"],
     "train.grad_accum": ["--grad-accum"],
     "train.grad_checkpointing": ["--grad-checkpointing"],

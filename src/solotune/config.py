@@ -85,6 +85,16 @@ class PrecisionConfig:
 
 
 @dataclass
+class QuantConfig:
+    """The frozen base stored in 4 or 8 bits via bitsandbytes (QLoRA); needs LoRA."""
+
+    method: str = field(default="none", metadata=choices("none", "nf4", "fp4", "int8"))
+    double_quant: bool = True  # 4-bit: store the per-block scales in 8 bits too
+    # The dtype the de-quantized weights are multiplied in; auto: the run's mixed precision.
+    compute_dtype: str = field(default="auto", metadata=choices("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
 class TrainConfig:
     """The optimisation: batches, schedule, and the memory-saving switches of the loop."""
 
@@ -99,6 +109,9 @@ class TrainConfig:
     ce_chunk: int = 1024
     fused_swiglu: bool = True  # gated-SiLU MLPs keep 2 activations for backward, not 3 (swiglu.py)
     offload_activations: bool = False  # CUDA: keep saved activations in pinned CPU memory
+    # adamw: fp32 moments; adamw8bit: 8-bit blockwise moments; paged_*: moments in CUDA unified
+    # memory; sgd: no state (see quant.new_optimizer).
+    optim: str = field(default="adamw", metadata=choices("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd"))
     # torch.compile each decoder layer (shapes dynamic, so record lengths do not recompile);
     # the compile time is reported apart from the runtime. Needs track_memory off.
     compile: bool = False
@@ -145,6 +158,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     device: str = field(default="auto", metadata=choices("auto", "cpu", "cuda"))
@@ -311,6 +325,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(lo.r >= 1, "lora.r", lo.r, "must be at least 1")
     _require(lo.alpha > 0, "lora.alpha", lo.alpha, "must be positive")
     _require(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "must be in [0, 1)")
+    _require(cfg.quant.method == "none" or lo.enabled, "quant.method", cfg.quant.method,
+             "a quantized base cannot be trained itself; it needs LoRA (--lora)")
     _require(len(lo.target_modules) >= 1, "lora.target_modules", lo.target_modules, "must name at least one module")
     _require(g.max_new_tokens >= 1, "generate.max_new_tokens", g.max_new_tokens, "must be at least 1")
     _require(g.temperature > 0, "generate.temperature", g.temperature, "must be positive")

@@ -17,6 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from solotune.quant import quant_state_tensors
+
 MIB = 2**20
 
 
@@ -123,8 +125,9 @@ class TensorMemoryTracker(TorchDispatchMode):
             optimizer.register_step_pre_hook(lambda *_: self._set_phase("optimizer_state")),
             optimizer.register_step_post_hook(lambda *_: self._set_phase("activations")),
         ]
+        for t in [*model.parameters(), *quant_state_tensors(model)]:  # a quantized weight's scales are part of it
+            self._track(t, "parameters")
         for p in model.parameters():
-            self._track(p, "parameters")
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
                 self._track(p.grad, "gradients")

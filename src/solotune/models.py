@@ -105,8 +105,16 @@ def load_tokenizer(source: str, cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    """The causal LM with its weights in `dtype`, on `device`."""
+def load_model(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               quantization=None) -> PreTrainedModel:
+    """The causal LM with its weights in `dtype`, on `device`.
+
+    `quantization` (a transformers BitsAndBytesConfig, see quant.py): the linear layers are
+    quantized as they load, on the device, so the dense weights never all exist at once.
+    """
+    if quantization is not None:
+        return _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                quantization_config=quantization, device_map={"": device})
     model = _from_pretrained(
         AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation=cfg.attn_implementation
     )

@@ -33,6 +33,8 @@ from solotune.generate import Generation, generate, print_generations
 from solotune.loss import ResponseLoss
 from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, apply_memory_limit, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
+from solotune.quant import new_optimizer
+from solotune.quant import quantization_config, quantized_linears
 from solotune.swiglu import use_fused_swiglu
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
 
@@ -107,10 +109,11 @@ def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: 
     return StepResult(loss.item(), grad_norm.item(), skipped)
 
 
-def make_optimizer(model, cfg: TrainConfig, total_steps: int):
-    """AdamW over the trainable parameters, with warm-up and the configured decay."""
+def make_optimizer(model, cfg: TrainConfig, total_steps: int, device: torch.device = torch.device("cpu")):
+    """The configured optimizer (AdamW by default) over the trainable parameters, with warm-up
+    and the configured decay."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = new_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay, device)
     name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
     warmup = round(cfg.warmup_ratio * total_steps)
     scheduler = transformers.get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
@@ -126,7 +129,7 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
     """
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
-    optimizer, scheduler = make_optimizer(model, cfg, len(steps))
+    optimizer, scheduler = make_optimizer(model, cfg, len(steps), policy.device)
     result, probe = LoopResult(), PeakMemoryProbe(policy.device)
     tracker = TensorMemoryTracker(model, optimizer, policy.device) if cfg.track_memory else None
     loss_fn = ResponseLoss(cfg.ce_chunk)
@@ -273,7 +276,7 @@ def enable_checkpointing(model) -> None:
 
 def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
     """Load the model in the policy's dtype and set it up for LoRA or full fine-tuning."""
-    model = load_model(source, cfg.model, policy.base_dtype, policy.device)
+    model = load_model(source, cfg.model, policy.base_dtype, policy.device, quantization_config(cfg.quant, policy.compute_dtype))
     if cfg.train.fused_swiglu:
         use_fused_swiglu(model)
     if cfg.train.grad_checkpointing:
@@ -316,6 +319,9 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -
     load_s = time.perf_counter() - start
     params = count_parameters(model)
     print(params.line())
+    quantized = quantized_linears(model)
+    if quantized:
+        print(quantized.line())
 
     before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume)
     loop = train_loop(model, examples, tokenizer.pad_token_id, policy, cfg.train, checkpoints)
@@ -325,6 +331,7 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -
     saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
     save_trained(model, tokenizer, saved)
     metrics = collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop, before, after, saved, peak_flops)
+    metrics["quantized_linears"] = quantized.as_dict() if quantized else None
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
     if before:
         print_generations("before fine-tuning", before)

@@ -1,0 +1,139 @@
+"""The frozen base in 4 or 8 bits (QLoRA), and the optimizers that keep less state.
+
+Both come from bitsandbytes, through transformers (`BitsAndBytesConfig`) for the weights.
+4-bit (NF4 or FP4): each block of 64 weights is stored as 4-bit codes plus one absmax scale;
+double quantization stores those scales in 8 bits too (Dettmers et al., 2023). int8: LLM.int8()
+rows with an fp32 scale each. The layers left dense (embeddings, norms, the LM head, and weights
+tied to them) stay in the run's base dtype. bitsandbytes is imported only when a run asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from solotune.config import QuantConfig
+from solotune.errors import SolotuneError
+
+BLOCKSIZE_4BIT = 64  # weights per absmax scale (bitsandbytes' default, as in the QLoRA paper)
+
+
+def bitsandbytes(what: str):
+    """The bitsandbytes module, or a clear error naming the feature that needs it."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SolotuneError(f"{what} needs the bitsandbytes package: pip install bitsandbytes") from None
+    return bnb
+
+
+def compute_dtype(cfg: QuantConfig, run_compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype 4-bit weights are de-quantized to for each matmul; auto: the run's."""
+    from solotune.precision import DTYPES
+
+    return run_compute_dtype if cfg.compute_dtype == "auto" else DTYPES[cfg.compute_dtype]
+
+
+def quantization_config(cfg: QuantConfig, run_compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for `cfg`, or None when the base is not quantized."""
+    if cfg.method == "none":
+        return None
+    bitsandbytes(f"--quant {cfg.method}")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.method,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg, run_compute_dtype),
+    )
+
+
+def quant_state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors that de-quantize the model's quantized weights. They are not parameters, but
+    they are part of what the weights cost (the memory tracker counts them as parameters)."""
+    return [t for m in model.modules() for t in _state_tensors(getattr(m, "weight", None))]
+
+
+def _state_tensors(weight) -> list[torch.Tensor]:
+    """4-bit: the absmax scales (with double quantization also their own scales and code book);
+    int8: the row scales. Empty for a weight that is not quantized."""
+    tensors = []
+    state = getattr(weight, "quant_state", None)
+    while state is not None:  # a QuantState; double quantization nests another in `state2`
+        tensors += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
+        state = getattr(state, "state2", None)
+    scales = getattr(weight, "SCB", None)
+    return tensors + ([scales] if isinstance(scales, torch.Tensor) else [])
+
+
+@dataclass
+class QuantizedLinears:
+    """What the quantized linear layers hold, against the same weights in 16 bits."""
+
+    layers: int
+    weight_bytes: int  # the packed codes
+    state_bytes: int  # scales and code books
+    dense_16bit_bytes: int
+
+    @property
+    def fraction(self) -> float:
+        return (self.weight_bytes + self.state_bytes) / self.dense_16bit_bytes
+
+    def line(self) -> str:
+        total = (self.weight_bytes + self.state_bytes) / 2**20
+        return (f"quantized base: {self.layers} linear layers in {total:,.1f} MiB (codes {self.weight_bytes / 2**20:,.1f} + "
+                f"scales {self.state_bytes / 2**20:,.1f}), {100 * self.fraction:.1f}% of their 16-bit size "
+                f"({self.dense_16bit_bytes / 2**20:,.1f} MiB)")
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers, "weight_bytes": self.weight_bytes, "state_bytes": self.state_bytes,
+                "dense_16bit_bytes": self.dense_16bit_bytes, "fraction_of_16bit": self.fraction}
+
+
+def quantized_linears(model: torch.nn.Module) -> QuantizedLinears | None:
+    """Count the quantized linear layers' storage; None when the model has none."""
+    layers = weight_bytes = state_bytes = dense = 0
+    seen = set()  # weights and state storages counted (layers may share a code book)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state, scales = getattr(weight, "quant_state", None), getattr(weight, "SCB", None)
+        if (state is None and scales is None) or id(weight) in seen:
+            continue  # not quantized, or a LoRA wrapper showing its base layer's weight
+        seen.add(id(weight))
+        layers += 1
+        weight_bytes += weight.untyped_storage().nbytes()
+        for t in _state_tensors(weight):
+            if t.untyped_storage()._cdata not in seen:
+                seen.add(t.untyped_storage()._cdata)
+                state_bytes += t.untyped_storage().nbytes()
+        shape = state.shape if state is not None else weight.shape
+        dense += 2 * shape[0] * shape[1]
+    return QuantizedLinears(layers, weight_bytes, state_bytes, dense) if layers else None
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd")
+
+
+def new_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device):
+    """The optimizer `name` over `params`.
+
+    adamw: PyTorch's, two fp32 moments per parameter (8 bytes). adamw8bit: bitsandbytes' blockwise
+    8-bit moments (2 bytes, plus a scale per 256 values; tensors under 4,096 values keep fp32).
+    paged_*: the moments in CUDA unified memory, paged to CPU memory when the GPU runs short.
+    sgd: plain SGD, no state at all.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    bnb = bitsandbytes(f"--optim {name}")
+    if name.startswith("paged") and device.type != "cuda":
+        raise SolotuneError(f"--optim {name}: paged optimizers keep their state in CUDA unified memory and need a GPU; "
+                            "on the CPU use --optim adamw8bit or adamw")
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)

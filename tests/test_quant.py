@@ -1,0 +1,126 @@
+"""QLoRA (4-bit and 8-bit frozen bases via bitsandbytes) and the low-memory optimizers, on the CPU."""
+
+import pytest
+import torch
+
+from solotune.adapters import load_adapter, save_trained
+from solotune.cli import main
+from solotune.config import DataConfig, RunConfig, TrainConfig, validate
+from solotune.data import Record, collate, tokenize_records
+from solotune.errors import SolotuneError
+from solotune.memory import MIB
+from solotune.models import load_model
+from solotune.precision import resolve_policy
+from solotune.quant import quant_state_tensors, quantization_config, quantized_linears
+from solotune.testing import save_model_folder
+from solotune.train import build_model, train_loop
+
+pytest.importorskip("bitsandbytes")  # in requirements.txt; a user's install may lack it
+
+SHAPE = dict(hidden_size=256, num_hidden_layers=2)  # 256 x 256 weights: whole 64-weight blocks
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model_folder(tmp_path_factory.mktemp("quant-model"), **SHAPE)
+
+
+def config(method="nf4", optim="adamw", mp="off", r=8, lr=1e-2) -> RunConfig:
+    cfg = RunConfig()
+    cfg.quant.method, cfg.train.optim, cfg.precision.mp = method, optim, mp
+    cfg.lora.r, cfg.lora.dropout, cfg.train.lr, cfg.train.warmup_ratio = r, 0.0, lr, 0.0
+    return validate(cfg)
+
+
+def records(tokenizer, n=8):
+    rows = [{"prompt": f"say {i}", "response": "the same short answer every time"} for i in range(n)]
+    return tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())[0]
+
+
+def train(model_dir, tokenizer, cfg: RunConfig, steps=6):
+    policy = resolve_policy(cfg.precision, "cpu", frozen_base=True)
+    model = build_model(str(model_dir), cfg, policy)
+    train_cfg = TrainConfig(**{**vars(cfg.train), "batch": 4, "max_steps": steps, "epochs": 10})
+    return model, train_loop(model, records(tokenizer), tokenizer.pad_token_id, policy, train_cfg)
+
+
+def frozen_state(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters() if not p.requires_grad] + \
+        [t.clone() for t in quant_state_tensors(model)]
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
+def test_a_quantized_base_trains_and_only_the_adapters_change(model_dir, tokenizer, method):
+    cfg = config(method)
+    policy = resolve_policy(cfg.precision, "cpu", frozen_base=True)
+    model = build_model(str(model_dir), cfg, policy)
+    assert quantized_linears(model).layers == 2 * 7  # q, k, v, o, gate, up, down in each layer
+    before, adapters = frozen_state(model), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_cfg = TrainConfig(batch=4, max_steps=8, epochs=10, lr=1e-2, warmup_ratio=0.0)
+    result = train_loop(model, records(tokenizer), tokenizer.pad_token_id, policy, train_cfg)
+    assert result.losses[-1] < 0.7 * result.losses[0]
+    assert all(torch.equal(a, b) for a, b in zip(frozen_state(model), before))  # codes, scales, norms, embeddings
+    assert all(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_the_quantized_linears_take_under_30_percent_of_their_bf16_size(model_dir):
+    """Measured: the storage of the codes and the scales (double quantization) over 2 bytes per weight."""
+    cfg = config("nf4")
+    model = load_model(str(model_dir), cfg.model, torch.float32, torch.device("cpu"), quantization_config(cfg.quant, torch.bfloat16))
+    q = quantized_linears(model)
+    attention, mlp = 2 * 256 * 256 + 2 * 256 * 128, 3 * 256 * 512  # q, o; k, v (2 of 4 heads); gate, up, down
+    assert q.dense_16bit_bytes == 2 * 2 * (attention + mlp)  # 2 layers, 2 bytes a weight
+    assert q.fraction <= 0.30
+    assert q.weight_bytes == q.dense_16bit_bytes // 4  # 4 bits a weight
+
+
+def test_the_memory_breakdown_counts_the_codes_and_their_scales_as_parameters(model_dir, tokenizer):
+    model, result = train(model_dir, tokenizer, config("nf4"), steps=1)
+    dense = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
+    scales = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in quant_state_tensors(model)}.values())
+    assert result.memory["parameters_mib"] == pytest.approx((dense + scales) / MIB, rel=1e-6)
+
+
+def test_the_adapter_saves_and_reloads_onto_the_quantized_base(model_dir, tokenizer, tmp_path):
+    cfg = config("nf4")
+    model, _ = train(model_dir, tokenizer, cfg, steps=3)
+    save_trained(model, tokenizer, tmp_path / "adapter")
+    batch = collate(records(tokenizer, 2), tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        trained = model(**batch.model_inputs()).logits
+        base = load_model(str(model_dir), cfg.model, torch.float32, torch.device("cpu"), quantization_config(cfg.quant, torch.float32))
+        reloaded = load_adapter(base, tmp_path / "adapter").eval()(**batch.model_inputs()).logits
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
+
+
+def test_8bit_adamw_state_is_smaller_than_fp32_adamw(model_dir, tokenizer):
+    """Measured optimizer state: two uint8 moments (+ a scale per 256) instead of two fp32 ones."""
+    state = {}
+    for optim in ("adamw", "adamw8bit"):
+        _, result = train(model_dir, tokenizer, config("none", optim, r=32), steps=2)  # 32 x 256 adapters: 8-bit
+        state[optim] = result.memory["optimizer_state_mib"]
+    assert state["adamw8bit"] < 0.3 * state["adamw"]
+
+
+def test_8bit_adamw_follows_fp32_adamw(model_dir, tokenizer):
+    """The loss curves of 8-bit and fp32 AdamW over the same steps (2% tolerance, stated)."""
+    curves = {optim: train(model_dir, tokenizer, config("none", optim, r=32, lr=3e-3))[1].losses for optim in ("adamw", "adamw8bit")}
+    assert curves["adamw8bit"] == pytest.approx(curves["adamw"], rel=0.02)
+
+
+def test_sgd_keeps_no_optimizer_state(model_dir, tokenizer):
+    _, result = train(model_dir, tokenizer, config("none", "sgd", lr=0.5), steps=4)
+    assert result.memory["optimizer_state_mib"] == 0 and result.losses[-1] < result.losses[0]
+
+
+def test_bad_combinations_are_clear_errors(model_dir, tmp_path, capsys):
+    cfg = config("nf4")
+    cfg.lora.enabled = False
+    with pytest.raises(SolotuneError, match="quant.method = 'nf4': a quantized base cannot be trained itself; it needs LoRA"):
+        validate(cfg)
+    code = main(["train", "--model", str(model_dir), "--optim", "paged_adamw8bit", "--device", "cpu", "--samples", "4",
+                 "--batch", "4", "--no-generate.enabled", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "paged optimizers keep their state in CUDA unified memory and need a GPU" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
