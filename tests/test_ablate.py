@@ -21,7 +21,8 @@ def test_cells_cover_every_combination_in_the_reference_order():
     assert "--no-lora.enabled" in argv and argv[argv.index("--train.grad-accum") + 1] == "1"
     with pytest.raises(SolotuneError, match="unknown axis qlora; choose from ga, mp, lora, gc, pf"):
         parse_axes("lora,qlora")
-    assert set(AXES) == {"ga", "mp", "lora", "gc", "pf", "cce", "swiglu", "sdrop", "compile"}
+    assert set(AXES) == {"ga", "mp", "lora", "gc", "pf", "cce", "swiglu", "sdrop", "compile", "quant", "optim", "base"}
+    assert [c.overrides for c in plan_cells(cfg, parse_axes("quant,optim"))[-1:]] == [{"quant.method": "nf4", "train.optim": "adamw8bit"}]
     assert plan_cells(cfg, parse_axes("compile"))[1].overrides == {"train.compile": True, "train.track_memory": False}
     plain = plan_cells(cfg, parse_axes("pf,cce,swiglu,sdrop"))[0].overrides
     assert plain == {"train.padding_free": False, "train.ce_chunk": 0, "train.fused_swiglu": False, "lora.shared_dropout": False}
@@ -101,3 +102,12 @@ def test_a_cell_without_memory_breakdown_is_reported_with_dashes(tiny_model_dir,
     assert table1_rows(g)[2][1:6] == ["–"] * 5 and table1_rows(g)[2][-1] != "–"
     assert "activations 0" not in axis_effects(g)[0] and "→ – MiB" in axis_effects(g)[0]
     assert main(["report", str(grid)]) == 0
+
+
+def test_the_quant_and_optim_axes_show_smaller_parameters_and_optimizer_state(tmp_path, data_file):
+    """4-bit base and 8-bit AdamW as ablation axes, end to end, on a model with 256-wide layers."""
+    model = save_model_folder(tmp_path / "m", hidden_size=256, num_hidden_layers=2)
+    assert main(ablate_args(model, data_file, tmp_path / "grid", "--axes", "quant,optim", "--lora.r", "32")) == 0
+    mem = {c.name: c.metrics["memory"] for c in load_grid(tmp_path / "grid").cells}
+    assert mem["quant-on_optim-off"]["parameters_mib"] < 0.75 * mem["quant-off_optim-off"]["parameters_mib"]
+    assert mem["quant-off_optim-on"]["optimizer_state_mib"] < 0.3 * mem["quant-off_optim-off"]["optimizer_state_mib"]

@@ -18,8 +18,11 @@ def model_dir(tmp_path_factory):
     return save_model_folder(tmp_path_factory.mktemp("est"), hidden_size=128, num_hidden_layers=4)
 
 
-def run_config(model_dir, lora, mp, checkpointing, batch, grad_accum):
+def run_config(model_dir, lora, mp, checkpointing, batch, grad_accum, quant="none", optim="adamw"):
     cfg = RunConfig()
+    cfg.quant.method, cfg.train.optim = quant, optim
+    if optim == "adamw8bit":
+        cfg.lora.r = 32  # 32 x 128 adapters: bitsandbytes keeps tensors under 4,096 values in 32 bits
     cfg.model.name = str(model_dir)
     cfg.lora.enabled, cfg.precision.mp, cfg.train.grad_checkpointing = lora, mp, checkpointing
     cfg.train.batch, cfg.train.grad_accum, cfg.train.max_steps = batch, grad_accum, 2
@@ -37,19 +40,25 @@ def measured(cfg):
 
 
 @pytest.mark.parametrize(
-    "lora, mp, checkpointing, batch, grad_accum",
+    "lora, mp, checkpointing, batch, grad_accum, quant, optim",
     [
-        (True, "off", False, 4, 1),
-        (True, "bf16", False, 4, 1),
-        (False, "off", False, 4, 1),
-        (False, "bf16", False, 4, 1),
-        (True, "off", True, 4, 1),
-        (True, "off", False, 8, 1),
-        (True, "off", False, 8, 4),
+        (True, "off", False, 4, 1, "none", "adamw"),
+        (True, "bf16", False, 4, 1, "none", "adamw"),
+        (False, "off", False, 4, 1, "none", "adamw"),
+        (False, "bf16", False, 4, 1, "none", "adamw"),
+        (True, "off", True, 4, 1, "none", "adamw"),
+        (True, "off", False, 8, 1, "none", "adamw"),
+        (True, "off", False, 8, 4, "none", "adamw"),
+        (True, "off", False, 4, 1, "nf4", "adamw"),
+        (True, "bf16", True, 4, 1, "nf4", "adamw"),
+        (True, "off", False, 4, 1, "fp4", "adamw"),
+        (True, "off", False, 4, 1, "int8", "adamw"),
+        (True, "off", False, 4, 1, "none", "adamw8bit"),
+        (False, "off", False, 4, 1, "none", "sgd"),
     ],
 )
-def test_estimate_matches_the_measured_breakdown(model_dir, lora, mp, checkpointing, batch, grad_accum):
-    cfg = run_config(model_dir, lora, mp, checkpointing, batch, grad_accum)
+def test_estimate_matches_the_measured_breakdown(model_dir, lora, mp, checkpointing, batch, grad_accum, quant, optim):
+    cfg = run_config(model_dir, lora, mp, checkpointing, batch, grad_accum, quant, optim)
     real = measured(cfg)
     est = estimate_memory(model_config(str(model_dir)), cfg, SEQ).parts_mib
     assert est["tracked_peak_mib"] == pytest.approx(real["tracked_peak_mib"], rel=0.10)
@@ -82,3 +91,13 @@ def test_search_lists_only_configurations_the_estimate_says_fit(model_dir):
     keys = [(c.grad_checkpointing, -c.micro_batch) for c in found]
     assert keys == sorted(keys)  # no recomputation first, then larger micro-batches
     assert found[0].train_command(cfg, SEQ).startswith(f"solotune train --model {model_dir} --mp off")
+
+
+def test_estimate_command_prints_the_breakdown_and_the_verdict(capsys):
+    from solotune.cli import main
+
+    args = ["estimate", "--model", "llama2-7b", "--quant", "nf4", "--mp", "bf16", "--grad-checkpointing", "--seq-len", "64",
+            "--batch", "2", "--gpu-mem", "8GB"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "optimizer state" in out and "fits in 7,629 MiB" in out

@@ -56,6 +56,11 @@ AXES = {
     "cce": Axis("cce", "Chunked CE", ("OFF", "ON"), lambda c, v: {"train.ce_chunk": (c.train.ce_chunk or 1024) if v == "ON" else 0}),
     "swiglu": Axis("swiglu", "Fused SwiGLU", ("OFF", "ON"), lambda c, v: {"train.fused_swiglu": v == "ON"}),
     "sdrop": Axis("sdrop", "Shared dropout", ("OFF", "ON"), lambda c, v: {"lora.shared_dropout": v == "ON"}),
+    # The frozen base in 4 bits (QLoRA; needs LoRA), 8-bit optimizer moments, and the old fp32
+    # storage of frozen weights under mixed precision (an fp32 copy plus autocast's 16-bit one).
+    "quant": Axis("quant", "4-bit base", ("OFF", "ON"), lambda c, v: {"quant.method": "nf4" if v == "ON" else "none"}),
+    "optim": Axis("optim", "8-bit optim", ("OFF", "ON"), lambda c, v: {"train.optim": "adamw8bit" if v == "ON" else "adamw"}),
+    "base": Axis("base", "FP32 base", ("OFF", "ON"), lambda c, v: {"precision.base_dtype": "fp32" if v == "ON" else "auto"}),
     # Compiled cells have no memory breakdown (the tracker's per-op hook stops Dynamo).
     "compile": Axis("compile", "Compile", ("OFF", "ON"), lambda c, v: {"train.compile": True, "train.track_memory": False}
                     if v == "ON" else {"train.compile": False}),

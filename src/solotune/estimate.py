@@ -13,12 +13,13 @@ casts the same matmuls to 16 bits (its op lists are close to CUDA's, not identic
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune
@@ -29,6 +30,8 @@ from solotune.errors import SolotuneError
 from solotune.loss import ResponseLoss
 from solotune.memory import TensorMemoryTracker
 from solotune.precision import resolve_policy
+from solotune.quant import bitsandbytes
+from solotune.quant import compute_dtype as quant_compute_dtype
 from solotune.swiglu import use_fused_swiglu
 from solotune.train import accumulate_gradients, enable_checkpointing, make_batch, make_optimizer
 
@@ -100,9 +103,11 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
         use_fused_swiglu(model)
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    if cfg.quant.method != "none":
+        quantize_fake(model, cfg.quant, quant_compute_dtype(cfg.quant, policy.compute_dtype), fake_mode)
     model = apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
     counts = count_parameters(model)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     _make_parameters_fake(model, fake_mode)
     model.train()
     micro = cfg.train.batch // cfg.train.grad_accum
@@ -110,9 +115,12 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
     records = [Example([0] * seq_len, [0] * seq_len, i) for i in range(micro)]
     batch = make_batch(records, pad_id=0, padding_free=cfg.train.padding_free)
     loss_fn = ResponseLoss(cfg.train.ce_chunk)
+    # A paged optimizer's state has the size of the unpaged one's; paging changes where it lives.
+    # Made outside fake mode: bitsandbytes computes its code books from data when it is created.
+    train_cfg = dataclasses.replace(cfg.train, optim=cfg.train.optim.removeprefix("paged_"))
+    optimizer, _ = make_optimizer(model, train_cfg, total_steps=2)
     with fake_mode, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' deprecation notes, once per simulated step
-        optimizer, _ = make_optimizer(model, cfg.train, total_steps=2)
         tracker = TensorMemoryTracker(model, optimizer, torch.device("cpu"))
         with tracker:
             for _ in range(2):  # the second step holds the optimizer state the first created
@@ -132,13 +140,73 @@ def _make_parameters_fake(model: torch.nn.Module, fake_mode: FakeTensorMode) -> 
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in list(table.items()):
-                if t is None:
+                if t is None or isinstance(t, FakeTensor):  # None, or made fake already (quantized weights)
                     continue
                 if id(t) not in memo:
                     with fake_mode:
                         new = torch.empty(t.shape, dtype=t.dtype)
                     memo[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
                 table[name] = memo[id(t)]
+
+
+def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: float, gpu_mib: float | None) -> None:
+    """The breakdown, the total with the CUDA overhead, and whether it fits."""
+    p = est.parts_mib
+    micro = cfg.train.batch // cfg.train.grad_accum
+    total = est.total_mib(overhead_mib)
+    print(f"model {cfg.model.name or 'smollm2-135m'}: {est.total:,} parameters, {est.trainable:,} trainable "
+          f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tuning'}); "
+          f"micro-batch {micro} x {seq_len} tokens, {cfg.train.grad_accum} per step; mp {cfg.precision.mp}; "
+          f"checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}")
+    print(f"  parameters       {p['parameters_mib']:>12,.1f} MiB\n  gradients        {p['gradients_mib']:>12,.1f} MiB\n"
+          f"  optimizer state  {p['optimizer_state_mib']:>12,.1f} MiB\n  activations      {p['activations_mib']:>12,.1f} MiB\n"
+          f"  tensor peak      {p['tracked_peak_mib']:>12,.1f} MiB\n  + CUDA overhead  {overhead_mib:>12,.1f} MiB\n"
+          f"  = peak           {total:>12,.1f} MiB ({total * 2**20 / 1e6:,.1f} MB)   [simulated in {est.seconds:.1f} s]")
+    if gpu_mib is not None:
+        verdict = "fits" if total <= gpu_mib else "does NOT fit"
+        print(f"  {verdict} in {gpu_mib:,.0f} MiB (margin {gpu_mib - total:+,.0f} MiB)")
+
+
+def quantize_fake(model: torch.nn.Module, cfg, compute_dtype: torch.dtype, fake_mode: FakeTensorMode) -> None:
+    """Replace the linear layers transformers would quantize by bitsandbytes layers holding fake
+    quantized weights: bitsandbytes' own quantization run on fake tensors, so the packed codes,
+    the scales and (double quantization) their scales get exactly the real shapes and dtypes."""
+    bnb = bitsandbytes(f"estimating --quant {cfg.method}")
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    keep_dense = set(get_keys_to_not_convert(model))  # the LM head and what is tied to it
+    # bitsandbytes builds its 8-bit code book from data on first use, which fake tensors cannot
+    # do: build it (it is cached) on a real tensor first.
+    bnb.functional.quantize_blockwise(torch.ones(256))
+    for name, linear in list(model.named_modules()):
+        if not isinstance(linear, torch.nn.Linear) or name.rsplit(".", 1)[-1] in keep_dense or name in keep_dense:
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        parent.register_module(name.rsplit(".", 1)[-1], _fake_quantized(bnb, linear, cfg, compute_dtype, fake_mode))
+
+
+def _fake_quantized(bnb, linear: torch.nn.Linear, cfg, compute_dtype: torch.dtype, fake_mode: FakeTensorMode):
+    out_f, in_f = linear.weight.shape
+    has_bias = linear.bias is not None
+    # Plain parameters carrying bitsandbytes' attributes: its Params4bit / Int8Params subclasses
+    # cannot wrap a fake tensor, and the layers' forward reads only these attributes.
+    if cfg.method == "int8":
+        layer = bnb.nn.Linear8bitLt(in_f, out_f, bias=has_bias, has_fp16_weights=False, threshold=6.0, device="meta")
+        with fake_mode:
+            codes, scales = torch.empty(out_f, in_f, dtype=torch.int8), torch.empty(out_f, dtype=torch.float32)
+        layer.weight = torch.nn.Parameter(codes, requires_grad=False)
+        layer.weight.CB, layer.weight.SCB, layer.weight.has_fp16_weights = codes, scales, False
+    else:
+        layer = bnb.nn.Linear4bit(in_f, out_f, bias=has_bias, compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
+                                  quant_type=cfg.method, device="meta")
+        with fake_mode:
+            packed, state = bnb.functional.quantize_4bit(torch.empty(out_f, in_f, dtype=compute_dtype), blocksize=64,
+                                                         compress_statistics=cfg.double_quant, quant_type=cfg.method)
+        layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+        layer.weight.quant_state, layer.weight.quant_type = state, cfg.method
+    if has_bias:
+        layer.bias = linear.bias
+    return layer
 
 
 @dataclass

@@ -55,19 +55,28 @@ def quantization_config(cfg: QuantConfig, run_compute_dtype: torch.dtype):
 def quant_state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     """The tensors that de-quantize the model's quantized weights. They are not parameters, but
     they are part of what the weights cost (the memory tracker counts them as parameters)."""
-    return [t for m in model.modules() for t in _state_tensors(getattr(m, "weight", None))]
+    return [t for m in model.modules() for t in _state_tensors(m)]
 
 
-def _state_tensors(weight) -> list[torch.Tensor]:
+def _state_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """4-bit: the absmax scales (with double quantization also their own scales and code book);
-    int8: the row scales. Empty for a weight that is not quantized."""
+    int8: the row scales. Empty for a layer that is not quantized."""
+    weight = getattr(module, "weight", None)
     tensors = []
     state = getattr(weight, "quant_state", None)
     while state is not None:  # a QuantState; double quantization nests another in `state2`
         tensors += [t for t in (state.absmax, state.code, state.offset) if isinstance(t, torch.Tensor)]
         state = getattr(state, "state2", None)
+    # int8: on the weight until the first forward, then moved to the layer's matmul state
     scales = getattr(weight, "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(module, "state", None), "SCB", None)
     return tensors + ([scales] if isinstance(scales, torch.Tensor) else [])
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return getattr(weight, "quant_state", None) is not None or hasattr(module, "state") and hasattr(weight, "SCB")
 
 
 @dataclass
@@ -100,16 +109,16 @@ def quantized_linears(model: torch.nn.Module) -> QuantizedLinears | None:
     seen = set()  # weights and state storages counted (layers may share a code book)
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        state, scales = getattr(weight, "quant_state", None), getattr(weight, "SCB", None)
-        if (state is None and scales is None) or id(weight) in seen:
+        if not _is_quantized(module) or id(weight) in seen:
             continue  # not quantized, or a LoRA wrapper showing its base layer's weight
         seen.add(id(weight))
         layers += 1
         weight_bytes += weight.untyped_storage().nbytes()
-        for t in _state_tensors(weight):
+        for t in _state_tensors(module):
             if t.untyped_storage()._cdata not in seen:
                 seen.add(t.untyped_storage()._cdata)
                 state_bytes += t.untyped_storage().nbytes()
+        state = getattr(weight, "quant_state", None)
         shape = state.shape if state is not None else weight.shape
         dense += 2 * shape[0] * shape[1]
     return QuantizedLinears(layers, weight_bytes, state_bytes, dense) if layers else None
