@@ -111,3 +111,6 @@ def test_the_quant_and_optim_axes_show_smaller_parameters_and_optimizer_state(tm
     mem = {c.name: c.metrics["memory"] for c in load_grid(tmp_path / "grid").cells}
     assert mem["quant-on_optim-off"]["parameters_mib"] < 0.75 * mem["quant-off_optim-off"]["parameters_mib"]
     assert mem["quant-off_optim-on"]["optimizer_state_mib"] < 0.3 * mem["quant-off_optim-off"]["optimizer_state_mib"]
+    cells = tmp_path / "grid" / "cells"
+    assert (cells / "quant-on_optim-off" / "adapter" / "solotune-quantization.json").is_file()  # for generate / merge
+    assert not (cells / "quant-off_optim-off" / "adapter" / "solotune-quantization.json").exists()

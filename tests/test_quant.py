@@ -124,3 +124,28 @@ def test_bad_combinations_are_clear_errors(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "paged optimizers keep their state in CUDA unified memory and need a GPU" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, tmp_path, capsys):
+    """The merged model answers as the adapter on the 4-bit base did (fp32, 1e-4 of the logits),
+    and loads as a plain model; `generate` runs the adapter on the same 4-bit base."""
+    from solotune.adapters import merge_to_folder
+    from solotune.generate import load_for_inference
+    from solotune.quant import read_record, save_record
+
+    cfg = config("nf4")
+    model, _ = train(model_dir, tokenizer, cfg, steps=3)
+    save_trained(model, tokenizer, tmp_path / "adapter")
+    save_record(tmp_path / "adapter", cfg.quant, torch.float32)
+    assert read_record(tmp_path / "adapter")[0].method == "nf4"
+    diff = merge_to_folder(str(tmp_path / "adapter"), str(tmp_path / "merged"), str(model_dir))
+    assert diff < 1e-4 and "de-quantized from nf4 to fp32" in capsys.readouterr().out
+    merged = load_model(str(tmp_path / "merged"), cfg.model, torch.float32, torch.device("cpu"))
+    assert quantized_linears(merged) is None and all(p.dtype == torch.float32 for p in merged.parameters())
+    batch = collate(records(tokenizer, 2), tokenizer.pad_token_id)
+    with torch.no_grad():
+        merged_logits = merged(**batch.model_inputs()).logits
+        model.eval()
+        torch.testing.assert_close(merged_logits, model(**batch.model_inputs()).logits, rtol=0, atol=1e-4)
+    inference_model, _, _ = load_for_inference(str(tmp_path / "adapter"), str(model_dir), cfg.precision, "cpu")
+    assert quantized_linears(inference_model).layers == 14

@@ -12,9 +12,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from solotune.config import LoraConfig, ModelConfig
+from solotune.config import REFERENCE_PROMPTS, LoraConfig, ModelConfig
 from solotune.errors import SolotuneError
 from solotune.models import load_model, load_tokenizer, resolve_model_source
+from solotune.precision import DTYPE_NAMES
+from solotune.quant import quantization_config, read_record
 
 
 @dataclass
@@ -174,11 +176,15 @@ def merge_to_folder(adapter_dir: str, output_dir: str, model_name: str | None = 
     """Merge an adapter into its fp32 base, save a plain HF model; return the max logit difference.
 
     The difference between the adapter model and the merged model on a probe text is printed,
-    so the user sees that the merge preserved the outputs (it is ~1e-6, rounding only).
+    so the user sees that the merge preserved the outputs (it is ~1e-6, rounding only). A QLoRA
+    adapter is merged into its de-quantized base instead (`merge_quantized`).
     """
     mcfg = ModelConfig(name=model_name or adapter_base_model(adapter_dir))
     source = resolve_model_source(mcfg)
     tokenizer = load_tokenizer(adapter_dir, mcfg)
+    quant = read_record(adapter_dir)
+    if quant:
+        return merge_quantized(adapter_dir, output_dir, source, mcfg, tokenizer, *quant)
     model = load_adapter(load_model(source, mcfg, torch.float32, torch.device("cpu")), adapter_dir).eval()
     probe = tokenizer("Merging folds the low-rank update into the weights.", return_tensors="pt")
     with torch.inference_mode():
@@ -188,4 +194,30 @@ def merge_to_folder(adapter_dir: str, output_dir: str, model_name: str | None = 
     merged.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     print(f"merged {adapter_dir} into {source}: saved {output_dir} (max logit difference vs adapter: {diff:.2e})")
+    return diff
+
+
+def merge_quantized(adapter_dir, output_dir, source: str, mcfg: ModelConfig, tokenizer, quant, dtype: torch.dtype) -> float:
+    """Merge a QLoRA adapter into its base de-quantized to the compute dtype; save that model.
+
+    The merged model multiplies the same de-quantized weights the 4-bit model did, plus the
+    folded update, so it should answer as the adapter on the 4-bit base does. The largest logit
+    difference between the two on the evaluation prompts is printed and returned.
+    """
+    probes = [tokenizer(p, return_tensors="pt") for p in REFERENCE_PROMPTS]
+    quantized = quantization_config(quant, dtype)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        adapted = load_adapter(load_model(source, mcfg, dtype, cpu, quantized), adapter_dir).eval()
+        reference = [adapted(**p).logits.float() for p in probes]
+        del adapted
+        base = load_model(source, mcfg, dtype, cpu, quantized).dequantize(dtype=dtype)
+        merged = merge_adapter(load_adapter(base, adapter_dir).eval())
+        diff = max((merged(**p).logits.float() - ref).abs().max().item() for p, ref in zip(probes, reference))
+    scale = max(ref.abs().max().item() for ref in reference)
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    print(f"merged {adapter_dir} into {source} de-quantized from {quant.method} to {DTYPE_NAMES[dtype]}: saved {output_dir} "
+          f"(max logit difference vs the adapter on the {quant.method} base, {len(probes)} evaluation prompts: "
+          f"{diff:.2e}, {100 * diff / scale:.3f}% of the largest logit)")
     return diff

@@ -13,6 +13,7 @@ from solotune.config import GenerateConfig, ModelConfig, PrecisionConfig
 from solotune.data import format_instruction
 from solotune.models import load_model, load_tokenizer, resolve_model_source
 from solotune.precision import PrecisionPolicy, resolve_policy
+from solotune.quant import quantization_config, read_record
 
 
 @dataclass
@@ -82,7 +83,8 @@ def load_for_inference(adapter: str | None, model_name: str | None, precision: P
     mcfg = ModelConfig(name=model_name)
     source = resolve_model_source(mcfg)
     tokenizer = load_tokenizer(adapter or source, mcfg)
-    model = load_model(source, mcfg, policy.base_dtype, policy.device)
+    quant = read_record(adapter) if adapter else None  # a QLoRA adapter runs on its 4-bit base
+    model = load_model(source, mcfg, policy.base_dtype, policy.device, quant and quantization_config(*quant))
     if adapter:
         model = load_adapter(model, adapter)
     return model, tokenizer, policy

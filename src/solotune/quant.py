@@ -9,7 +9,10 @@ tied to them) stay in the run's base dtype. bitsandbytes is imported only when a
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,6 +53,29 @@ def quantization_config(cfg: QuantConfig, run_compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg, run_compute_dtype),
     )
+
+
+RECORD_FILE = "solotune-quantization.json"  # beside a QLoRA adapter: the base it was trained on
+
+
+def save_record(adapter_dir: Path, cfg: QuantConfig, run_compute_dtype: torch.dtype) -> None:
+    """Note in the adapter folder how its base was quantized, so that `generate` and `merge`
+    load the same 4-bit base (an adapter trained on a 4-bit base has learned around its rounding)."""
+    from solotune.precision import DTYPE_NAMES
+
+    record = {**dataclasses.asdict(cfg), "compute_dtype": DTYPE_NAMES[compute_dtype(cfg, run_compute_dtype)]}
+    (Path(adapter_dir) / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_record(adapter_dir: str | Path) -> tuple[QuantConfig, torch.dtype] | None:
+    """The quantization an adapter was trained on (and its compute dtype); None for plain LoRA."""
+    from solotune.precision import DTYPES
+
+    path = Path(adapter_dir) / RECORD_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return QuantConfig(**record), DTYPES[record["compute_dtype"]]
 
 
 def quant_state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -34,7 +34,7 @@ from solotune.loss import ResponseLoss
 from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, apply_memory_limit, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
 from solotune.quant import new_optimizer
-from solotune.quant import quantization_config, quantized_linears
+from solotune.quant import quantization_config, quantized_linears, save_record
 from solotune.swiglu import use_fused_swiglu
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
 
@@ -330,6 +330,8 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -
 
     saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
     save_trained(model, tokenizer, saved)
+    if quantized:
+        save_record(saved, cfg.quant, policy.compute_dtype)
     metrics = collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop, before, after, saved, peak_flops)
     metrics["quantized_linears"] = quantized.as_dict() if quantized else None
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
