@@ -219,5 +219,5 @@ def merge_quantized(adapter_dir, output_dir, source: str, mcfg: ModelConfig, tok
     tokenizer.save_pretrained(output_dir)
     print(f"merged {adapter_dir} into {source} de-quantized from {quant.method} to {DTYPE_NAMES[dtype]}: saved {output_dir} "
           f"(max logit difference vs the adapter on the {quant.method} base, {len(probes)} evaluation prompts: "
-          f"{diff:.2e}, {100 * diff / scale:.3f}% of the largest logit)")
+          f"{diff:.2e}, {diff / scale:.1e} of the largest logit)")
     return diff

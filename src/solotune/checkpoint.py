@@ -114,12 +114,21 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, records:
 def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """The optimizer's state dict as flat tensors (for safetensors) and the rest (for JSON)."""
     tensors, rest = {}, {"param_groups": sd["param_groups"], "scalars": {}}
-    for index, per_param in sd["state"].items():
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+    storages = set()  # safetensors refuses shared storage: bitsandbytes shares its code books
+
+    def split(prefix: str, entries: dict) -> None:  # nested: bitsandbytes keeps its 8-bit state in a dict
+        for key, value in entries.items():
+            if isinstance(value, dict):
+                split(f"{prefix}{key}.", value)
+            elif isinstance(value, torch.Tensor):
+                shared = value.untyped_storage()._cdata in storages
+                storages.add(value.untyped_storage()._cdata)
+                tensors[f"{prefix}{key}"] = value.detach().to("cpu", copy=shared).contiguous()
             else:
-                rest["scalars"][f"{index}.{key}"] = value
+                rest["scalars"][f"{prefix}{key}"] = value
+
+    for index, per_param in sd["state"].items():
+        split(f"{index}.", per_param)
     return tensors, rest
 
 
@@ -196,8 +205,11 @@ def restore(ckpt: Checkpoint, model, optimizer, scheduler, scaler) -> dict:
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     state: dict[int, dict] = {}
     for flat, value in [*tensors.items(), *rest["scalars"].items()]:
-        index, key = flat.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        index, *parents, key = flat.split(".")
+        node = state.setdefault(int(index), {})
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
     return {"state": state, "param_groups": rest["param_groups"]}
 
 

@@ -81,7 +81,11 @@ def read_record(adapter_dir: str | Path) -> tuple[QuantConfig, torch.dtype] | No
 def quant_state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     """The tensors that de-quantize the model's quantized weights. They are not parameters, but
     they are part of what the weights cost (the memory tracker counts them as parameters)."""
-    return [t for m in model.modules() for t in _state_tensors(m)]
+    unique = {}  # by storage: a LoRA wrapper shows its base layer's weight too
+    for m in model.modules():
+        for t in _state_tensors(m):
+            unique.setdefault(t.untyped_storage()._cdata, t)
+    return list(unique.values())
 
 
 def _state_tensors(module: torch.nn.Module) -> list[torch.Tensor]:

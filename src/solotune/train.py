@@ -33,8 +33,7 @@ from solotune.generate import Generation, generate, print_generations
 from solotune.loss import ResponseLoss
 from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, apply_memory_limit, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
-from solotune.quant import new_optimizer
-from solotune.quant import quantization_config, quantized_linears, save_record
+from solotune.quant import new_optimizer, quantization_config, quantized_linears, save_record
 from solotune.swiglu import use_fused_swiglu
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
 
@@ -193,8 +192,8 @@ def compiled_layers(model, backend: str = "inductor"):
     Layers, not the whole model: all layers share one compiled graph, the loss and LM head
     stay eager, and a graph break costs one layer, not the step. Shapes are dynamic from the
     start, so a new record length does not recompile (a new number of records per micro-batch
-    does, once: the last step's when the batch does not divide the data). Generation, before and after the loop,
-    runs eager: it would otherwise compile graphs of its own.
+    does, once: the last step's when the batch does not divide the data). Generation, before
+    and after the loop, runs eager: it would otherwise compile graphs of its own.
     """
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
