@@ -88,9 +88,12 @@ def test_search_lists_only_configurations_the_estimate_says_fit(model_dir):
     found = search(config, cfg, SEQ, gpu_mib=budget, overhead_mib=0.0)
     assert found and all(c.peak_mib <= budget for c in found)
     assert not any(not c.lora and c.micro_batch == 8 and not c.grad_checkpointing for c in found)
-    keys = [(c.grad_checkpointing, -c.micro_batch) for c in found]
-    assert keys == sorted(keys)  # no recomputation first, then larger micro-batches
+    keys = [(c.grad_checkpointing, -c.micro_batch, c.quant != "none") for c in found]
+    assert keys == sorted(keys)  # no recomputation first, then larger micro-batches, then 16-bit bases
     assert found[0].train_command(cfg, SEQ).startswith(f"solotune train --model {model_dir} --mp off")
+    qlora = [c for c in found if c.quant == "nf4"]  # tried too: it fits wherever LoRA does, and more
+    assert qlora and min(c.peak_mib for c in qlora) < min(c.peak_mib for c in found if c.lora and c.quant == "none")
+    assert "--quant nf4" in qlora[0].train_command(cfg, SEQ) and qlora[0].describe().startswith("QLoRA NF4")
 
 
 def test_estimate_command_prints_the_breakdown_and_the_verdict(capsys):

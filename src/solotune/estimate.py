@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import time
 import warnings
 from dataclasses import dataclass
@@ -217,35 +218,46 @@ class Candidate:
     grad_checkpointing: bool
     micro_batch: int
     peak_mib: float
+    quant: str = "none"  # the base's storage: none, or the 4-bit format QLoRA tries
 
     def train_command(self, cfg: RunConfig, seq_len: int) -> str:
         name = PRESET_HUB_IDS.get((cfg.model.name or "").lower(), cfg.model.name)  # train loads weights, not presets
         model = f" --model {name}" if name else ""
         return (f"solotune train{model} --mp {cfg.precision.mp} {'--lora' if self.lora else '--no-lora'} "
+                f"{f'--quant {self.quant} ' if self.quant != 'none' else ''}"
                 f"--batch {cfg.train.batch} --grad-accum {cfg.train.batch // self.micro_batch} "
                 f"--max-len {seq_len}{' --grad-checkpointing' if self.grad_checkpointing else ''}")
 
+    def describe(self) -> str:
+        kind = ("QLoRA " + self.quant.upper() if self.quant != "none" else "LoRA") if self.lora else "full"
+        return f"{kind}, checkpointing {'on ' if self.grad_checkpointing else 'off'}, micro-batch {self.micro_batch}"
+
 
 def search(config: PretrainedConfig, cfg: RunConfig, seq_len: int, gpu_mib: float, overhead_mib: float) -> list[Candidate]:
-    """Every (LoRA / full, checkpointing, micro-batch) that fits, fastest first.
+    """Every (full / LoRA / QLoRA, checkpointing, micro-batch) that fits, fastest first.
 
     Micro-batches are tried largest first; the first that fits is simulated and the smaller ones
     are listed with it (activations only shrink with the micro-batch). Expected speed orders the
-    result: no recomputation before checkpointing, then larger micro-batches.
+    result: no recomputation before checkpointing, then larger micro-batches, then a 16-bit base
+    before a 4-bit one (de-quantizing costs time). QLoRA (NF4, double quantization) is tried when
+    bitsandbytes is installed, unless the config already names a quantization.
     """
     fits = []
     micros = [m for m in (8, 4, 2, 1) if m <= cfg.train.batch and cfg.train.batch % m == 0]
-    for lora in (True, False):
+    bases = [(True, cfg.quant.method), (False, "none")]
+    if cfg.quant.method == "none" and importlib.util.find_spec("bitsandbytes"):
+        bases.insert(1, (True, "nf4"))
+    for lora, quant in bases:
         for ckpt in (False, True):
             for m in micros:
                 trial = copy.deepcopy(cfg)
-                trial.lora.enabled, trial.train.grad_checkpointing = lora, ckpt
+                trial.lora.enabled, trial.train.grad_checkpointing, trial.quant.method = lora, ckpt, quant
                 trial.train.grad_accum = cfg.train.batch // m
                 peak = estimate_memory(config, trial, seq_len).total_mib(overhead_mib)
                 if peak <= gpu_mib:
-                    fits += [Candidate(lora, ckpt, smaller, peak) for smaller in micros if smaller <= m]
+                    fits += [Candidate(lora, ckpt, smaller, peak, quant) for smaller in micros if smaller <= m]
                     break
-    return sorted(fits, key=lambda c: (c.grad_checkpointing, -c.micro_batch, not c.lora))
+    return sorted(fits, key=lambda c: (c.grad_checkpointing, -c.micro_batch, c.quant != "none", not c.lora))
 
 
 def print_search(found: list[Candidate], cfg: RunConfig, seq_len: int, gpu_mib: float) -> None:
@@ -254,6 +266,5 @@ def print_search(found: list[Candidate], cfg: RunConfig, seq_len: int, gpu_mib: 
         return
     print(f"\nconfigurations that fit in {gpu_mib:,.0f} MiB (mp {cfg.precision.mp}, batch {cfg.train.batch}), fastest first:")
     for c in found:
-        print(f"  {'LoRA' if c.lora else 'full'}, checkpointing {'on ' if c.grad_checkpointing else 'off'}, "
-              f"micro-batch {c.micro_batch}: at most {c.peak_mib:,.0f} MiB")
+        print(f"  {c.describe()}: at most {c.peak_mib:,.0f} MiB")
     print(f"best: {found[0].train_command(cfg, seq_len)}")
