@@ -24,14 +24,14 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune
-from solotune.config import RunConfig
+from solotune.config import QuantConfig, RunConfig
 from solotune.attention import enable_padding_free
 from solotune.data import Example
 from solotune.errors import SolotuneError
 from solotune.loss import ResponseLoss
 from solotune.memory import TensorMemoryTracker
 from solotune.precision import resolve_policy
-from solotune.quant import bitsandbytes
+from solotune.quant import BLOCKSIZE_4BIT, bitsandbytes
 from solotune.quant import compute_dtype as quant_compute_dtype
 from solotune.swiglu import use_fused_swiglu
 from solotune.train import accumulate_gradients, enable_checkpointing, make_batch, make_optimizer
@@ -168,7 +168,7 @@ def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: fl
         print(f"  {verdict} in {gpu_mib:,.0f} MiB (margin {gpu_mib - total:+,.0f} MiB)")
 
 
-def quantize_fake(model: torch.nn.Module, cfg, compute_dtype: torch.dtype, fake_mode: FakeTensorMode) -> None:
+def quantize_fake(model: torch.nn.Module, cfg: QuantConfig, compute_dtype: torch.dtype, fake_mode: FakeTensorMode) -> None:
     """Replace the linear layers transformers would quantize by bitsandbytes layers holding fake
     quantized weights: bitsandbytes' own quantization run on fake tensors, so the packed codes,
     the scales and (double quantization) their scales get exactly the real shapes and dtypes."""
@@ -186,7 +186,7 @@ def quantize_fake(model: torch.nn.Module, cfg, compute_dtype: torch.dtype, fake_
         parent.register_module(name.rsplit(".", 1)[-1], _fake_quantized(bnb, linear, cfg, compute_dtype, fake_mode))
 
 
-def _fake_quantized(bnb, linear: torch.nn.Linear, cfg, compute_dtype: torch.dtype, fake_mode: FakeTensorMode):
+def _fake_quantized(bnb, linear: torch.nn.Linear, cfg: QuantConfig, compute_dtype: torch.dtype, fake_mode: FakeTensorMode):
     out_f, in_f = linear.weight.shape
     has_bias = linear.bias is not None
     # Plain parameters carrying bitsandbytes' attributes: its Params4bit / Int8Params subclasses
@@ -201,7 +201,7 @@ def _fake_quantized(bnb, linear: torch.nn.Linear, cfg, compute_dtype: torch.dtyp
         layer = bnb.nn.Linear4bit(in_f, out_f, bias=has_bias, compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
                                   quant_type=cfg.method, device="meta")
         with fake_mode:
-            packed, state = bnb.functional.quantize_4bit(torch.empty(out_f, in_f, dtype=compute_dtype), blocksize=64,
+            packed, state = bnb.functional.quantize_4bit(torch.empty(out_f, in_f, dtype=compute_dtype), blocksize=BLOCKSIZE_4BIT,
                                                          compress_statistics=cfg.double_quant, quant_type=cfg.method)
         layer.weight = torch.nn.Parameter(packed, requires_grad=False)
         layer.weight.quant_state, layer.weight.quant_type = state, cfg.method

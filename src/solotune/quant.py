@@ -106,7 +106,7 @@ def _state_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 def _is_quantized(module: torch.nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return getattr(weight, "quant_state", None) is not None or hasattr(module, "state") and hasattr(weight, "SCB")
+    return getattr(weight, "quant_state", None) is not None or (hasattr(module, "state") and hasattr(weight, "SCB"))
 
 
 @dataclass
@@ -152,9 +152,6 @@ def quantized_linears(model: torch.nn.Module) -> QuantizedLinears | None:
         shape = state.shape if state is not None else weight.shape
         dense += 2 * shape[0] * shape[1]
     return QuantizedLinears(layers, weight_bytes, state_bytes, dense) if layers else None
-
-
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd")
 
 
 def new_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device):
