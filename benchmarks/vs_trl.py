@@ -52,10 +52,27 @@ class Setting:
 # solotune "plain": the loop's own techniques off (padded batches, full logits, autograd's SwiGLU,
 # PEFT's dropout), to show what they buy.
 PLAIN = ["--no-train.padding-free", "--train.ce-chunk", "0", "--no-train.fused-swiglu", "--no-lora.shared-dropout"]
+# solotune "compiled": the decoder layers under torch.compile (which needs the breakdown off);
+# its compile time is reported apart from the loop's runtime, so tokens/s leaves it out.
+VARIANT_OPTIONS = {"plain": PLAIN, "compiled": ["--train.compile", "--no-train.track-memory"]}
 
 
-def plan(precisions: list[str], peer_micros: list[int]) -> list[Setting]:
-    """The runs, alternating between the tools."""
+def plan(precisions: list[str], peer_micros: list[int], focus: str = "all") -> list[Setting]:
+    """The runs, alternating between the tools.
+
+    focus "compiled": only the settings that decide the headline within the peer's memory: the
+    peer's two best (micro-batch 1 and 2) against solotune compiled at micro-batch 8, 2 and 1
+    and its eager default at 1.
+    """
+    if focus == "compiled":
+        runs = []
+        for precision in precisions:
+            peer = [Setting("trl", 1, precision, "padded"), Setting("trl", 2, precision, "padded")]
+            ours = [Setting("solotune", m, precision, "compiled") for m in (EFFECTIVE_BATCH, 2, 1)]
+            ours.append(Setting("solotune", 1, precision, "default"))
+            for i in range(len(ours)):
+                runs += peer[i : i + 1] + ours[i : i + 1]
+        return runs
     runs = []
     for precision in precisions:
         # The peer: its defaults (checkpointing on), then its faster settings with it off.
@@ -95,14 +112,14 @@ def run_solotune(s: Setting, args, out_dir: Path) -> dict:
         "--epochs", "1", "--no-train.shuffle", "--train.schedule", "linear", "--train.warmup-ratio", "0",
         "--train.seed", "0", "--precision.mp", "off" if s.precision == "fp32" else s.precision,
         "--device", args.device, "--no-generate.enabled", "--output-dir", str(out_dir / "run"),
-    ] + (["--model", args.model] if args.model else []) + (PLAIN if s.variant == "plain" else []) \
+    ] + (["--model", args.model] if args.model else []) + VARIANT_OPTIONS.get(s.variant, []) \
       + (["--grad-checkpointing"] if s.checkpointing else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     m = json.loads((out_dir / "run" / "metrics.json").read_text())
     t = m["train"]
     return {"tokens_per_s": t["tokens_per_s"], "padding": t["padding_fraction"], "peak_mib": m["memory"]["peak_mib"],
             "loop_s": t["runtime_s"], "final_loss": t["final_loss"], "avg_loss": t["avg_loss"], "mfu": t["mfu"],
-            "steps": t["steps"]}
+            "steps": t["steps"], "compile_s": t.get("compile_s", 0.0)}
 
 
 def run_trl(s: Setting, args, out_dir: Path) -> dict:
@@ -194,7 +211,7 @@ def ratios(results: list[tuple[Setting, dict]], precision: str) -> list[str]:
     """The issue's targets, measured in this run."""
     here = [(s, r) for s, r in results if s.precision == precision]
     peer = [(s, r) for s, r in here if s.tool == "trl"]
-    ours = [(s, r) for s, r in here if s.tool == "solotune" and s.variant == "default"]
+    ours = [(s, r) for s, r in here if s.tool == "solotune" and s.variant in ("default", "compiled")]
     if not peer or not ours:
         return []
     best_peer_s, best_peer = max(peer, key=lambda sr: sr[1]["tokens_per_s"])
@@ -213,6 +230,10 @@ def ratios(results: list[tuple[Setting, dict]], precision: str) -> list[str]:
                      f"({100 * (ours8['avg_loss'] / peer8['avg_loss'] - 1):+.2f}%, target within 1%)")
     lines.append(f"{precision}: MFU of solotune's fastest: {100 * best['mfu']:.0f}% of the measured {precision} matmul peak (target >= 50%)")
     return lines
+
+
+def compiled_note(r: dict) -> str:
+    return f", compile {r['compile_s']:.0f} s (not in tokens/s)" if r.get("compile_s") else ""
 
 
 def default_precisions(device: str) -> list[str]:
@@ -234,13 +255,14 @@ def main() -> None:
     p.add_argument("--precisions", default=None, help="comma-separated: fp32,bf16 (default: what the device runs natively)")
     p.add_argument("--peer-micro", default="8,4,2,1", help="the peer's micro-batch sizes to try")
     p.add_argument("--out", default=None, help="also write the table here (markdown)")
+    p.add_argument("--focus", default="all", choices=["all", "compiled"], help="compiled: only the headline's settings, with torch.compile")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args)
 
     precisions = args.precisions.split(",") if args.precisions else default_precisions(args.device)
-    runs = plan(precisions, [int(m) for m in args.peer_micro.split(",")])
+    runs = plan(precisions, [int(m) for m in args.peer_micro.split(",")], args.focus)
     print(f"{len(runs)} runs, {args.records} records from {args.data}, max len {args.max_len}, device {args.device}, "
           f"precisions {', '.join(precisions)}", flush=True)
     results = []
@@ -250,7 +272,7 @@ def main() -> None:
         if r:
             results.append((s, r))
             print(f"[{i}/{len(runs)}] {s.label}: {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_mib']:,.0f} MiB, "
-                  f"avg loss {r['avg_loss']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+                  f"avg loss {r['avg_loss']:.4f}{compiled_note(r)} ({time.perf_counter() - start:.0f} s)", flush=True)
     machine = f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
     report = [f"# solotune vs TRL SFTTrainer + PEFT ({time.strftime('%Y-%m-%d')}, {machine}, device {args.device})", "",
               f"`{' '.join(['python', 'benchmarks/vs_trl.py', *sys.argv[1:]])}`", "",
