@@ -128,7 +128,6 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
                 accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy, loss_fn)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-    tracker.close()
     return Estimate(tracker.parts_mib(), counts.trainable, counts.total, time.perf_counter() - start)
 
 

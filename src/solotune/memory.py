@@ -141,6 +141,10 @@ class TensorMemoryTracker(TorchDispatchMode):
             self._track(t, self._phase)
         return out
 
+    def __exit__(self, *exc):
+        self.close()  # one interval per tracker: the hooks go with it
+        return super().__exit__(*exc)
+
     def close(self) -> None:
         """Remove the hooks (the tracker's totals stay readable)."""
         for h in self._hooks:

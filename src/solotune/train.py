@@ -154,11 +154,9 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
             result.flops += flop_model.step_flops(micro)  # on the host copies: no device sync
             micro = [mb.to(policy.device) for mb in micro]
             result.lrs.append(scheduler.get_last_lr()[0])
-            step_start, compiled_before = time.perf_counter(), compile_seconds()
-            out = _guarded_step(model, micro, optimizer, scheduler, policy, cfg, loss_fn, step, checkpoints)
-            step_compile_s = compile_seconds() - compiled_before
-            result.step_seconds.append(time.perf_counter() - step_start - step_compile_s)
-            result.compile_s += step_compile_s
+            out, seconds, compile_s = _timed_step(model, micro, optimizer, scheduler, policy, cfg, loss_fn, step, checkpoints)
+            result.step_seconds.append(seconds)
+            result.compile_s += compile_s
             _record_step(result, out, micro)
             skip_run = skip_run + 1 if out.skipped else 0
             if skip_run == MANY_SKIPS:
@@ -179,8 +177,6 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
                     f"continue with: solotune train --resume {checkpoints.run_dir}"
                 )
     result.runtime_s = previous_runtime + time.perf_counter() - start - saving_s - (result.compile_s - compiled_at_start)
-    if tracker:
-        tracker.close()
     result.memory = memory_report(max(peaks + [probe.read()], key=lambda p: p.peak_mib), tracker)
     return result
 
@@ -233,6 +229,14 @@ def _save_checkpoint(checkpoints: Checkpointer, step: int, model, optimizer, sch
 def _records(result: LoopResult) -> dict:
     """The loop's records so far, as a checkpoint keeps them (the memory report is per process)."""
     return {k: v for k, v in dataclasses.asdict(result).items() if k != "memory"}
+
+
+def _timed_step(*step_args) -> tuple[StepResult, float, float]:
+    """`_guarded_step`, with its seconds less torch.compile's, and torch.compile's seconds."""
+    start, compiled_before = time.perf_counter(), compile_seconds()
+    out = _guarded_step(*step_args)
+    compile_s = compile_seconds() - compiled_before
+    return out, time.perf_counter() - start - compile_s, compile_s
 
 
 def _guarded_step(model, micro, optimizer, scheduler, policy, cfg: TrainConfig, loss_fn, step: int,
