@@ -210,8 +210,7 @@ def merge_quantized(adapter_dir, output_dir, source: str, mcfg: ModelConfig, tok
     with torch.inference_mode():
         adapted = load_adapter(load_model(source, mcfg, dtype, cpu, quantized), adapter_dir).eval()
         reference = [adapted(**p).logits.float() for p in probes]
-        del adapted
-        base = load_model(source, mcfg, dtype, cpu, quantized).dequantize(dtype=dtype)
+        base = adapted.unload().dequantize(dtype=dtype)  # the same 4-bit base, not loaded twice
         merged = merge_adapter(load_adapter(base, adapter_dir).eval())
         diff = max((merged(**p).logits.float() - ref).abs().max().item() for p, ref in zip(probes, reference))
     scale = max(ref.abs().max().item() for ref in reference)
