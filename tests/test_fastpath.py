@@ -8,7 +8,7 @@ from solotune.adapters import SharedDropout, apply_lora
 from solotune.attention import enable_padding_free
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, RunConfig, TrainConfig
 from solotune.data import IGNORE_INDEX, Record, collate, collate_packed, tokenize_records
-from solotune.loss import ResponseLoss, full_response_loss_sum
+from solotune.loss import ResponseLoss, chunked_response_loss_sum, full_response_loss_sum
 from solotune.memory import MIB
 from solotune.precision import resolve_policy
 from solotune.swiglu import use_fused_swiglu
@@ -80,6 +80,34 @@ def test_chunked_cross_entropy_equals_the_full_logits(tokenizer, padding_free, f
     assert_same_gradients(grads, ref_grads)
 
 
+def test_adapted_lm_head_takes_the_checkpointed_chunks(tokenizer):
+    """A head that is not a plain Linear (here LoRA on lm_head) runs the checkpointed chunks: same loss and gradients."""
+    exs = examples(tokenizer)
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "lm_head"]))
+    assert type(model.get_output_embeddings()) is not torch.nn.Linear
+    batch = collate(exs, tokenizer.pad_token_id)
+    ref_loss, ref_grads = loss_and_grads(model, batch, ResponseLoss(chunk=0))
+    loss, grads = loss_and_grads(model, batch, ResponseLoss(chunk=7))
+    assert any("lm_head" in name for name in grads)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_same_gradients(grads, ref_grads)
+
+
+def test_fused_head_keeps_no_logits_for_backward(tokenizer):
+    """What the fused head + CE saves for backward is (N, H)-sized: no chunk of logits, no recomputation."""
+    exs = examples(tokenizer)
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0))
+    batch = collate_packed(exs)
+    hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state.detach().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = chunked_response_loss_sum(hidden, model.get_output_embeddings(), batch.labels, batch.loss_positions, chunk=7)
+    n, h = batch.n_loss_tokens, hidden.shape[-1]
+    assert max(t.numel() for t in saved) == n * h  # the gradient of the loss positions' hidden states
+    loss.backward()
+    assert hidden.grad.abs().sum() > 0
+
+
 def run(tokenizer, steps=2, mp="off", vocab_size=None, **train):
     shape = dict(hidden_size=128, num_hidden_layers=2, vocab_size=vocab_size or len(tokenizer))
     model = apply_lora(make_model(tokenizer, **shape), LoraConfig(r=8, dropout=0.0))
@@ -136,6 +164,22 @@ def test_shared_dropout_draws_one_mask_per_block_input(tokenizer):
         assert 0.4 < zeros < 0.6  # dropout at p = 0.5 did happen
         assert o is not q  # o_proj reads another input: its own mask
     assert all(b._cached is None and b.input_key is None for b in blocks)  # nothing outlives the block
+
+
+def test_shared_dropout_keeps_a_one_byte_mask_and_the_dropout_gradient():
+    """Backward keeps a bool mask (not a float copy) and gives mask / (1 - p) times the incoming gradient."""
+    x = torch.randn(64, 32, requires_grad=True)
+    dropout = SharedDropout(0.25).train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dropout(x)
+    assert [t.dtype for t in saved] == [torch.bool]
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    kept = y != 0
+    assert 0.65 < kept.float().mean().item() < 0.85
+    assert torch.allclose(y, x.detach() * kept / 0.75, rtol=1e-6)
+    assert torch.allclose(x.grad, grad_out * kept / 0.75, rtol=1e-6)
 
 
 def test_shared_dropout_replays_the_same_mask_under_checkpointing(tokenizer):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -107,7 +106,8 @@ class SharedDropout(torch.nn.Module):
             return x
         if self._cached is not None and self._cached[0] is self.input_key and self._cached[1].dtype == x.dtype:
             return self._cached[1]
-        dropped = F.dropout(x, self.p, training=True)
+        # native_dropout keeps a 1-byte mask for backward; F.dropout on the CPU keeps a float one.
+        dropped, _ = torch.native_dropout(x, self.p, True)
         self._cached = (self.input_key, dropped) if self.input_key is not None else None
         return dropped
 

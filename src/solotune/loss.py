@@ -3,9 +3,14 @@
 Two ways to compute the same number. `full` asks the model for its logits, B x T x V of them,
 which for a 49k vocabulary and 8 x 512 tokens is 768 MiB in fp32, and three logits-sized
 tensors are alive at once in backward. `chunked` takes the decoder's hidden states, keeps only
-the positions that carry a loss, and runs the LM head and cross-entropy on chunks of them
-under activation checkpointing: one chunk's logits exist at a time, in forward and again in
-backward, and no logits are computed for prompt or padding positions.
+the positions that carry a loss, and runs the LM head and cross-entropy on chunks of them: no
+logits are computed for prompt or padding positions and one chunk's logits exist at a time.
+
+The chunked loss is a plain sum, so its gradient needs nothing from downstream but one scalar.
+For a plain linear head, forward therefore computes each chunk's gradient while the chunk's
+logits exist and keeps only the (N, H) gradient of the hidden states; backward scales it.
+Nothing logits-sized is kept for backward, and the head's matmul is not run a third time.
+Any other head (an adapted or quantized one) runs chunk by chunk under checkpointing instead.
 """
 
 from __future__ import annotations
@@ -37,12 +42,58 @@ def chunked_response_loss_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, la
     """
     h = hidden.flatten(0, 1)[positions]  # (N, H)
     targets = labels.flatten()[positions + 1]  # (N,)
+    if type(lm_head) is torch.nn.Linear:  # exactly: adapted and quantized heads subclass it
+        return FusedHeadCrossEntropy.apply(h, lm_head.weight, lm_head.bias, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk):
         total = total + checkpoint(
             _head_cross_entropy, lm_head, h[start : start + chunk], targets[start : start + chunk], use_reentrant=False
         )
     return total
+
+
+class FusedHeadCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(h @ weight.T + bias, targets)), with the gradients computed in forward.
+
+    Per chunk: logits in fp32, their log-sum-exp, then in place softmax - one_hot, the gradient
+    of the chunk's summed loss w.r.t. its logits; from it the chunk's gradient w.r.t. h (and
+    w.r.t. weight and bias when they train). The matmuls run in whatever dtype autocast gives
+    them, as the unfused head's would. The gradients are held in fp32, so an fp16 loss scale
+    is applied to them in backward, not lost to underflow in forward.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(h_c, weight, bias)
+            head_dtype = logits.dtype
+            logits = logits.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(t_c.shape[0], device=h.device)
+            total += (lse - logits[rows, t_c]).sum()
+            grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in the logits' memory
+            grad_logits[rows, t_c] -= 1
+            g = grad_logits.to(head_dtype)
+            if need_h:
+                grad_h[start : start + chunk] = g @ weight.to(head_dtype)
+            if need_w:
+                grad_w += g.T @ h_c.to(head_dtype)
+            if need_b:
+                grad_b += grad_logits.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [None if g is None else (grad_total * g).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return *grads, None, None
 
 
 def _head_cross_entropy(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
