@@ -80,6 +80,23 @@ def test_chunked_cross_entropy_equals_the_full_logits(tokenizer, padding_free, f
     assert_same_gradients(grads, ref_grads)
 
 
+def test_fused_head_under_bf16_autocast_matches_the_full_logits(tokenizer):
+    """Under bf16 autocast the fused head's matmuls run in bf16 as the unfused head's do: same loss and gradients."""
+    exs = examples(tokenizer)
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0))
+    batch = collate_packed(exs)
+    results = []
+    for chunk in (0, 7):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.zero_grad(set_to_none=True)
+            loss = ResponseLoss(chunk=chunk)(model, batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert loss == pytest.approx(ref_loss, rel=1e-6)  # measured: equal
+    assert_same_gradients(grads, ref_grads)
+
+
 def test_adapted_lm_head_takes_the_checkpointed_chunks(tokenizer):
     """A head that is not a plain Linear (here LoRA on lm_head) runs the checkpointed chunks: same loss and gradients."""
     exs = examples(tokenizer)
