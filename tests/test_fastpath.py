@@ -53,11 +53,22 @@ def assert_same_gradients(grads, ref_grads, rel=1e-5):
         assert diff < rel, f"{name}: relative gradient difference {diff:.2e}"
 
 
-def loss_and_grads(model, batch, loss_fn):
+def loss_and_grads(model, batch, loss_fn, dtype=None):
+    """One forward (under CPU autocast to `dtype` if given) and backward: the loss and every gradient."""
     model.zero_grad(set_to_none=True)
-    loss = loss_fn(model, batch)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        loss = loss_fn(model, batch)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_chunked_equals_full(model, batch, dtype=None, rel=1e-5):
+    """The chunked head + CE (7 positions a chunk, which does not divide the count) == the full logits."""
+    ref_loss, ref_grads = loss_and_grads(model, batch, ResponseLoss(chunk=0), dtype)
+    loss, grads = loss_and_grads(model, batch, ResponseLoss(chunk=7), dtype)
+    assert loss == pytest.approx(ref_loss, rel=rel)
+    assert_same_gradients(grads, ref_grads)
+    return grads
 
 
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
@@ -73,28 +84,16 @@ def test_chunked_cross_entropy_equals_the_full_logits(tokenizer, padding_free, f
         for p in model.parameters():
             p.requires_grad_(True)
     batch = collate_packed(exs) if padding_free else collate(exs, tokenizer.pad_token_id)
-    ref_loss, ref_grads = loss_and_grads(model, batch, ResponseLoss(chunk=0))
+    ref_loss, _ = loss_and_grads(model, batch, ResponseLoss(chunk=0))
     assert ref_loss == pytest.approx(full_response_loss_sum(model(**batch.model_inputs()).logits, batch.labels).item())
-    loss, grads = loss_and_grads(model, batch, ResponseLoss(chunk=7))  # 7 does not divide the count
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert_same_gradients(grads, ref_grads)
+    assert_chunked_equals_full(model, batch)
 
 
 def test_fused_head_under_bf16_autocast_matches_the_full_logits(tokenizer):
     """Under bf16 autocast the fused head's matmuls run in bf16 as the unfused head's do: same loss and gradients."""
     exs = examples(tokenizer)
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0))
-    batch = collate_packed(exs)
-    results = []
-    for chunk in (0, 7):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model.zero_grad(set_to_none=True)
-            loss = ResponseLoss(chunk=chunk)(model, batch)
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (ref_loss, ref_grads), (loss, grads) = results
-    assert loss == pytest.approx(ref_loss, rel=1e-6)  # measured: equal
-    assert_same_gradients(grads, ref_grads)
+    assert_chunked_equals_full(model, collate_packed(exs), dtype=torch.bfloat16, rel=1e-6)  # measured: equal
 
 
 def test_adapted_lm_head_takes_the_checkpointed_chunks(tokenizer):
@@ -102,12 +101,8 @@ def test_adapted_lm_head_takes_the_checkpointed_chunks(tokenizer):
     exs = examples(tokenizer)
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "lm_head"]))
     assert type(model.get_output_embeddings()) is not torch.nn.Linear
-    batch = collate(exs, tokenizer.pad_token_id)
-    ref_loss, ref_grads = loss_and_grads(model, batch, ResponseLoss(chunk=0))
-    loss, grads = loss_and_grads(model, batch, ResponseLoss(chunk=7))
+    grads = assert_chunked_equals_full(model, collate(exs, tokenizer.pad_token_id))
     assert any("lm_head" in name for name in grads)
-    assert loss == pytest.approx(ref_loss, rel=1e-5)
-    assert_same_gradients(grads, ref_grads)
 
 
 def test_fused_head_keeps_no_logits_for_backward(tokenizer):
