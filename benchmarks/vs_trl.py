@@ -42,11 +42,13 @@ class Setting:
     precision: str  # "fp32" or "bf16"
     variant: str = "default"  # solotune: "default" or "plain"; trl: "padded" or "padding_free"
     checkpointing: bool = False  # TRL's SFTConfig turns gradient checkpointing on by default
+    allocator: str = "glibc"  # the process's C allocator (solotune.allocator): glibc, jemalloc, tcmalloc
 
     @property
     def label(self) -> str:
         gc = ", checkpointing" if self.checkpointing else ""
-        return f"{self.tool} {self.variant}{gc}, {self.micro} x {EFFECTIVE_BATCH // self.micro}, {self.precision}"
+        alloc = f", {self.allocator}" if self.allocator != "glibc" else ""
+        return f"{self.tool} {self.variant}{gc}, {self.micro} x {EFFECTIVE_BATCH // self.micro}, {self.precision}{alloc}"
 
 
 # solotune "plain": the loop's own techniques off (padded batches, full logits, autograd's SwiGLU,
@@ -64,6 +66,15 @@ def plan(precisions: list[str], peer_micros: list[int], focus: str = "all") -> l
     the peer's two best (micro-batch 1 and 2) and its micro-batch 8 (the same-settings target)
     against solotune compiled at micro-batch 8, 2 and 1 and its eager default at 1 and 8.
     """
+    if focus == "allocators":  # glibc's malloc vs jemalloc (both tools) and tcmalloc (solotune)
+        runs = []
+        for precision in precisions:
+            for allocator in ("glibc", "jemalloc"):
+                runs += [Setting("solotune", EFFECTIVE_BATCH, precision, "default", allocator=allocator),
+                         Setting("trl", 1, precision, "padded", allocator=allocator)]
+            runs += [Setting("solotune", EFFECTIVE_BATCH, precision, "default", allocator="tcmalloc"),
+                     Setting("solotune", 2, precision, "compiled", allocator="jemalloc")]
+        return runs
     if focus == "compiled":
         runs = []
         for precision in precisions:
@@ -111,7 +122,7 @@ def run_solotune(s: Setting, args, out_dir: Path) -> dict:
         "--batch", str(EFFECTIVE_BATCH), "--grad-accum", str(EFFECTIVE_BATCH // s.micro), "--lr", "2e-4",
         "--epochs", "1", "--no-train.shuffle", "--train.schedule", "linear", "--train.warmup-ratio", "0",
         "--train.seed", "0", "--precision.mp", "off" if s.precision == "fp32" else s.precision,
-        "--device", args.device, "--no-generate.enabled", "--output-dir", str(out_dir / "run"),
+        "--device", args.device, "--no-generate.enabled", "--output-dir", str(out_dir / "run"), "--cpu-allocator", s.allocator,
     ] + (["--model", args.model] if args.model else []) + VARIANT_OPTIONS.get(s.variant, []) \
       + (["--grad-checkpointing"] if s.checkpointing else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -192,7 +203,12 @@ def worker(spec: str, args) -> None:
 def run_one(s: Setting, args) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", json.dumps(asdict(s)), "--data", args.data, "--records",
            str(args.records), "--max-len", str(args.max_len), "--device", args.device] + (["--model", args.model] if args.model else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if s.tool == "trl" and s.allocator != "glibc":  # solotune preloads its own (--cpu-allocator)
+        from solotune.allocator import choose
+
+        env["LD_PRELOAD"] = choose(s.allocator)[1]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -258,7 +274,9 @@ def main() -> None:
     p.add_argument("--precisions", default=None, help="comma-separated: fp32,bf16 (default: what the device runs natively)")
     p.add_argument("--peer-micro", default="8,4,2,1", help="the peer's micro-batch sizes to try")
     p.add_argument("--out", default=None, help="also write the table here (markdown)")
-    p.add_argument("--focus", default="all", choices=["all", "compiled"], help="compiled: only the settings that decide the targets, with solotune also compiled")
+    p.add_argument("--focus", default="all", choices=["all", "compiled", "allocators"],
+                   help="compiled: only the settings that decide the targets, with solotune also compiled; "
+                        "allocators: glibc's malloc vs jemalloc / tcmalloc")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -281,7 +299,7 @@ def main() -> None:
               f"`{' '.join(['python', 'benchmarks/vs_trl.py', *sys.argv[1:]])}`", "",
               "Peak: " + ("the CUDA allocator's peak" if args.device == "cuda" else "the process's peak RSS") +
               " over the training loop. Tokens/s: non-padding tokens.", "", table(results), ""]
-    for precision in precisions:
+    for precision in precisions if args.focus != "allocators" else []:  # the targets' ratios are for one allocator
         report += ratios(results, precision)
     text = "\n".join(report)
     print("\n" + text)

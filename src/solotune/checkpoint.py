@@ -33,7 +33,7 @@ from solotune.errors import SolotuneError
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
 # Config entries that may change between a run and its resumption without changing the maths.
-FREE_ON_RESUME = {"output_dir", "mem_limit", "generate", "train.save_every", "train.keep"}
+FREE_ON_RESUME = {"output_dir", "mem_limit", "cpu_allocator", "generate", "train.save_every", "train.keep"}
 
 
 @dataclass

@@ -204,7 +204,17 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command. Called with argv=None (the `solotune` command itself), a training run first
+    re-executes the process with the chosen CPU allocator, before torch is imported."""
     args = build_parser().parse_args(argv)
+    try:
+        if argv is None and args.func is cmd_train:
+            from solotune.allocator import reexec_with
+
+            reexec_with(config_from_args(args).cpu_allocator, sys.argv[1:])
+    except SolotuneError as e:
+        print(f"solotune: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", USER_ERROR_EXIT)
     quiet_libraries()
     try:
         args.func(args)

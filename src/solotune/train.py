@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import solotune
-from solotune import artifacts, checkpoint
+from solotune import allocator, artifacts, checkpoint
 from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune, save_trained
 from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
 from solotune.attention import enable_padding_free
@@ -297,6 +297,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
     transformers.set_seed(cfg.train.seed)
     policy = resolve_policy(cfg.precision, cfg.device, frozen_base=cfg.lora.enabled)
     print(policy.describe())
+    print(allocator.describe(cfg.cpu_allocator))
     if cfg.train.offload_activations and policy.device.type != "cuda":
         raise SolotuneError("train.offload_activations moves activations from the GPU to CPU memory; it needs --device cuda")
     if cfg.mem_limit:
@@ -382,7 +383,8 @@ def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: 
         "config": to_dict(cfg),
         "device": str(policy.device),
         "machine": {**artifacts.machine_info(),
-                    "gpu": torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else None},
+                    "gpu": torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else None,
+                    "cpu_allocator": allocator.in_use()},
         "precision": {"mp": policy.mp, "base_dtype": DTYPE_NAMES[policy.base_dtype],
                       "grad_scaler": policy.scaler.is_enabled(), "decisions": policy.reasons},
         "model": {"source": source, "load_s": load_s},
