@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -277,6 +277,8 @@ def main() -> None:
     p.add_argument("--focus", default="all", choices=["all", "compiled", "allocators"],
                    help="compiled: only the settings that decide the targets, with solotune also compiled; "
                         "allocators: glibc's malloc vs jemalloc / tcmalloc")
+    p.add_argument("--ours-allocator", default="glibc", choices=["glibc", "tcmalloc", "jemalloc"],
+                   help="solotune's --cpu-allocator in the plan's runs (the peer keeps glibc's malloc)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -284,6 +286,8 @@ def main() -> None:
 
     precisions = args.precisions.split(",") if args.precisions else default_precisions(args.device)
     runs = plan(precisions, [int(m) for m in args.peer_micro.split(",")], args.focus)
+    if args.ours_allocator != "glibc":
+        runs = [replace(s, allocator=args.ours_allocator) if s.tool == "solotune" else s for s in runs]
     print(f"{len(runs)} runs, {args.records} records from {args.data}, max len {args.max_len}, device {args.device}, "
           f"precisions {', '.join(precisions)}", flush=True)
     results = []

@@ -18,12 +18,12 @@ def finder(*installed):
     return lambda name: f"/usr/lib/lib{name}.so" if name in installed else None
 
 
-def test_auto_prefers_jemalloc_then_tcmalloc_then_glibc():
-    assert choose("auto", finder("jemalloc", "tcmalloc")) == ("jemalloc", "/usr/lib/libjemalloc.so")
-    assert choose("auto", finder("tcmalloc")) == ("tcmalloc", "/usr/lib/libtcmalloc.so")
+def test_auto_prefers_tcmalloc_then_jemalloc_then_glibc():
+    assert choose("auto", finder("jemalloc", "tcmalloc")) == ("tcmalloc", "/usr/lib/libtcmalloc.so")
+    assert choose("auto", finder("jemalloc")) == ("jemalloc", "/usr/lib/libjemalloc.so")
     assert choose("auto", finder()) == ("glibc", None)
     assert choose("glibc", finder("jemalloc")) == ("glibc", None)
-    assert choose("tcmalloc", finder("jemalloc", "tcmalloc")) == ("tcmalloc", "/usr/lib/libtcmalloc.so")
+    assert choose("jemalloc", finder("jemalloc", "tcmalloc")) == ("jemalloc", "/usr/lib/libjemalloc.so")
 
 
 def test_a_named_allocator_that_is_missing_is_an_error_not_a_fallback():
@@ -62,11 +62,11 @@ def test_glibc_runs_glibc_and_auto_runs_what_is_installed(tiny_model_dir, tmp_pa
     header, running = train(tiny_model_dir, tmp_path, "auto")
     assert running == choose("auto")[0]
     assert header == (f"cpu allocator: {running} (auto: installed here)" if running != "glibc" else
-                      "cpu allocator: glibc (auto: neither jemalloc nor tcmalloc is installed; `apt install libjemalloc2` lowers the CPU peak)")
+                      "cpu allocator: glibc (auto: neither tcmalloc nor jemalloc is installed; `apt install libtcmalloc-minimal4` lowers the CPU peak)")
 
 
 @pytest.mark.parametrize("name", [n for n, lib in INSTALLED.items() if lib] or
-                         [pytest.param("jemalloc", marks=pytest.mark.skip(reason="neither jemalloc nor tcmalloc is installed"))])
+                         [pytest.param("jemalloc", marks=pytest.mark.skip(reason="neither tcmalloc nor jemalloc is installed"))])
 def test_a_named_allocator_is_loaded_into_the_run(tiny_model_dir, tmp_path, name):
     """The command re-executes itself with the library preloaded (where the system has it)."""
     header, running = train(tiny_model_dir, tmp_path, name)

@@ -3,10 +3,10 @@
 On the CPU every tensor comes from the C library's malloc. glibc serves the activation-sized
 blocks (1-32 MiB) from its heap, and the heap keeps the holes that short-lived temporaries leave
 between tensors that live until backward: in the eager loop about a gigabyte of the peak RSS is
-such holes (benchmarks/cpu_heap.py). jemalloc and tcmalloc keep blocks of each size class
-apart and hand freed pages back, and cut the peak RSS of the same run by a quarter at the same
-speed (benchmarks/allocators.py). Both are system libraries (Debian/Ubuntu: `apt install
-libjemalloc2`), not Python packages.
+such holes (benchmarks/cpu_heap.py). tcmalloc and jemalloc keep blocks of each size class
+apart and hand freed pages back: they cut the peak RSS of the same run by a quarter, tcmalloc
+at no cost in speed (`benchmarks/vs_trl.py --focus allocators`). Both are system libraries
+(Debian/Ubuntu: `apt install libtcmalloc-minimal4` or `libjemalloc2`), not Python packages.
 
 A process picks its allocator before it starts, so the `solotune` command re-executes itself
 once, with LD_PRELOAD naming the library, before it imports torch (`reexec_with`). Which
@@ -23,7 +23,7 @@ from pathlib import Path
 from solotune.errors import SolotuneError
 
 # --cpu-allocator value -> the library's name for ctypes.util.find_library
-LIBRARIES = {"jemalloc": "jemalloc", "tcmalloc": "tcmalloc_minimal"}
+LIBRARIES = {"tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc"}  # auto tries them in this order
 CHOICES = ("auto", "glibc", *LIBRARIES)
 REEXEC_MARK = "SOLOTUNE_CPU_ALLOCATOR"  # set in the re-executed process: never re-execute twice
 INSTALL_HINT = {"jemalloc": "apt install libjemalloc2", "tcmalloc": "apt install libtcmalloc-minimal4"}
@@ -37,7 +37,7 @@ def find_library(name: str) -> str | None:
 def choose(requested: str, find=None) -> tuple[str, str | None]:
     """(allocator, library to preload or None) for `--cpu-allocator requested`.
 
-    auto: jemalloc if installed, else tcmalloc if installed, else glibc. A named allocator that is
+    auto: tcmalloc if installed (it measured fastest), else jemalloc, else glibc. A named allocator that is
     not installed is an error, not a silent fallback. `find`: name -> library (find_library).
     """
     find = find or find_library
@@ -93,5 +93,5 @@ def describe(requested: str) -> str:
     if requested == "auto" and running != "glibc":
         return f"cpu allocator: {running} (auto: installed here)"
     if requested == "auto" and choose("auto")[0] == "glibc":
-        return "cpu allocator: glibc (auto: neither jemalloc nor tcmalloc is installed; `apt install libjemalloc2` lowers the CPU peak)"
+        return "cpu allocator: glibc (auto: neither tcmalloc nor jemalloc is installed; `apt install libtcmalloc-minimal4` lowers the CPU peak)"
     return f"cpu allocator: {running} (--cpu-allocator {requested} takes effect when the solotune command starts the process)"

@@ -166,7 +166,7 @@ class RunConfig:
     # Cap the run's memory as a smaller card would ("24GB", "512MiB"): CUDA: a per-process
     # fraction of the GPU; CPU: the process's data-segment limit. None: no cap.
     mem_limit: str | None = None
-    # The C allocator behind CPU tensors (solotune.allocator): auto = jemalloc or tcmalloc where
+    # The C allocator behind CPU tensors (solotune.allocator): auto = tcmalloc or jemalloc where
     # installed, which keep far less freed memory than glibc's malloc.
     cpu_allocator: str = field(default="auto", metadata=choices("auto", "glibc", "jemalloc", "tcmalloc"))
 
