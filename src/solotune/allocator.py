@@ -24,7 +24,6 @@ from solotune.errors import SolotuneError
 
 # --cpu-allocator value -> the library's name for ctypes.util.find_library
 LIBRARIES = {"tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc"}  # auto tries them in this order
-CHOICES = ("auto", "glibc", *LIBRARIES)
 REEXEC_MARK = "SOLOTUNE_CPU_ALLOCATOR"  # set in the re-executed process: never re-execute twice
 INSTALL_HINT = {"jemalloc": "apt install libjemalloc2", "tcmalloc": "apt install libtcmalloc-minimal4"}
 
