@@ -212,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             from solotune.allocator import reexec_with
 
             reexec_with(config_from_args(args).cpu_allocator, sys.argv[1:])
-    except SolotuneError as e:
-        print(f"solotune: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", USER_ERROR_EXIT)
-    quiet_libraries()
-    try:
+        quiet_libraries()
         args.func(args)
     except SolotuneError as e:
         print(f"solotune: error: {e}", file=sys.stderr)

@@ -65,10 +65,11 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None  # every row is written
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        weight_in_head_dtype = None
         for start in range(0, h.shape[0], chunk):
             h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
             logits = F.linear(h_c, weight, bias)
@@ -80,8 +81,10 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
             grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in the logits' memory
             grad_logits[rows, t_c] -= 1
             g = grad_logits.to(head_dtype)
+            if weight_in_head_dtype is None:  # cast once, not per chunk (a no-op unless autocast casts)
+                weight_in_head_dtype = weight.to(head_dtype)
             if need_h:
-                grad_h[start : start + chunk] = g @ weight.to(head_dtype)
+                grad_h[start : start + chunk] = g @ weight_in_head_dtype
             if need_w:
                 grad_w += g.T @ h_c.to(head_dtype)
             if need_b:
