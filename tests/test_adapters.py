@@ -2,8 +2,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from solotune.testing import make_model
-from solotune.adapters import apply_lora, count_parameters, merge_adapter, save_trained
+from solotune.testing import make_architecture, make_model
+from solotune.adapters import apply_lora, count_parameters, merge_adapter, resolve_targets, save_trained
 from solotune.config import LoraConfig
 from solotune.errors import SolotuneError
 
@@ -44,6 +44,17 @@ def test_all_linear_adapts_every_projection(tokenizer):
     model = apply_lora(make_model(tokenizer), LoraConfig(target_modules=["all-linear"]))
     adapted = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("llama", ["q_proj", "k_proj", "v_proj"]), ("qwen2", ["q_proj", "k_proj", "v_proj"]), ("gemma", ["q_proj", "k_proj", "v_proj"]),
+    ("granite", ["q_proj", "k_proj", "v_proj"]), ("gpt2", ["c_attn"]), ("gpt_neox", ["query_key_value"]), ("phi3", ["qkv_proj"]),
+])
+def test_the_default_targets_are_each_models_attention_input_projections(tokenizer, family, expected):
+    model = make_architecture(family, tokenizer)
+    assert resolve_targets(model, ["attention"])[0] == expected
+    adapted = apply_lora(model, LoraConfig())
+    assert {n.split(".")[-4] for n, p in adapted.named_parameters() if p.requires_grad} == set(expected)
 
 
 def test_unknown_target_module_lists_the_real_ones(tokenizer):

@@ -16,7 +16,7 @@ def parse(*argv):
 def test_defaults_are_the_reference_experiment_and_valid():
     cfg = validate(RunConfig())
     assert cfg.lora.enabled and cfg.lora.r == 16
-    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert cfg.lora.target_modules == ["attention"]  # q, k and v in Llama (tests/test_adapters.py)
     assert cfg.train.batch == 8 and cfg.train.grad_accum == 1
 
 

@@ -11,10 +11,10 @@ from solotune.data import IGNORE_INDEX, Record, collate, collate_packed, tokeniz
 from solotune.loss import ResponseLoss, chunked_response_loss_sum, full_response_loss_sum
 from solotune.memory import MIB
 from solotune.precision import resolve_policy
-from solotune.swiglu import use_fused_swiglu
+from solotune.swiglu import SiluMul, use_fused_swiglu
 from solotune.testing import make_model, save_model_folder
 from solotune.testing import varied_examples as examples
-from solotune.train import build_model, enable_checkpointing, train_loop
+from solotune.train import accumulate_gradients, build_model, enable_checkpointing, train_loop
 
 
 def per_token_losses(logits, labels):
@@ -267,3 +267,33 @@ def test_without_memory_tracking_only_the_peak_is_reported(tokenizer):
     assert untracked.losses == tracked.losses
     assert untracked.memory["peak_mib"] > 0
     assert untracked.memory["parameters_mib"] is None and untracked.memory["tracked_peak_mib"] is None
+
+
+def test_fused_swiglu_backward_in_bf16_is_as_accurate_as_autograds():
+    """Computed in fp32 inside and rounded once, the fused gradients are no further from an fp64
+    reference than autograd's own bf16 SiLU-and-product (before: 4.7e-3 against 3.3e-3)."""
+    torch.manual_seed(0)
+    gate, up, grad = (torch.randn(4096, 256) * 3 for _ in range(3))
+
+    def gradients(fn, dtype):
+        g, u = gate.to(dtype).requires_grad_(), up.to(dtype).requires_grad_()
+        fn(g, u).backward(grad.to(dtype))
+        return g.grad.double(), u.grad.double()
+
+    reference = gradients(lambda g, u: F.silu(g) * u, torch.float64)
+    errors = {name: [((a - r).norm() / r.norm()).item() for a, r in zip(gradients(fn, torch.bfloat16), reference)]
+              for name, fn in (("autograd", lambda g, u: F.silu(g) * u), ("fused", SiluMul.apply))}
+    assert all(f <= a for f, a in zip(errors["fused"], errors["autograd"])), errors
+
+
+def test_shared_dropout_holds_nothing_after_a_step_under_checkpointing(tokenizer):
+    """Non-reentrant checkpointing stops its replay after the last tensor backward needs, before
+    the hook that clears the shared mask's cache: the step itself releases what is left."""
+    base = make_model(tokenizer)
+    enable_checkpointing(base)
+    model = apply_lora(base, LoraConfig(r=4, dropout=0.1, target_modules=["all-linear"])).train()
+    shared = [m for m in model.modules() if isinstance(m, SharedDropout)]
+    assert len(shared) == 4  # q/k/v and gate/up, in each of 2 layers
+    policy = resolve_policy(PrecisionConfig(mp="off"), "cpu", frozen_base=True)
+    accumulate_gradients(model, [collate(examples(tokenizer), tokenizer.pad_token_id)], policy)
+    assert all(s._cached is None and s.input_key is None for s in shared)

@@ -1,5 +1,7 @@
 """QLoRA (4-bit and 8-bit frozen bases via bitsandbytes) and the low-memory optimizers, on the CPU."""
 
+import json
+
 import pytest
 import torch
 
@@ -23,6 +25,17 @@ SHAPE = dict(hidden_size=256, num_hidden_layers=2)  # 256 x 256 weights: whole 6
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_model_folder(tmp_path_factory.mktemp("quant-model"), **SHAPE)
+
+
+@pytest.fixture(params=["standard", "cpu-gemm"])
+def weight_layout(request, monkeypatch):
+    """Both layouts bitsandbytes uses, whatever this CPU: on CPUs with AVX512-BF16 its Linear4bit
+    layers are built to repack their weights into a CPU gemm layout the first time they run in
+    eval mode without gradients (generations, a merge's reference forward)."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: request.param == "cpu-gemm")
+    return request.param
 
 
 def config(method="nf4", optim="adamw", mp="off", r=8, lr=1e-2) -> RunConfig:
@@ -126,7 +139,50 @@ def test_bad_combinations_are_clear_errors(model_dir, tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
-def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, tmp_path, capsys):
+@pytest.mark.parametrize("mp", ["off", "bf16"])
+def test_a_qlora_run_trains_every_adapter_on_either_weight_layout(model_dir, weight_layout, mp, tmp_path):
+    """The whole run, generations before training included: every lora_B moves off zero."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"say {i}", "response": " the same answer"}) + "\n" for i in range(8)))
+    args = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"), "--quant", "nf4",
+            "--mp", mp, "--batch", "4", "--lr", "1e-2", "--generate.max-new-tokens", "2", "--cpu-allocator", "glibc"]
+    assert main(args) == 0
+    lora_b = {k: v for k, v in load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert len(lora_b) == 2 * 3 and all(v.abs().sum() > 0 for v in lora_b.values())
+
+
+def test_a_weight_repacked_for_cpu_inference_is_converted_back(model_dir, tokenizer):
+    """A 4-bit weight bitsandbytes repacked already (its scales rounded to bf16 on the way) is
+    put back in the standard layout, and trains: backward reaches the adapters again."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from solotune.quant import keep_4bit_layout_trainable
+
+    cfg = config("nf4")
+    model = load_model(str(model_dir), cfg.model, torch.float32, torch.device("cpu"), quantization_config(cfg.quant, torch.float32))
+    batch = collate(records(tokenizer, 2), tokenizer.pad_token_id)
+    with torch.no_grad():
+        before = model(**batch.model_inputs()).logits
+    layers = [m for m in model.modules() if getattr(m.weight if hasattr(m, "weight") else None, "quant_state", None)]
+    for m in layers:
+        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    assert keep_4bit_layout_trainable(model) == len(layers) == 14
+    assert not any(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    with torch.no_grad():
+        after = model(**batch.model_inputs()).logits
+    # bitsandbytes' inverse is lossy: the scales went to bf16 and are quantized to 8 bits anew (measured 2%)
+    assert (after - before).abs().max() <= 5e-2 * before.abs().max()
+    from solotune.adapters import apply_lora
+
+    adapted = apply_lora(model, cfg.lora).train()
+    out = adapted(**batch.model_inputs()).logits
+    out.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for n, p in adapted.named_parameters() if "lora_" in n)
+
+
+def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, tmp_path, capsys, weight_layout):
     """The merged model answers as the adapter on the 4-bit base did (fp32: within 1e-5 of the largest logit),
     and loads as a plain model; `generate` runs the adapter on the same 4-bit base."""
     from solotune.adapters import merge_to_folder

@@ -1,5 +1,7 @@
 """Numerics guards and steady memory over a long run."""
 
+import json
+
 import pytest
 import torch
 
@@ -55,3 +57,39 @@ def test_memory_holds_steady_over_500_steps(tokenizer, monkeypatch):
     result = train_loop(model, examples, tokenizer.pad_token_id, resolve_policy(FP32, "cpu", True), cfg)
     assert len(result.losses) == len(rss) == 500
     assert rss[-1] == pytest.approx(rss[99], rel=0.05), f"RSS {rss[99]:.1f} MiB at step 100, {rss[-1]:.1f} MiB at 500"
+
+
+def test_the_trained_weights_are_saved_before_anything_after_the_loop_can_fail(tiny_model_dir, tmp_path, monkeypatch):
+    """A failure in the generations after training or in the matmul-peak measurement loses the
+    report, not the trained adapter."""
+    from solotune.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "response": f" {i + 1}"}) + "\n" for i in range(8)))
+
+    def broken_peak(*_):
+        raise RuntimeError("the matmul benchmark failed")
+
+    monkeypatch.setattr(train_module, "matmul_peak_flops", broken_peak)
+    with pytest.raises(RuntimeError, match="matmul benchmark"):
+        main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+              "--batch", "4", "--mp", "off", "--no-generate.enabled", "--cpu-allocator", "glibc"])
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_damaged_matmul_peak_cache_is_measured_again(monkeypatch, tmp_path):
+    from solotune.flops import matmul_peak_flops
+
+    monkeypatch.setenv("SOLOTUNE_CACHE", str(tmp_path))
+    (tmp_path / "matmul_peak.json").write_text('{"half a file": ')
+    peak = matmul_peak_flops(torch.device("cpu"), torch.float32)
+    assert peak > 0 and json.loads((tmp_path / "matmul_peak.json").read_text())  # rewritten whole
+
+
+def test_metrics_hold_null_where_a_number_is_not_finite(tmp_path):
+    """NaN and Infinity are not JSON: a strict reader must be able to read every metrics file."""
+    from solotune.artifacts import write_json
+
+    write_json(tmp_path / "m.json", {"loss_curve": [1.5, float("nan")], "grad_norm": float("inf"), "steps": 2})
+    strict = json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert strict == {"loss_curve": [1.5, None], "grad_norm": None, "steps": 2}

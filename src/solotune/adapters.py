@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers.pytorch_utils import Conv1D
 
 from solotune.config import REFERENCE_PROMPTS, LoraConfig, ModelConfig
 from solotune.errors import SolotuneError
@@ -50,30 +53,78 @@ def _weights_held(p: torch.Tensor) -> int:
     return state.shape.numel() if state is not None else p.numel()
 
 
+ATTENTION = "attention"  # lora.target_modules keyword: the model's attention input projections
+ALL_LINEAR = "all-linear"  # every linear layer but the LM head (peft's keyword)
+# The short names architectures give the projection that leaves an attention block (o_proj in
+# Llama, c_proj in GPT-2, dense in GPT-NeoX and Phi, out_proj, wo): not an input projection.
+OUTPUT_PROJECTIONS = frozenset({"o_proj", "out_proj", "c_proj", "dense", "wo", "o"})
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    """A layer LoRA can adapt: nn.Linear (bitsandbytes' too) or GPT-2's transposed Conv1D."""
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The distinct short names of the model's linear layers (what target_modules may name)."""
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return sorted(names)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_linear(m)})
+
+
+def attention_projections(model: torch.nn.Module) -> list[str]:
+    """The short names of the layers that project each attention block's input: q, k and v, or
+    a fused qkv (GPT-2's c_attn, GPT-NeoX's query_key_value, Phi-3's qkv_proj).
+
+    Found from the model's structure: the linear layers inside its attention modules (classes
+    named *Attention), less the output projection. peft's per-architecture list is the fallback
+    where the structure does not say; it names q and v alone for Llama, where the reference
+    experiment adapts q, k and v.
+    """
+    names: dict[str, None] = {}
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention"):
+            for name, child in module.named_modules():
+                short = name.rsplit(".", 1)[-1]
+                if is_linear(child) and short not in OUTPUT_PROJECTIONS:
+                    names[short] = None
+    if names:
+        return list(names)
+    model_type = getattr(model.config, "model_type", None)
+    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, []))
+
+
+def resolve_targets(model: torch.nn.Module, targets: list[str]) -> tuple[list[str] | str, str]:
+    """What peft should adapt for `lora.target_modules`, and a line saying what that is."""
+    if targets == [ALL_LINEAR]:
+        return ALL_LINEAR, "lora targets: all-linear (every linear layer but the LM head)"
+    if targets == [ATTENTION]:
+        found = attention_projections(model)
+        if found:
+            return found, f"lora targets: {', '.join(found)} (the attention input projections of {type(model).__name__})"
+        return ALL_LINEAR, (f"lora targets: all-linear (found no attention projections in {type(model).__name__}; "
+                            "name them with --target-modules)")
+    available = linear_module_names(model)
+    unknown = [t for t in targets if t not in available]
+    if unknown:
+        raise SolotuneError(
+            f"lora.target_modules: {', '.join(unknown)} not in this model; its linear layers "
+            f"are: {', '.join(available)} (or use {ATTENTION} or {ALL_LINEAR})"
+        )
+    return targets, f"lora targets: {', '.join(targets)} (requested)"
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
     """Freeze the model and wrap the target layers with trainable LoRA adapters."""
-    targets = cfg.target_modules
-    if targets != ["all-linear"]:
-        available = linear_module_names(model)
-        unknown = [t for t in targets if t not in available]
-        if unknown:
-            raise SolotuneError(
-                f"lora.target_modules: {', '.join(unknown)} not in this model; its linear layers "
-                f"are: {', '.join(available)} (or use all-linear)"
-            )
+    targets, _ = resolve_targets(model, cfg.target_modules)
+    adapted = [m for name, m in model.named_modules() if targets == ALL_LINEAR or name.rsplit(".", 1)[-1] in targets]
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=targets,
         task_type="CAUSAL_LM",
         bias="none",
+        # Conv1D stores its weight transposed (in x out); peft must be told, or it warns and guesses.
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in adapted),
     )
     # autocast_adapter_dtype keeps the adapter weights in fp32 when the base is bf16/fp16:
     # they are the trained weights, and small updates must not round away.
@@ -91,15 +142,20 @@ class SharedDropout(torch.nn.Module):
     copies of the same hidden states, in every layer. Here `input_key` (set by a hook on each
     adapted layer to the layer's own input) says which input is being dropped; a repeat of the
     same input returns the cached result. The cache lives for one forward of the parent block
-    (a hook clears it), so nothing outlives the step, and activation checkpointing, which
-    replays the block with the same RNG state, draws the same mask again.
+    (a hook clears it), and activation checkpointing, which replays the block with the same RNG
+    state, draws the same mask again. A replay can stop early, after the last tensor backward
+    needs and before the parent's hook, so the loop also calls `release_dropout_caches` after
+    each backward: nothing outlives the step.
     """
+
+    instances: weakref.WeakSet[SharedDropout] = weakref.WeakSet()
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
         self.input_key: torch.Tensor | None = None
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input_key, dropped)
+        SharedDropout.instances.add(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -116,6 +172,12 @@ class SharedDropout(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared"
+
+
+def release_dropout_caches() -> None:
+    """Drop what every SharedDropout holds (after a backward: nothing needs it any more)."""
+    for shared in SharedDropout.instances:
+        shared.clear()
 
 
 def share_dropout_masks(model: torch.nn.Module) -> int:

@@ -97,18 +97,22 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def enable_padding_free(model, max_len: int) -> None:
-    """Switch `model` (a transformers model, possibly PEFT-wrapped) to per-record attention."""
-    config = model.config
-    window = getattr(config, "sliding_window", None)
+    """Switch `model` (a transformers model, possibly PEFT-wrapped) to per-record attention.
+
+    The set-up check (selfcheck.py) calls this and compares the result with padded batches;
+    a model it cannot serve raises SolotuneError and trains on padded batches instead.
+    """
+    window = getattr(model.config, "sliding_window", None)
     if window and max_len > window:
-        raise SolotuneError(
-            f"padding-free batches: this model uses a sliding attention window of {window} tokens, "
-            f"shorter than max_len = {max_len}; lower --max-len or use --train.padding-free false"
-        )
+        # Each record's slice runs SDPA's full causal kernel, which has no window.
+        raise SolotuneError(f"its sliding attention window ({window} tokens) is shorter than max_len ({max_len})")
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, KeyError, AttributeError) as err:
-        raise SolotuneError(
-            f"padding-free batches need a model that supports transformers' attention interface "
-            f"({type(model).__name__}: {err}); use --train.padding-free false"
-        ) from err
+        raise SolotuneError(f"it does not take transformers' attention interface ({type(model).__name__}: {err})") from err
+
+
+def disable_padding_free(model, attn_implementation: str) -> None:
+    """Back to the attention the model had before `enable_padding_free`."""
+    if model.config._attn_implementation == NAME:
+        model.set_attn_implementation(attn_implementation)

@@ -69,9 +69,10 @@ class LoraConfig:
     # One dropout mask per layer input shared by the adapters that read it (q, k and v), not a
     # separate full-width mask for each (see adapters.share_dropout_masks).
     shared_dropout: bool = True
-    # The reference experiment adapts the attention q, k and v projections; "all-linear" adapts
-    # every linear layer but the LM head.
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    # "attention": the model's attention input projections (q, k and v in Llama, as the reference
+    # experiment adapts; c_attn in GPT-2, qkv_proj in Phi-3, ...; see adapters.attention_projections).
+    # "all-linear" adapts every linear layer but the LM head; or name the layers (q_proj v_proj).
+    target_modules: list[str] = field(default_factory=lambda: ["attention"])
 
 
 @dataclass

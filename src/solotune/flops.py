@@ -14,7 +14,6 @@ padding, does more arithmetic than it is credited for.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -22,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from solotune.artifacts import write_json
 from solotune.data import Batch
+from solotune.models import cache_dir
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,25 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The best FLOP/s of a large square matmul on this device in this dtype (measured, cached)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     key = f"{device.type}|{name}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-    cache = Path(os.environ.get("SOLOTUNE_CACHE", Path.home() / ".cache" / "solotune")) / "matmul_peak.json"
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key not in known:
+    cache = cache_dir() / "matmul_peak.json"
+    known = _read_cache(cache)
+    if not isinstance(known.get(key), (int, float)) or known[key] <= 0:
         known[key] = _measure_matmul(device, dtype)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known, indent=1))
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json(cache, known)
+        except OSError:
+            pass  # a cache that cannot be written costs a measurement next time, nothing more
     return known[key]
+
+
+def _read_cache(path: Path) -> dict:
+    """The cached peaks; an unreadable or damaged cache is an empty one."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def _measure_matmul(device: torch.device, dtype: torch.dtype) -> float:

@@ -118,7 +118,8 @@ class ResponseLoss:
 
 
 def supports_chunked_head(model) -> bool:
-    """True where logits are exactly lm_head(last hidden state): no scaling or soft-capping after it."""
-    config = model.config
-    transformed = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0)
-    return not transformed and model.get_output_embeddings() is not None and hasattr(model, "get_decoder")
+    """True where the model has a decoder and an LM head to call apart. Whether its logits are
+    exactly lm_head(last hidden state), with no scaling or capping after the head (Gemma 2's
+    soft-capping, Granite's logits_scaling, Cohere's logit_scale, ...), is the set-up check's to
+    find out (selfcheck.py), for any architecture."""
+    return model.get_output_embeddings() is not None and hasattr(model, "get_decoder")

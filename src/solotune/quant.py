@@ -55,6 +55,32 @@ def quantization_config(cfg: QuantConfig, run_compute_dtype: torch.dtype):
     )
 
 
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> int:
+    """Keep every 4-bit weight in the layout that bitsandbytes' autograd reads; returns how many
+    weights had to be converted back.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight in place the
+    first time the layer runs in eval mode on inputs that need no gradient (the generations
+    before training, a merge's reference forward). The repacked weight is multiplied by a
+    kernel with no backward, so training silently stops at every 4-bit layer; it computes in
+    bf16 whatever the input dtype; and transformers' `dequantize()` misreads it. Switching the
+    repacking off gives one layout on every CPU. A weight repacked already is converted back
+    (bitsandbytes' own inverse; its scales were rounded to bf16 on the way).
+    """
+    restored = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            restored += 1
+    return restored
+
+
 RECORD_FILE = "solotune-quantization.json"  # beside a QLoRA adapter: the base it was trained on
 
 

@@ -26,11 +26,13 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_up = grad * silu if ctx.needs_input_grad[1] else None
+        # In fp32 inside, rounded once at the end: in bf16 each of the eight elementwise ops
+        # below would round on its own (autograd's unfused SiLU backward computes in fp32 too).
+        g, u, dy = gate.float(), up.float(), grad.float()
+        sig = torch.sigmoid(g)
+        grad_up = (dy * g * sig).to(up.dtype) if ctx.needs_input_grad[1] else None
         # d silu(g) / dg = sig * (1 + g * (1 - sig))
-        grad_gate = grad * up * sig * (1 + gate * (1 - sig)) if ctx.needs_input_grad[0] else None
+        grad_gate = (dy * u * sig * (1 + g * (1 - sig))).to(gate.dtype) if ctx.needs_input_grad[0] else None
         return grad_gate, grad_up
 
 
@@ -55,3 +57,10 @@ def use_fused_swiglu(model: torch.nn.Module) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             changed += 1
     return changed
+
+
+def restore_swiglu(model: torch.nn.Module) -> None:
+    """Undo `use_fused_swiglu`: every MLP runs its class's own forward again."""
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward:
+            del module.forward

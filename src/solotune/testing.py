@@ -70,3 +70,41 @@ def varied_examples(tokenizer, n: int = 5, train_on_prompt: bool = False):
     rows = [{"prompt": f"question {i}: " + "x" * (3 + 11 * i), "response": "y" * (4 + 7 * (n - i))} for i in range(n)]
     records = [Record(r, f"row {i}") for i, r in enumerate(rows)]
     return tokenize_records(records, tokenizer, DataConfig(train_on_prompt=train_on_prompt))[0]
+
+
+def make_architecture(family: str, tokenizer, seed: int = 0, **overrides):
+    """A tiny random model of one of ARCHITECTURES (2 layers, hidden 64), from its config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **ARCHITECTURES[family])
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings)).eval()
+
+
+_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512)
+# Seven families whose code paths differ where solotune's fast paths reach: rotary or absolute
+# positions, fused or separate q/k/v, gated or plain MLPs, logits scaled after the head.
+ARCHITECTURES = {
+    "llama": dict(model_type="llama", **_SHAPE),
+    "qwen2": dict(model_type="qwen2", **_SHAPE),
+    "gemma": dict(model_type="gemma", head_dim=16, **_SHAPE),
+    "phi3": dict(model_type="phi3", **_SHAPE),
+    "granite": dict(model_type="granite", logits_scaling=4.0, **_SHAPE),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=512),
+    # GPT-2 trains with its own dropout (0.1 by default), whose masks follow the batch layout:
+    # at 0 its padded and padding-free steps can be compared.
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                 attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+}
+
+
+def save_architecture_folder(folder, family: str, **overrides):
+    """A tiny random model of `family` and the byte tokenizer, saved as a HF folder; returns it."""
+    tokenizer = make_tokenizer()
+    make_architecture(family, tokenizer, **overrides).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -21,8 +21,9 @@ from tqdm import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import solotune
-from solotune import allocator, artifacts, checkpoint
-from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune, save_trained
+from solotune import allocator, artifacts, checkpoint, selfcheck
+from solotune.adapters import (apply_lora, count_parameters, prepare_full_finetune, release_dropout_caches, resolve_targets,
+                               save_trained)
 from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
 from solotune.attention import enable_padding_free
 from solotune.data import Batch, Example, collate, collate_packed, plan_steps, read_records, split_micro_batches, tokenize_records
@@ -34,8 +35,8 @@ from solotune.loss import ResponseLoss
 from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, apply_memory_limit, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
 from solotune.quant import new_optimizer, quantization_config, quantized_linears, save_record
-from solotune.swiglu import use_fused_swiglu
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
+from solotune.swiglu import use_fused_swiglu
 
 
 MANY_SKIPS = 5  # consecutive fp16 overflow skips before a warning
@@ -84,16 +85,23 @@ def accumulate_gradients(model, micro_batches: list[Batch], policy: PrecisionPol
             with policy.autocast():
                 loss = loss_fn(model, mb) / n_loss_tokens
             policy.scaler.scale(loss).backward()
+        release_dropout_caches()
         step_loss += loss.detach()
     return step_loss
 
 
 def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: PrecisionPolicy, max_grad_norm: float,
-               loss_fn: ResponseLoss = ResponseLoss(), offload: bool = False) -> StepResult:
-    """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero."""
+               loss_fn: ResponseLoss = ResponseLoss(), offload: bool = False, check_gradients: bool = False) -> StepResult:
+    """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero.
+
+    `check_gradients`: before the update, stop unless every trainable parameter got a gradient
+    (selfcheck.check_gradients; the loop asks on its first step).
+    """
     loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     policy.scaler.unscale_(optimizer)
+    if check_gradients:
+        selfcheck.check_gradients(model, gradients_may_overflow=policy.scaler.is_enabled())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     if not policy.scaler.is_enabled() and not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -103,7 +111,8 @@ def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: 
     policy.scaler.step(optimizer)  # skips the update if the unscaled gradients hold inf/NaN
     policy.scaler.update()
     skipped = policy.scaler.get_scale() < scale_before
-    scheduler.step()
+    if not skipped:  # a skipped step made no update: the schedule waits for the next real one
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss.item(), grad_norm.item(), skipped)
 
@@ -154,7 +163,8 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
             result.flops += flop_model.step_flops(micro)  # on the host copies: no device sync
             micro = [mb.to(policy.device) for mb in micro]
             result.lrs.append(scheduler.get_last_lr()[0])
-            out, seconds, compile_s = _timed_step(model, micro, optimizer, scheduler, policy, cfg, loss_fn, step, checkpoints)
+            out, seconds, compile_s = _timed_step(model, micro, optimizer, scheduler, policy, cfg, loss_fn, step, checkpoints,
+                                                  step == first)
             result.step_seconds.append(seconds)
             result.compile_s += compile_s
             _record_step(result, out, micro)
@@ -240,11 +250,12 @@ def _timed_step(*step_args) -> tuple[StepResult, float, float]:
 
 
 def _guarded_step(model, micro, optimizer, scheduler, policy, cfg: TrainConfig, loss_fn, step: int,
-                  checkpoints: Checkpointer | None) -> StepResult:
+                  checkpoints: Checkpointer | None, check_gradients: bool) -> StepResult:
     """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
     scaler skips such steps) before it reaches the weights."""
     try:
-        return train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm, loss_fn, cfg.offload_activations)
+        return train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm, loss_fn, cfg.offload_activations,
+                          check_gradients)
     except NonFiniteStep as e:
         records = [i for mb in micro for i in mb.record_indices]
         where = f"step {step + 1}, records {records} (0-based indices in the data file)"
@@ -278,14 +289,20 @@ def enable_checkpointing(model) -> None:
 
 
 def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
-    """Load the model in the policy's dtype and set it up for LoRA or full fine-tuning."""
+    """Load the model in the policy's dtype and set it up for LoRA or full fine-tuning.
+
+    A run then keeps each fast path only where it matches the model's plain forward
+    (`selfcheck.choose_fast_paths`).
+    """
     model = load_model(source, cfg.model, policy.base_dtype, policy.device, quantization_config(cfg.quant, policy.compute_dtype))
     if cfg.train.fused_swiglu:
         use_fused_swiglu(model)
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model)
-    model = apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
-    return model
+    if not cfg.lora.enabled:
+        return prepare_full_finetune(model)
+    print(resolve_targets(model, cfg.lora.target_modules)[1])
+    return apply_lora(model, cfg.lora)
 
 
 def run_training(cfg: RunConfig, resume: bool = False) -> dict:
@@ -327,17 +344,24 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -
     if quantized:
         print(quantized.line())
 
-    before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume)
-    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, cfg.train, checkpoints)
-    after = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
-    peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype)  # measured after the loop, cached
+    fast = selfcheck.choose_fast_paths(model, examples, tokenizer.pad_token_id, policy, cfg.train, cfg.data.max_len)
+    print("\n".join([fast.line(), *fast.notes]))
+    train_cfg = dataclasses.replace(cfg.train, fused_swiglu=fast.fused_swiglu, padding_free=fast.padding_free,
+                                    ce_chunk=fast.ce_chunk)
 
+    before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume)
+    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints)
+    # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
     saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
     save_trained(model, tokenizer, saved)
     if quantized:
         save_record(saved, cfg.quant, policy.compute_dtype)
+    after = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
+    peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype)  # measured after the loop, cached
+
     metrics = collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop, before, after, saved, peak_flops)
     metrics["quantized_linears"] = quantized.as_dict() if quantized else None
+    metrics["fast_paths"] = fast.as_dict()
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
     if before:
         print_generations("before fine-tuning", before)

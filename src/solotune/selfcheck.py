@@ -1,0 +1,221 @@
+"""Set-up self-checks: a run that cannot train correctly says so, instead of reporting a loss.
+
+Two checks, cheap enough to stay on by default:
+
+- Before the loop, each fast path (the fused SwiGLU, padding-free rows, the chunked LM head and
+  cross-entropy) runs on a short probe batch and is compared with the model's own plain forward
+  (a padded batch, the full logits). A fast path that disagrees beyond the rounding of the
+  compute dtype, or that fails, is turned off for this model, with a line saying why. This is
+  what keeps an architecture the fast paths were not written for (absolute positions, logits
+  scaled or capped after the LM head, sliding windows, attention without SDPA) trainable.
+- After the first step's backward, every trainable parameter holds a finite gradient that is
+  not all zero. A parameter backward never reached (a kernel without autograd, a detached
+  path) stops the run with exit status 2, naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from solotune.attention import disable_padding_free, enable_padding_free
+from solotune.config import TrainConfig
+from solotune.data import Batch, Example, collate, collate_packed
+from solotune.errors import SolotuneError
+from solotune.loss import ResponseLoss, full_response_loss_sum, supports_chunked_head
+from solotune.memory import is_out_of_memory
+from solotune.precision import PrecisionPolicy
+from solotune.swiglu import restore_swiglu, use_fused_swiglu
+
+PROBE_RECORDS = 3  # several records, so that attention leaking between them shows
+PROBE_TOKENS = 48  # each cut to this many: the check costs a few short forwards
+# The largest relative difference allowed between a fast path and the plain forward (see
+# _largest_difference). Each comparison changes one thing, so on the CPU the kept paths measured
+# 0 to 4e-6 in every dtype; the margin is for other kernels on GPUs, whose 16-bit results round
+# at 2^-8 (bf16) or 2^-11 (fp16). Faults measure far more: Granite's logit scale left out, 3.0;
+# records that see each other in a padding-free row, 1.5 (both on tiny random models, fp32).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class FastPaths:
+    """The fast paths a run uses after the set-up probe."""
+
+    fused_swiglu: bool
+    padding_free: bool
+    ce_chunk: int  # 0: full logits
+    largest_difference: float = 0.0  # of the paths kept, relative (see TOLERANCE)
+    notes: list[str] = field(default_factory=list)  # one line per fast path turned off, saying why
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        kept = [name for name, on in (("fused SwiGLU", self.fused_swiglu), ("padding-free rows", self.padding_free),
+                                      ("chunked LM head + cross-entropy", self.ce_chunk > 0)) if on]
+        if not kept:
+            return "set-up check: no fast path in use"
+        return (f"set-up check: {', '.join(kept)} match the model's plain forward "
+                f"(largest difference {self.largest_difference:.1e}, relative)")
+
+
+def probe_examples(examples: list[Example]) -> list[Example]:
+    """The first few records, cut short, with every next token a target: the paths are compared
+    as functions, so which positions carry loss in training does not matter here."""
+    return [Example(e.input_ids[:PROBE_TOKENS], list(e.input_ids[:PROBE_TOKENS]), e.record_index)
+            for e in examples[:PROBE_RECORDS]]
+
+
+def choose_fast_paths(model, examples: list[Example], pad_id: int, policy: PrecisionPolicy, cfg: TrainConfig,
+                      max_len: int) -> FastPaths:
+    """Switch on the fast paths `cfg` asks for, each only where it matches the plain forward.
+
+    Each comparison changes one thing, so that only a fault, not the rounding of other kernels
+    on other shapes, can tell the two apart: the fused SwiGLU against the model's MLPs on the
+    same padded batch; a padding-free row against each record run alone; the chunked head
+    against the model's logits on the same batch.
+    """
+    probe = probe_examples(examples)
+    padded = collate(probe, pad_id).to(policy.device)
+    tolerance = TOLERANCE[policy.compute_dtype if policy.compute_dtype != torch.float32 else policy.base_dtype]
+    fast = FastPaths(fused_swiglu=False, padding_free=False, ce_chunk=0)
+    was_training = model.training
+    model.eval()  # no dropout: the paths must agree up to rounding
+    try:
+        with torch.no_grad(), policy.autocast():
+            if cfg.fused_swiglu and use_fused_swiglu(model):  # (again, where build_model did it)
+                restore_swiglu(model)
+                plain = _logits(model, padded)
+                use_fused_swiglu(model)
+                fast.fused_swiglu = _keep(fast, "fused SwiGLU", lambda: _largest_difference(_logits(model, padded), plain, padded),
+                                          tolerance, undo=lambda: restore_swiglu(model))
+            batch = padded
+            if cfg.padding_free:
+                packed = collate_packed(probe).to(policy.device)
+                alone = [_logits(model, collate([e], pad_id).to(policy.device))[0] for e in probe]  # (T_i, V) each
+                previous = model.config._attn_implementation
+
+                def padding_free_difference() -> float:
+                    enable_padding_free(model, max_len)
+                    return _largest_difference(_logits(model, packed), alone, packed)
+
+                fast.padding_free = _keep(fast, "padding-free rows", padding_free_difference, tolerance,
+                                          undo=lambda: disable_padding_free(model, previous))
+                batch = packed if fast.padding_free else padded
+            if cfg.ce_chunk:
+                fast.ce_chunk = cfg.ce_chunk if _keep(fast, "chunked LM head + cross-entropy",
+                                                      lambda: _chunked_difference(model, batch, cfg.ce_chunk), tolerance) else 0
+    finally:
+        model.train(was_training)
+    return fast
+
+
+def _chunked_difference(model, batch: Batch, chunk: int) -> float:
+    """The chunked loss applies the LM head to the decoder's output itself: right only where the
+    model's logits are exactly that, with nothing done after the head."""
+    if not supports_chunked_head(model):
+        raise SolotuneError("the model has no separate decoder and LM head to split")
+    logits = _logits(model, batch)
+    hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
+    head = model.get_output_embeddings()(hidden).float()
+    full = full_response_loss_sum(logits, batch.labels)
+    loss = ResponseLoss(chunk)(model, batch)
+    loss_difference = ((loss - full).abs() / full.abs().clamp_min(1e-6)).item()
+    return max(_largest_difference(head, logits, batch), loss_difference)
+
+
+def _logits(model, batch: Batch) -> torch.Tensor:
+    return model(**batch.model_inputs()).logits.float()
+
+
+def _largest_difference(logits: torch.Tensor, reference, batch: Batch) -> float:
+    """The largest relative difference of a position's logit vector, ||logits - reference|| /
+    ||reference||, over the real (non-padding) positions.
+
+    Padded `batch`: `reference` is padded alike. Padding-free `batch`: `logits` is one row of
+    the records back to back, `reference` a list with each record's logits (T_i, V).
+    """
+    if batch.segment_lengths is None:
+        mask = batch.attention_mask.bool()
+        return _relative(logits[mask], reference[mask])
+    if not isinstance(reference, list):  # padding-free against padding-free
+        return _relative(logits[0], reference[0])
+    pieces, start = [], 0
+    for ref, n in zip(reference, batch.segment_lengths):
+        pieces.append(_relative(logits[0, start : start + n], ref[:n]))
+        start += n
+    return max(pieces)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max over rows of ||a - b|| / ||b|| for (N, V) tensors."""
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-6)).max().item()
+
+
+def _keep(fast: FastPaths, name: str, difference, tolerance: float, undo=lambda: None) -> bool:
+    """Run one comparison; True to keep the path, else undo it and note why."""
+    try:
+        diff = difference()
+    except Exception as e:  # a path that cannot run on this model is a path to turn off
+        if is_out_of_memory(e):
+            raise
+        undo()
+        fast.notes.append(f"{name} off for this model: {_first_line(e)}")
+        return False
+    if not diff <= tolerance:  # also catches NaN
+        undo()
+        fast.notes.append(f"{name} off for this model: it differs from the model's plain forward by {diff:.1e} "
+                          f"(relative; tolerance {tolerance:.0e})")
+        return False
+    fast.largest_difference = max(fast.largest_difference, diff)
+    return True
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# After the first backward
+
+
+# LoRA starts with B = 0 so that the adapted model equals the base (Hu et al., 2021); the
+# gradient of A is B^T times the incoming gradient, all zero until B has moved.
+_LORA_PAIRS = ((".lora_A.", ".lora_B."), (".lora_embedding_A.", ".lora_embedding_B."))
+
+
+def check_gradients(model: torch.nn.Module, gradients_may_overflow: bool = False) -> None:
+    """Stop the run unless every trainable parameter got a finite gradient that is not all zero.
+
+    `gradients_may_overflow`: fp16 with a loss scale, where inf/NaN gradients are the scaler's to
+    skip, not a fault. One device sync for the whole check.
+    """
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n, p in named.items() if p.grad is None]
+    present = [(n, p) for n, p in named.items() if p.grad is not None]
+    flags = torch.stack([torch.stack([p.grad.isfinite().all(), p.grad.ne(0).any(), p.detach().eq(0).all()])
+                         for _, p in present]).tolist() if present else []
+    state = {n: f for (n, _), f in zip(present, flags)}
+    nonfinite = [] if gradients_may_overflow else [n for n, (finite, _, _) in state.items() if not finite]
+    zero = [n for n, (_, nonzero, _) in state.items() if not nonzero and not _zero_by_lora_init(n, state)]
+    problems = [(missing, "got no gradient (backward does not reach them)"), (nonfinite, "got inf/NaN gradients"),
+                (zero, "got all-zero gradients")]
+    found = [f"{len(names)} {what}: {_names(names)}" for names, what in problems if names]
+    if found:
+        raise SolotuneError(f"step 1: of {len(named)} trainable parameters, " + "; ".join(found)
+                            + ". This run cannot train them; nothing was saved")
+
+
+def _zero_by_lora_init(name: str, state: dict[str, list[bool]]) -> bool:
+    for a, b in _LORA_PAIRS:
+        if a in name:
+            partner = state.get(name.replace(a, b))
+            return partner is not None and partner[2]  # its B is still all zero
+    return False
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

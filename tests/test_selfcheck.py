@@ -1,0 +1,116 @@
+"""The set-up self-checks: fast paths that disagree with the plain forward are turned off and
+said so; a parameter that backward does not reach stops the run."""
+
+import json
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from solotune import attention, train
+from solotune.adapters import apply_lora
+from solotune.cli import main
+from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
+from solotune.errors import SolotuneError
+from solotune.precision import resolve_policy
+from solotune.selfcheck import check_gradients, choose_fast_paths
+from solotune.testing import make_model, save_architecture_folder, varied_examples
+
+FP32 = resolve_policy(PrecisionConfig(mp="off"), "cpu", frozen_base=True)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"{i} + 1 =" + " x" * i, "response": f" {i + 1}"}) + "\n" for i in range(8)))
+    return f
+
+
+def run(model_dir, data_file, out, *extra):
+    return main(["train", "--model", str(model_dir), "--data", str(data_file), "--output-dir", str(out), "--batch", "4",
+                 "--mp", "off", "--max-steps", "2", "--no-generate.enabled", "--cpu-allocator", "glibc", *extra])
+
+
+def test_the_fast_paths_of_a_llama_match_and_stay_on(tokenizer):
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4))
+    fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, FP32, TrainConfig(), 512)
+    assert (fast.fused_swiglu, fast.padding_free, fast.ce_chunk) == (True, True, TrainConfig().ce_chunk)
+    assert fast.notes == [] and fast.largest_difference < 1e-5
+    assert model.training  # the probe ran in eval mode and left the model as it found it
+
+
+def leaking_attention(module, query, key, value, attention_mask, segment_lengths=None, **kwargs):
+    """A broken padding-free attention: causal over the whole row, so each record sees the ones before it."""
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+
+def test_padding_free_attention_that_lets_records_see_each_other_is_turned_off(tokenizer, monkeypatch):
+    AttentionInterface.register(attention.NAME, leaking_attention)
+    try:
+        model = apply_lora(make_model(tokenizer), LoraConfig(r=4))
+        fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, FP32, TrainConfig(), 512)
+    finally:
+        AttentionInterface.register(attention.NAME, attention.varlen_sdpa_attention)
+    assert not fast.padding_free and fast.ce_chunk and fast.fused_swiglu
+    assert fast.notes[0].startswith("padding-free rows off for this model: it differs from the model's plain forward by")
+    assert model.config._attn_implementation == "sdpa"  # the model's own attention again
+
+
+def test_a_sliding_window_shorter_than_max_len_trains_padded_and_says_why(tmp_path, data_file, capsys):
+    model_dir = save_architecture_folder(tmp_path / "mistral", "llama", model_type="mistral", sliding_window=16)
+    assert run(model_dir, data_file, tmp_path / "run", "--max-len", "64") == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not m["fast_paths"]["padding_free"] and m["train"]["padding_fraction"] > 0
+    assert ("padding-free rows off for this model: its sliding attention window (16 tokens) is shorter than max_len (64)"
+            in capsys.readouterr().out)
+
+
+def test_a_model_class_without_sdpa_trains_with_eager_attention(tiny_model_dir, data_file, tmp_path, capsys, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_sdpa", False)
+    assert run(tiny_model_dir, data_file, tmp_path / "run") == 0
+    assert "attention: eager (this model class does not support SDPA attention)" in capsys.readouterr().out
+
+
+def test_a_parameter_backward_does_not_reach_stops_the_run_and_names_it(tiny_model_dir, data_file, tmp_path, capsys,
+                                                                         monkeypatch):
+    """As bitsandbytes' gemm layout did to every 4-bit layer: the adapter's output is cut from the graph."""
+    build = train.build_model
+
+    def cut_q_adapters(*args):
+        model = build(*args)
+        for name, module in model.named_modules():
+            if name.endswith("q_proj.lora_B.default"):
+                module.register_forward_hook(lambda _m, _i, out: out.detach())
+        return model
+
+    monkeypatch.setattr(train, "build_model", cut_q_adapters)
+    assert run(tiny_model_dir, data_file, tmp_path / "run") == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert error.startswith("solotune: error: step 1: of 12 trainable parameters, 4 got no gradient (backward does not reach them): ")
+    assert "layers.0.self_attn.q_proj.lora_A.default.weight" in error and "Traceback" not in error
+    assert not (tmp_path / "run").exists()  # nothing half-written left behind
+
+
+def test_check_gradients_allows_a_zero_lora_a_gradient_only_while_its_b_is_zero(tokenizer):
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0)).train()
+    batch = train.make_batch(varied_examples(tokenizer), tokenizer.pad_token_id, padding_free=False)
+    train.accumulate_gradients(model, [batch], FP32)
+    check_gradients(model)  # B = 0 at init: every A's gradient is zero, and that is expected
+    a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    assert a.grad.abs().sum() == 0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.1)
+    with pytest.raises(SolotuneError, match=r"got all-zero gradients: .*lora_A"):
+        check_gradients(model)  # the same zero gradients with B moved: A is cut off
+    a.grad[0, 0] = float("nan")
+    with pytest.raises(SolotuneError, match=r"1 got inf/NaN gradients: .*lora_A"):
+        check_gradients(model)
+    with pytest.raises(SolotuneError) as overflow_allowed:
+        check_gradients(model, gradients_may_overflow=True)  # fp16: inf/NaN are the scaler's to skip
+    assert "inf/NaN" not in str(overflow_allowed.value) and "all-zero" in str(overflow_allowed.value)
