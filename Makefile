@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-report install clean
+.PHONY: demo test lint format test-report install clean
 
 install: $(STAMP)
 
@@ -25,8 +25,17 @@ demo: $(STAMP)
 	$(VENV)/bin/solotune ablate --axes ga,mp,lora --samples 8 --batch 4 --max-len 64 \
 		--generate.max-new-tokens 8 --output-dir runs/ablate-demo-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+# ruff: lint and format at 120 columns (pyproject.toml); `make format` rewrites in place.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 # The HTML report in headless Chromium (needs Debian's chromium package).
 test-report: $(STAMP)

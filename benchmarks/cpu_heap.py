@@ -24,8 +24,10 @@ MIB = 2**20
 
 
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
 
 
 def heap_line(tag: str) -> str:
@@ -33,8 +35,10 @@ def heap_line(tag: str) -> str:
     libc.mallinfo2.restype = MallInfo2
     m = libc.mallinfo2()
     rss = next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
-    return (f"{tag}: RSS {rss:,} MiB, heap {m.arena // MIB:,} MiB ({m.uordblks // MIB:,} in use, "
-            f"{m.fordblks // MIB:,} free), mmapped {m.hblkhd // MIB:,} MiB")
+    return (
+        f"{tag}: RSS {rss:,} MiB, heap {m.arena // MIB:,} MiB ({m.uordblks // MIB:,} in use, "
+        f"{m.fordblks // MIB:,} free), mmapped {m.hblkhd // MIB:,} MiB"
+    )
 
 
 class Slabs:
@@ -98,11 +102,27 @@ def child(variant: str, train_args: list[str]) -> None:
 
 
 def run(variant: str, args, out: str) -> None:
-    train_args = ["train", "--data", args.data, "--samples", str(args.records), "--max-len", "512", "--batch", "8",
-                  "--precision.mp", "off", "--no-generate.enabled", "--no-train.shuffle", "--no-train.track-memory",
-                  "--output-dir", out]
-    proc = subprocess.run([sys.executable, __file__, "--child", variant, "--", *train_args],
-                          capture_output=True, text=True, check=True)
+    train_args = [
+        "train",
+        "--data",
+        args.data,
+        "--samples",
+        str(args.records),
+        "--max-len",
+        "512",
+        "--batch",
+        "8",
+        "--precision.mp",
+        "off",
+        "--no-generate.enabled",
+        "--no-train.shuffle",
+        "--no-train.track-memory",
+        "--output-dir",
+        out,
+    ]
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", variant, "--", *train_args], capture_output=True, text=True, check=True
+    )
     print(f"== {variant}")
     for line in proc.stdout.splitlines():
         if line.startswith(("  after", "peak RSS", "steps:", "runtime:")):

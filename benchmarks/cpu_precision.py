@@ -38,9 +38,9 @@ def step_seconds(mp: str, base_dtype: str, batch: int, seq: int, steps: int) -> 
     import torch
 
     from solotune.config import RunConfig
+    from solotune.loss import full_response_loss_sum
     from solotune.models import resolve_model_source
     from solotune.precision import resolve_policy
-    from solotune.loss import full_response_loss_sum
     from solotune.train import build_model
 
     cfg = RunConfig()
@@ -61,8 +61,10 @@ def step_seconds(mp: str, base_dtype: str, batch: int, seq: int, steps: int) -> 
 def child(name: str, args) -> None:
     v = VARIANTS[name]
     dtype = "fp32" if v["mp"] == "off" else "bf16"
-    result = {"matmul_gflops": matmul_gflops(dtype),
-              "step_s": step_seconds(v["mp"], v["base_dtype"], args.batch, args.seq, args.steps)}
+    result = {
+        "matmul_gflops": matmul_gflops(dtype),
+        "step_s": step_seconds(v["mp"], v["base_dtype"], args.batch, args.seq, args.steps),
+    }
     print(json.dumps(result))
 
 
@@ -82,7 +84,18 @@ def main() -> None:
     runs = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for name in VARIANTS:
-            cmd = [sys.executable, __file__, "--child", name, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--steps",
+                str(args.steps),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             runs[name].append(json.loads(out))
     base = statistics.median(r["step_s"] for r in runs["fp32"])

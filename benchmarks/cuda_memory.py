@@ -19,10 +19,24 @@ from pathlib import Path
 from solotune.testing import save_model_folder
 
 SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
 }
 CONFIGS = {
     "LoRA fp32": [],
@@ -37,8 +51,24 @@ CONFIGS = {
 
 
 def run_one(model_dir: Path, out: Path, extra: list[str], steps: int, device: str) -> dict:
-    cmd = [sys.executable, "-m", "solotune.cli", "train", "--model", str(model_dir), "--output-dir", str(out),
-           "--max-steps", str(steps), "--no-generate.enabled", "--mp", "off", "--device", device, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "solotune.cli",
+        "train",
+        "--model",
+        str(model_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--no-generate.enabled",
+        "--mp",
+        "off",
+        "--device",
+        device,
+        *extra,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["?"])[-1]}
@@ -50,9 +80,11 @@ def row(name: str, m: dict) -> str:
         return f"| {name} | X ({m['error'][:60]}) |||||||"
     mem, t = m["memory"], m["train"]
     reserved = mem["reserved_mib"] if mem["reserved_mib"] is not None else float("nan")
-    return (f"| {name} | {mem['peak_mib']:,.0f} | {reserved:,.0f} | {mem['parameters_mib']:,.0f} | "
-            f"{mem['gradients_mib']:,.1f} | {mem['optimizer_state_mib']:,.1f} | {mem['activations_mib']:,.0f} | "
-            f"{t['tokens_per_s']:,.0f} | {t['avg_loss']:.4f} |")
+    return (
+        f"| {name} | {mem['peak_mib']:,.0f} | {reserved:,.0f} | {mem['parameters_mib']:,.0f} | "
+        f"{mem['gradients_mib']:,.1f} | {mem['optimizer_state_mib']:,.1f} | {mem['activations_mib']:,.0f} | "
+        f"{t['tokens_per_s']:,.0f} | {t['avg_loss']:.4f} |"
+    )
 
 
 def main() -> None:
@@ -67,7 +99,10 @@ def main() -> None:
         model_dir = Path(tmp) / "model"
         save_model_folder(model_dir, initializer_range=0.02, **SHAPES[args.shape])
         results = {}
-        print("| configuration | peak allocated MiB | reserved MiB | parameters | gradients | optimizer state | activations | tokens/s | avg loss |")
+        print(
+            "| configuration | peak allocated MiB | reserved MiB | parameters | gradients | optimizer state "
+            "| activations | tokens/s | avg loss |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for i, (name, extra) in enumerate(CONFIGS.items()):
             if args.only and name not in args.only:

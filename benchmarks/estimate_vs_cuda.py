@@ -51,14 +51,19 @@ def main() -> None:
     shape = {k: v for k, v in PRESETS["smollm2-135m"].items() if k != "model_type"}
     with tempfile.TemporaryDirectory() as tmp:
         save_model_folder(tmp, initializer_range=0.02, **shape)
-        print("| configuration | estimated tensor peak MiB | measured tensor peak MiB | max_memory_allocated MiB | estimate / allocated |")
+        print(
+            "| configuration | estimated tensor peak MiB | measured tensor peak MiB | max_memory_allocated MiB | estimate / allocated |"
+        )
         print("|---|---|---|---|---|")
         for name, kw in CONFIGS.items():
             cfg = make_cfg(tmp, **kw)
             est = estimate_memory(model_config(tmp), cfg, SEQ).parts_mib["tracked_peak_mib"]
             real = measure(cfg)
-            print(f"| {name} | {est:,.1f} | {real['tracked_peak_mib']:,.1f} | {real['peak_mib']:,.1f} | "
-                  f"{est / real['peak_mib']:.3f} |", flush=True)
+            print(
+                f"| {name} | {est:,.1f} | {real['tracked_peak_mib']:,.1f} | {real['peak_mib']:,.1f} | "
+                f"{est / real['peak_mib']:.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -37,16 +37,39 @@ VARIANTS = {
 
 def run(variant: str, args, out_dir: Path) -> dict:
     cmd = [
-        sys.executable, "-m", "solotune.cli", "train", "--data", args.data, "--samples", str(args.records),
-        "--max-len", str(args.max_len), "--batch", "8", "--grad-accum", str(8 // args.micro), "--no-train.shuffle",
-        "--precision.mp", args.mp, "--no-generate.enabled", "--output-dir", str(out_dir),
+        sys.executable,
+        "-m",
+        "solotune.cli",
+        "train",
+        "--data",
+        args.data,
+        "--samples",
+        str(args.records),
+        "--max-len",
+        str(args.max_len),
+        "--batch",
+        "8",
+        "--grad-accum",
+        str(8 // args.micro),
+        "--no-train.shuffle",
+        "--precision.mp",
+        args.mp,
+        "--no-generate.enabled",
+        "--output-dir",
+        str(out_dir),
     ] + VARIANTS[variant]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     m = json.loads((out_dir / "metrics.json").read_text())
     t = m["train"]
     steady = sorted(t["step_seconds"][1:])  # the first step warms up (and, compiled, may still recompile)
-    return {"tokens_per_s": t["tokens_per_s"], "loop_s": t["runtime_s"], "compile_s": t["compile_s"],
-            "median_step_s": steady[len(steady) // 2], "peak_mib": m["memory"]["peak_mib"], "avg_loss": t["avg_loss"]}
+    return {
+        "tokens_per_s": t["tokens_per_s"],
+        "loop_s": t["runtime_s"],
+        "compile_s": t["compile_s"],
+        "median_step_s": steady[len(steady) // 2],
+        "peak_mib": m["memory"]["peak_mib"],
+        "avg_loss": t["avg_loss"],
+    }
 
 
 def main() -> None:
@@ -65,16 +88,20 @@ def main() -> None:
                 start = time.perf_counter()
                 rows[v].append(run(v, args, Path(tmp) / f"{v}-{r}".replace(" ", "-")))
                 print(f"  {v} ({r + 1}/{args.repeats}): {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    print(f"# loop switches, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {args.records} records, micro-batch {args.micro}, mp {args.mp}\n")
+    print(
+        f"# loop switches, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {args.records} records, micro-batch {args.micro}, mp {args.mp}\n"
+    )
     print("| variant | tokens/s | median step s | loop s | compile s | peak RSS MiB | avg loss | tokens/s vs default |")
     print("|---|---|---|---|---|---|---|---|")
     base = sum(r["tokens_per_s"] for r in rows["default"]) / args.repeats
     for v, runs in rows.items():
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
-        print(f"| {v} | {mean['tokens_per_s']:.0f} | {mean['median_step_s']:.2f} | {mean['loop_s']:.0f} | "
-              f"{mean['compile_s']:.0f} | {mean['peak_mib']:,.0f} | {mean['avg_loss']:.4f} | "
-              f"{mean['tokens_per_s'] / base:.2f}x |")
+        print(
+            f"| {v} | {mean['tokens_per_s']:.0f} | {mean['median_step_s']:.2f} | {mean['loop_s']:.0f} | "
+            f"{mean['compile_s']:.0f} | {mean['peak_mib']:,.0f} | {mean['avg_loss']:.4f} | "
+            f"{mean['tokens_per_s'] / base:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

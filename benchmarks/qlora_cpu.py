@@ -43,28 +43,69 @@ CURVE_RUNS = {
 
 
 def train(extra: list[str], common: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "solotune.cli", "train", *common, "--no-generate.enabled", "--output-dir", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "solotune.cli",
+        "train",
+        *common,
+        "--no-generate.enabled",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((out / "metrics.json").read_text())
 
 
 def memory_part(args, tmp: Path) -> list[str]:
-    common = ["--data", args.data, "--samples", "4", "--batch", "2", "--max-len", "128", "--max-steps", "1", "--mp", "bf16"]
+    common = [
+        "--data",
+        args.data,
+        "--samples",
+        "4",
+        "--batch",
+        "2",
+        "--max-len",
+        "128",
+        "--max-steps",
+        "1",
+        "--mp",
+        "bf16",
+    ]
     rows, base = [], None
     for name, extra in MEMORY_RUNS.items():
         m = train(extra, common, tmp / f"mem-{len(rows)}")
         params = m["memory"]["parameters_mib"]
         base = base or params
         q = m.get("quantized_linears")
-        linears = f"{(q['weight_bytes'] + q['state_bytes']) / 2**20:,.1f} ({100 * q['fraction_of_16bit']:.1f}%)" if q else "–"
+        linears = (
+            f"{(q['weight_bytes'] + q['state_bytes']) / 2**20:,.1f} ({100 * q['fraction_of_16bit']:.1f}%)" if q else "–"
+        )
         rows.append(f"| {name} | {params:,.1f} | {100 * params / base:.1f}% | {linears} | {m['params']['total']:,} |")
-    return ["| run (bf16) | parameters MiB (measured) | vs LoRA bf16 | quantized linears MiB (% of their bf16 size) | all params |",
-            "|---|---|---|---|---|", *rows]
+    return [
+        "| run (bf16) | parameters MiB (measured) | vs LoRA bf16 | quantized linears MiB (% of their bf16 size) | all params |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def curve_part(args, tmp: Path) -> list[str]:
-    common = ["--data", args.data, "--samples", str(args.records), "--batch", "8", "--max-len", "512", "--mp", "off",
-              "--no-train.shuffle", "--train.warmup-ratio", "0"]
+    common = [
+        "--data",
+        args.data,
+        "--samples",
+        str(args.records),
+        "--batch",
+        "8",
+        "--max-len",
+        "512",
+        "--mp",
+        "off",
+        "--no-train.shuffle",
+        "--train.warmup-ratio",
+        "0",
+    ]
     curves, rows = {}, []
     for name, extra in CURVE_RUNS.items():
         m = train(extra, common, tmp / f"curve-{len(rows)}")
@@ -72,12 +113,16 @@ def curve_part(args, tmp: Path) -> list[str]:
         curves[name] = t["loss_curve"]
         rows.append((name, t, m["memory"]))
     ref = curves["LoRA"]
-    lines = ["| run (fp32) | avg loss | final loss | max per-step loss difference vs LoRA | tokens/s | parameters MiB | optimizer state MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run (fp32) | avg loss | final loss | max per-step loss difference vs LoRA | tokens/s | parameters MiB | optimizer state MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, t, mem in rows:
         diff = max(abs(a - b) / b for a, b in zip(curves[name], ref))
-        lines.append(f"| {name} | {t['avg_loss']:.4f} | {t['final_loss']:.4f} | {100 * diff:.2f}% | {t['tokens_per_s']:.0f} | "
-                     f"{mem['parameters_mib']:,.1f} | {mem['optimizer_state_mib']:,.2f} |")
+        lines.append(
+            f"| {name} | {t['avg_loss']:.4f} | {t['final_loss']:.4f} | {100 * diff:.2f}% | {t['tokens_per_s']:.0f} | "
+            f"{mem['parameters_mib']:,.1f} | {mem['optimizer_state_mib']:,.2f} |"
+        )
     lines.append("")
     lines.append("loss curves: " + json.dumps({k: [round(x, 4) for x in v] for k, v in curves.items()}))
     return lines
@@ -91,8 +136,10 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         lines = memory_part(args, Path(tmp)) + [""] + curve_part(args, Path(tmp))
-    print(f"# QLoRA on the embedded default, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{time.perf_counter() - start:.0f} s\n")
+    print(
+        f"# QLoRA on the embedded default, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{time.perf_counter() - start:.0f} s\n"
+    )
     print("\n".join(lines))
 
 

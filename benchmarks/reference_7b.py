@@ -19,11 +19,19 @@ import warnings
 from solotune.config import RunConfig
 from solotune.estimate import estimate_memory, model_config
 
-PLAIN_LOOP = {"train.padding_free": False, "train.ce_chunk": 0, "train.fused_swiglu": False, "lora.shared_dropout": False}
+PLAIN_LOOP = {
+    "train.padding_free": False,
+    "train.ce_chunk": 0,
+    "train.fused_swiglu": False,
+    "lora.shared_dropout": False,
+}
 ROWS = [  # (label, reported MB, config overrides)
     ("LoRA fp32", "30,151.6", {**PLAIN_LOOP, "precision.mp": "off"}),
-    ("LoRA fp16 autocast, fp32 base (reference setup)", "41,590.6",
-     {**PLAIN_LOOP, "precision.mp": "fp16", "precision.base_dtype": "fp32"}),
+    (
+        "LoRA fp16 autocast, fp32 base (reference setup)",
+        "41,590.6",
+        {**PLAIN_LOOP, "precision.mp": "fp16", "precision.base_dtype": "fp32"},
+    ),
     ("LoRA fp16 autocast, fp16 base", "-", {**PLAIN_LOOP, "precision.mp": "fp16"}),
     ("full fp32 + AdamW", "X (80 GB)", {**PLAIN_LOOP, "precision.mp": "off", "lora.enabled": False}),
     ("LoRA fp16 autocast, fp16 base, solotune's loop (its defaults)", "-", {"precision.mp": "fp16"}),
@@ -34,7 +42,9 @@ def main(seq_len: int = 64) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     config = model_config("llama2-7b")
     print(f"Llama-2-7B, batch 8 x {seq_len} tokens, LoRA r=16 on q, k, v (where LoRA)")
-    print("| configuration | reported | estimated tensor peak MiB | fits in 80 GiB (81,920 MiB, with 700 MiB overhead) |")
+    print(
+        "| configuration | reported | estimated tensor peak MiB | fits in 80 GiB (81,920 MiB, with 700 MiB overhead) |"
+    )
     print("|---|---|---|---|")
     for label, reported, overrides in ROWS:
         cfg = RunConfig()

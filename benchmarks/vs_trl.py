@@ -48,7 +48,9 @@ class Setting:
     def label(self) -> str:
         gc = ", checkpointing" if self.checkpointing else ""
         alloc = f", {self.allocator}" if self.allocator != "glibc" else ""
-        return f"{self.tool} {self.variant}{gc}, {self.micro} x {EFFECTIVE_BATCH // self.micro}, {self.precision}{alloc}"
+        return (
+            f"{self.tool} {self.variant}{gc}, {self.micro} x {EFFECTIVE_BATCH // self.micro}, {self.precision}{alloc}"
+        )
 
 
 # solotune "plain": the loop's own techniques off (padded batches, full logits, autograd's SwiGLU,
@@ -70,10 +72,14 @@ def plan(precisions: list[str], peer_micros: list[int], focus: str = "all") -> l
         runs = []
         for precision in precisions:
             for allocator in ("glibc", "jemalloc"):
-                runs += [Setting("solotune", EFFECTIVE_BATCH, precision, "default", allocator=allocator),
-                         Setting("trl", 1, precision, "padded", allocator=allocator)]
-            runs += [Setting("solotune", EFFECTIVE_BATCH, precision, "default", allocator="tcmalloc"),
-                     Setting("solotune", 2, precision, "compiled", allocator="jemalloc")]
+                runs += [
+                    Setting("solotune", EFFECTIVE_BATCH, precision, "default", allocator=allocator),
+                    Setting("trl", 1, precision, "padded", allocator=allocator),
+                ]
+            runs += [
+                Setting("solotune", EFFECTIVE_BATCH, precision, "default", allocator="tcmalloc"),
+                Setting("solotune", 2, precision, "compiled", allocator="jemalloc"),
+            ]
         return runs
     if focus == "compiled":
         runs = []
@@ -90,10 +96,12 @@ def plan(precisions: list[str], peer_micros: list[int], focus: str = "all") -> l
         peer = [Setting("trl", EFFECTIVE_BATCH, precision, "padded", checkpointing=True)]
         peer += [Setting("trl", m, precision, "padded") for m in peer_micros]
         peer.append(Setting("trl", EFFECTIVE_BATCH, precision, "padding_free"))
-        ours = [Setting("solotune", EFFECTIVE_BATCH, precision, "default"),
-                Setting("solotune", EFFECTIVE_BATCH, precision, "plain"),
-                Setting("solotune", 1, precision, "default"),
-                Setting("solotune", EFFECTIVE_BATCH, precision, "default", checkpointing=True)]
+        ours = [
+            Setting("solotune", EFFECTIVE_BATCH, precision, "default"),
+            Setting("solotune", EFFECTIVE_BATCH, precision, "plain"),
+            Setting("solotune", 1, precision, "default"),
+            Setting("solotune", EFFECTIVE_BATCH, precision, "default", checkpointing=True),
+        ]
         for i in range(max(len(peer), len(ours))):
             runs += peer[i : i + 1] + ours[i : i + 1]
     return runs
@@ -116,21 +124,67 @@ def tokenized_examples(args):
 
 
 def run_solotune(s: Setting, args, out_dir: Path) -> dict:
-    cmd = [
-        sys.executable, "-m", "solotune.cli", "train", "--data", args.data, "--samples", str(args.records),
-        "--max-len", str(args.max_len), "--lora.r", "16", "--lora.alpha", "32", "--lora.dropout", "0.05",
-        "--batch", str(EFFECTIVE_BATCH), "--grad-accum", str(EFFECTIVE_BATCH // s.micro), "--lr", "2e-4",
-        "--epochs", "1", "--no-train.shuffle", "--train.schedule", "linear", "--train.warmup-ratio", "0",
-        "--train.seed", "0", "--precision.mp", "off" if s.precision == "fp32" else s.precision,
-        "--device", args.device, "--no-generate.enabled", "--output-dir", str(out_dir / "run"), "--cpu-allocator", s.allocator,
-    ] + (["--model", args.model] if args.model else []) + VARIANT_OPTIONS.get(s.variant, []) \
-      + (["--grad-checkpointing"] if s.checkpointing else [])
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "solotune.cli",
+            "train",
+            "--data",
+            args.data,
+            "--samples",
+            str(args.records),
+            "--max-len",
+            str(args.max_len),
+            "--lora.r",
+            "16",
+            "--lora.alpha",
+            "32",
+            "--lora.dropout",
+            "0.05",
+            "--batch",
+            str(EFFECTIVE_BATCH),
+            "--grad-accum",
+            str(EFFECTIVE_BATCH // s.micro),
+            "--lr",
+            "2e-4",
+            "--epochs",
+            "1",
+            "--no-train.shuffle",
+            "--train.schedule",
+            "linear",
+            "--train.warmup-ratio",
+            "0",
+            "--train.seed",
+            "0",
+            "--precision.mp",
+            "off" if s.precision == "fp32" else s.precision,
+            "--device",
+            args.device,
+            "--no-generate.enabled",
+            "--output-dir",
+            str(out_dir / "run"),
+            "--cpu-allocator",
+            s.allocator,
+        ]
+        + (["--model", args.model] if args.model else [])
+        + VARIANT_OPTIONS.get(s.variant, [])
+        + (["--grad-checkpointing"] if s.checkpointing else [])
+    )
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     m = json.loads((out_dir / "run" / "metrics.json").read_text())
     t = m["train"]
-    return {"tokens_per_s": t["tokens_per_s"], "padding": t["padding_fraction"], "peak_mib": m["memory"]["peak_mib"],
-            "loop_s": t["runtime_s"], "final_loss": t["final_loss"], "avg_loss": t["avg_loss"], "mfu": t["mfu"],
-            "steps": t["steps"], "compile_s": t.get("compile_s", 0.0)}
+    return {
+        "tokens_per_s": t["tokens_per_s"],
+        "padding": t["padding_fraction"],
+        "peak_mib": m["memory"]["peak_mib"],
+        "loop_s": t["runtime_s"],
+        "final_loss": t["final_loss"],
+        "avg_loss": t["avg_loss"],
+        "mfu": t["mfu"],
+        "steps": t["steps"],
+        "compile_s": t.get("compile_s", 0.0),
+    }
 
 
 def run_trl(s: Setting, args, out_dir: Path) -> dict:
@@ -163,30 +217,55 @@ def run_trl(s: Setting, args, out_dir: Path) -> dict:
 
     measure = Measure()
     config = SFTConfig(
-        output_dir=str(out_dir / "trl"), per_device_train_batch_size=s.micro,
-        gradient_accumulation_steps=EFFECTIVE_BATCH // s.micro, learning_rate=2e-4, num_train_epochs=1,
-        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=0,
-        bf16=s.precision == "bf16", use_cpu=args.device == "cpu",
+        output_dir=str(out_dir / "trl"),
+        per_device_train_batch_size=s.micro,
+        gradient_accumulation_steps=EFFECTIVE_BATCH // s.micro,
+        learning_rate=2e-4,
+        num_train_epochs=1,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=0,
+        bf16=s.precision == "bf16",
+        use_cpu=args.device == "cpu",
         max_length=None if s.variant == "padding_free" else args.max_len,  # the records are truncated already
-        completion_only_loss=True, padding_free=s.variant == "padding_free", train_sampling_strategy="sequential",
-        gradient_checkpointing=s.checkpointing, logging_steps=1, save_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0,
+        completion_only_loss=True,
+        padding_free=s.variant == "padding_free",
+        train_sampling_strategy="sequential",
+        gradient_checkpointing=s.checkpointing,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
-    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"],
-                             task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), peft_config=peft_config,
-                         callbacks=[measure])
+    peft_config = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), peft_config=peft_config, callbacks=[measure]
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = [examples[i : i + EFFECTIVE_BATCH] for i in range(0, len(examples), EFFECTIVE_BATCH)]
     flops = sum(FlopModel.of(trainer.model).step_flops([collate_packed(step)]) for step in steps)
     tokens = sum(len(e.input_ids) for e in examples)
-    padded = sum(len(mb) * max(len(e.input_ids) for e in mb)
-                 for step in steps for mb in (step[i : i + s.micro] for i in range(0, len(step), s.micro)))
-    return {"tokens_per_s": tokens / measure.seconds, "padding": 0.0 if s.variant == "padding_free" else 1 - tokens / padded,
-            "peak_mib": measure.peak.peak_mib, "loop_s": measure.seconds, "final_loss": losses[-1],
-            "avg_loss": sum(losses) / len(losses), "steps": len(losses),
-            "mfu": flops / measure.seconds / matmul_peak_flops(device, dtype)}
+    padded = sum(
+        len(mb) * max(len(e.input_ids) for e in mb)
+        for step in steps
+        for mb in (step[i : i + s.micro] for i in range(0, len(step), s.micro))
+    )
+    return {
+        "tokens_per_s": tokens / measure.seconds,
+        "padding": 0.0 if s.variant == "padding_free" else 1 - tokens / padded,
+        "peak_mib": measure.peak.peak_mib,
+        "loop_s": measure.seconds,
+        "final_loss": losses[-1],
+        "avg_loss": sum(losses) / len(losses),
+        "steps": len(losses),
+        "mfu": flops / measure.seconds / matmul_peak_flops(device, dtype),
+    }
 
 
 def worker(spec: str, args) -> None:
@@ -201,8 +280,20 @@ def worker(spec: str, args) -> None:
 
 
 def run_one(s: Setting, args) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(asdict(s)), "--data", args.data, "--records",
-           str(args.records), "--max-len", str(args.max_len), "--device", args.device] + (["--model", args.model] if args.model else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        json.dumps(asdict(s)),
+        "--data",
+        args.data,
+        "--records",
+        str(args.records),
+        "--max-len",
+        str(args.max_len),
+        "--device",
+        args.device,
+    ] + (["--model", args.model] if args.model else [])
     env = dict(os.environ)
     if s.tool == "trl" and s.allocator != "glibc":  # solotune preloads its own (--cpu-allocator)
         from solotune.allocator import choose
@@ -211,15 +302,20 @@ def run_one(s: Setting, args) -> dict | None:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    print(f"  {s.label}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:] or ''}", file=sys.stderr)
+            return json.loads(line[len("RESULT ") :])
+    print(
+        f"  {s.label}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:] or ''}", file=sys.stderr
+    )
     return None
 
 
 def table(results: list[tuple[Setting, dict]]) -> str:
     head = "| tool, setting | tokens/s | padding | peak MiB | loop s | final loss | avg loss | MFU |\n|---|---|---|---|---|---|---|---|"
-    rows = [f"| {s.label} | {r['tokens_per_s']:.0f} | {100 * r['padding']:.0f}% | {r['peak_mib']:,.0f} | {r['loop_s']:.0f} | "
-            f"{r['final_loss']:.4f} | {r['avg_loss']:.4f} | {100 * r['mfu']:.0f}% |" for s, r in results]
+    rows = [
+        f"| {s.label} | {r['tokens_per_s']:.0f} | {100 * r['padding']:.0f}% | {r['peak_mib']:,.0f} | {r['loop_s']:.0f} | "
+        f"{r['final_loss']:.4f} | {r['avg_loss']:.4f} | {100 * r['mfu']:.0f}% |"
+        for s, r in results
+    ]
     return "\n".join([head, *rows])
 
 
@@ -233,21 +329,29 @@ def ratios(results: list[tuple[Setting, dict]], precision: str) -> list[str]:
     best_peer_s, best_peer = max(peer, key=lambda sr: sr[1]["tokens_per_s"])
     fitting = [(s, r) for s, r in ours if r["peak_mib"] <= best_peer["peak_mib"]] or ours
     best_s, best = max(fitting, key=lambda sr: sr[1]["tokens_per_s"])
-    lines = [f"{precision}: headline: solotune at its fastest within the peer's memory ({best_s.label}) vs the peer at its fastest "
-             f"({best_peer_s.label}): {best['tokens_per_s'] / best_peer['tokens_per_s']:.2f}x tokens/s at "
-             f"{best['peak_mib'] / best_peer['peak_mib']:.2f}x the peak memory (target >= 2.0x at <= 1.0x)"]
+    lines = [
+        f"{precision}: headline: solotune at its fastest within the peer's memory ({best_s.label}) vs the peer at its fastest "
+        f"({best_peer_s.label}): {best['tokens_per_s'] / best_peer['tokens_per_s']:.2f}x tokens/s at "
+        f"{best['peak_mib'] / best_peer['peak_mib']:.2f}x the peak memory (target >= 2.0x at <= 1.0x)"
+    ]
     same = dict(((s.tool, s.variant, s.micro, s.checkpointing), r) for s, r in here)
     peer8 = same.get(("trl", "padded", EFFECTIVE_BATCH, False))
     for variant in ("default", "compiled"):
         ours8 = same.get(("solotune", variant, EFFECTIVE_BATCH, False))
         if not (ours8 and peer8):
             continue
-        lines.append(f"{precision}: same settings (micro-batch 8, no accumulation, no checkpointing), solotune {variant}: "
-                     f"{ours8['tokens_per_s'] / peer8['tokens_per_s']:.2f}x tokens/s at {ours8['peak_mib'] / peer8['peak_mib']:.2f}x "
-                     f"the peak memory (target >= 3.0x at <= 0.3x)")
-        lines.append(f"{precision}: same maths, solotune {variant}: average loss {ours8['avg_loss']:.4f} vs {peer8['avg_loss']:.4f} "
-                     f"({100 * (ours8['avg_loss'] / peer8['avg_loss'] - 1):+.2f}%, target within 1%)")
-    lines.append(f"{precision}: MFU of solotune's fastest: {100 * best['mfu']:.0f}% of the measured {precision} matmul peak (target >= 50%)")
+        lines.append(
+            f"{precision}: same settings (micro-batch 8, no accumulation, no checkpointing), solotune {variant}: "
+            f"{ours8['tokens_per_s'] / peer8['tokens_per_s']:.2f}x tokens/s at {ours8['peak_mib'] / peer8['peak_mib']:.2f}x "
+            f"the peak memory (target >= 3.0x at <= 0.3x)"
+        )
+        lines.append(
+            f"{precision}: same maths, solotune {variant}: average loss {ours8['avg_loss']:.4f} vs {peer8['avg_loss']:.4f} "
+            f"({100 * (ours8['avg_loss'] / peer8['avg_loss'] - 1):+.2f}%, target within 1%)"
+        )
+    lines.append(
+        f"{precision}: MFU of solotune's fastest: {100 * best['mfu']:.0f}% of the measured {precision} matmul peak (target >= 50%)"
+    )
     return lines
 
 
@@ -271,14 +375,24 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precisions", default=None, help="comma-separated: fp32,bf16 (default: what the device runs natively)")
+    p.add_argument(
+        "--precisions", default=None, help="comma-separated: fp32,bf16 (default: what the device runs natively)"
+    )
     p.add_argument("--peer-micro", default="8,4,2,1", help="the peer's micro-batch sizes to try")
     p.add_argument("--out", default=None, help="also write the table here (markdown)")
-    p.add_argument("--focus", default="all", choices=["all", "compiled", "allocators"],
-                   help="compiled: only the settings that decide the targets, with solotune also compiled; "
-                        "allocators: glibc's malloc vs jemalloc / tcmalloc")
-    p.add_argument("--ours-allocator", default="glibc", choices=["glibc", "tcmalloc", "jemalloc"],
-                   help="solotune's --cpu-allocator in the plan's runs (the peer keeps glibc's malloc)")
+    p.add_argument(
+        "--focus",
+        default="all",
+        choices=["all", "compiled", "allocators"],
+        help="compiled: only the settings that decide the targets, with solotune also compiled; "
+        "allocators: glibc's malloc vs jemalloc / tcmalloc",
+    )
+    p.add_argument(
+        "--ours-allocator",
+        default="glibc",
+        choices=["glibc", "tcmalloc", "jemalloc"],
+        help="solotune's --cpu-allocator in the plan's runs (the peer keeps glibc's malloc)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -288,21 +402,35 @@ def main() -> None:
     runs = plan(precisions, [int(m) for m in args.peer_micro.split(",")], args.focus)
     if args.ours_allocator != "glibc":
         runs = [replace(s, allocator=args.ours_allocator) if s.tool == "solotune" else s for s in runs]
-    print(f"{len(runs)} runs, {args.records} records from {args.data}, max len {args.max_len}, device {args.device}, "
-          f"precisions {', '.join(precisions)}", flush=True)
+    print(
+        f"{len(runs)} runs, {args.records} records from {args.data}, max len {args.max_len}, device {args.device}, "
+        f"precisions {', '.join(precisions)}",
+        flush=True,
+    )
     results = []
     for i, s in enumerate(runs, 1):
         start = time.perf_counter()
         r = run_one(s, args)
         if r:
             results.append((s, r))
-            print(f"[{i}/{len(runs)}] {s.label}: {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_mib']:,.0f} MiB, "
-                  f"avg loss {r['avg_loss']:.4f}{compiled_note(r)} ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"[{i}/{len(runs)}] {s.label}: {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_mib']:,.0f} MiB, "
+                f"avg loss {r['avg_loss']:.4f}{compiled_note(r)} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     machine = f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
-    report = [f"# solotune vs TRL SFTTrainer + PEFT ({time.strftime('%Y-%m-%d')}, {machine}, device {args.device})", "",
-              f"`{' '.join(['python', 'benchmarks/vs_trl.py', *sys.argv[1:]])}`", "",
-              "Peak: " + ("the CUDA allocator's peak" if args.device == "cuda" else "the process's peak RSS") +
-              " over the training loop. Tokens/s: non-padding tokens.", "", table(results), ""]
+    report = [
+        f"# solotune vs TRL SFTTrainer + PEFT ({time.strftime('%Y-%m-%d')}, {machine}, device {args.device})",
+        "",
+        f"`{' '.join(['python', 'benchmarks/vs_trl.py', *sys.argv[1:]])}`",
+        "",
+        "Peak: "
+        + ("the CUDA allocator's peak" if args.device == "cuda" else "the process's peak RSS")
+        + " over the training loop. Tokens/s: non-padding tokens.",
+        "",
+        table(results),
+        "",
+    ]
     for precision in precisions if args.focus != "allocators" else []:  # the targets' ratios are for one allocator
         report += ratios(results, precision)
     text = "\n".join(report)

@@ -11,6 +11,7 @@ import pytest
 
 from solotune.testing import make_tokenizer, save_model_folder
 
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -6,7 +6,7 @@ from solotune.ablate import AXES, cell_argv, failure_reason, parse_axes, plan_ce
 from solotune.cli import main
 from solotune.config import RunConfig
 from solotune.errors import SolotuneError
-from solotune.report import table1_rows, axis_effects, load_grid, table2_text
+from solotune.report import axis_effects, load_grid, table1_rows, table2_text
 from solotune.testing import save_model_folder
 
 
@@ -16,16 +16,27 @@ def test_cells_cover_every_combination_in_the_reference_order():
     assert [c.name for c in cells[:3]] == ["ga-off_mp-off_lora-off", "ga-off_mp-off_lora-on", "ga-off_mp-on_lora-off"]
     assert len(cells) == 8 and len({c.name for c in cells}) == 8
     on = cells[-1].overrides
-    assert on["train.grad_accum"] == cfg.train.batch and on["lora.enabled"] is True and on["precision.mp"] in ("bf16", "fp16")
+    assert (
+        on["train.grad_accum"] == cfg.train.batch
+        and on["lora.enabled"] is True
+        and on["precision.mp"] in ("bf16", "fp16")
+    )
     argv = cell_argv("base.yaml", "out", cells[0])
     assert "--no-lora.enabled" in argv and argv[argv.index("--train.grad-accum") + 1] == "1"
     with pytest.raises(SolotuneError, match="unknown axis qlora; choose from ga, mp, lora, gc, pf"):
         parse_axes("lora,qlora")
     assert set(AXES) == {"ga", "mp", "lora", "gc", "pf", "cce", "swiglu", "sdrop", "compile", "quant", "optim", "base"}
-    assert [c.overrides for c in plan_cells(cfg, parse_axes("quant,optim"))[-1:]] == [{"quant.method": "nf4", "train.optim": "adamw8bit"}]
+    assert [c.overrides for c in plan_cells(cfg, parse_axes("quant,optim"))[-1:]] == [
+        {"quant.method": "nf4", "train.optim": "adamw8bit"}
+    ]
     assert plan_cells(cfg, parse_axes("compile"))[1].overrides == {"train.compile": True, "train.track_memory": False}
     plain = plan_cells(cfg, parse_axes("pf,cce,swiglu,sdrop"))[0].overrides
-    assert plain == {"train.padding_free": False, "train.ce_chunk": 0, "train.fused_swiglu": False, "lora.shared_dropout": False}
+    assert plain == {
+        "train.padding_free": False,
+        "train.ce_chunk": 0,
+        "train.fused_swiglu": False,
+        "lora.shared_dropout": False,
+    }
 
 
 def test_resume_and_report_need_a_grid_folder(tmp_path, capsys):
@@ -35,7 +46,9 @@ def test_resume_and_report_need_a_grid_folder(tmp_path, capsys):
 
 
 def test_failure_reasons():
-    assert failure_reason(3, "train: 10%\rsolotune: error: out of memory: can't allocate").startswith("OOM (can't allocate")
+    assert failure_reason(3, "train: 10%\rsolotune: error: out of memory: can't allocate").startswith(
+        "OOM (can't allocate"
+    )
     assert "OOM killer" in failure_reason(-9, "")
     assert failure_reason(1, "Traceback ...\nValueError: boom\n") == "ValueError: boom"
 
@@ -54,14 +67,31 @@ def data_file(tmp_path_factory):
 
 
 def ablate_args(model, data, out, *extra):
-    return ["ablate", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
-            "--batch", "4", "--mp", "off", "--no-generate.enabled", *extra]
+    return [
+        "ablate",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch",
+        "4",
+        "--mp",
+        "off",
+        "--no-generate.enabled",
+        *extra,
+    ]
 
 
 def test_a_cell_out_of_memory_is_an_X_and_the_grid_completes(wide_model_dir, data_file, tmp_path, capsys):
     # Measured on this project's machine: the LoRA cell runs within 1.0 GiB of data segment,
     # the full fine-tune needs more than 1.3 GiB (gradients + AdamW state of 80 M weights).
-    assert main(ablate_args(wide_model_dir, data_file, tmp_path / "grid", "--axes", "lora", "--mem-limit", "1.15GiB")) == 0
+    assert (
+        main(ablate_args(wide_model_dir, data_file, tmp_path / "grid", "--axes", "lora", "--mem-limit", "1.15GiB")) == 0
+    )
     results = json.loads((tmp_path / "grid" / "results.json").read_text())
     assert results["lora-on"]["status"] == "ok"
     assert results["lora-off"]["status"] == "X" and results["lora-off"]["reason"].startswith("OOM")
@@ -96,7 +126,9 @@ def test_a_cell_without_memory_breakdown_is_reported_with_dashes(tiny_model_dir,
     assert main(ablate_args(tiny_model_dir, data_file, grid, "--axes", "gc")) == 0
     metrics_path = grid / "cells" / "gc-on" / "metrics.json"
     m = json.loads(metrics_path.read_text())
-    m["memory"].update(dict.fromkeys([k for k in m["memory"] if k.endswith("_mib") and k not in ("peak_mib", "reserved_mib")]))
+    m["memory"].update(
+        dict.fromkeys([k for k in m["memory"] if k.endswith("_mib") and k not in ("peak_mib", "reserved_mib")])
+    )
     metrics_path.write_text(json.dumps(m))
     g = load_grid(grid)
     assert table1_rows(g)[2][1:6] == ["–"] * 5 and table1_rows(g)[2][-1] != "–"

@@ -2,10 +2,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from solotune.testing import make_architecture, make_model
 from solotune.adapters import apply_lora, count_parameters, merge_adapter, resolve_targets, save_trained
 from solotune.config import LoraConfig
 from solotune.errors import SolotuneError
+from solotune.testing import make_architecture, make_model
 
 
 @pytest.fixture
@@ -37,7 +37,9 @@ def test_only_adapter_parameters_train(tokenizer):
     summary = count_parameters(model)
     hidden, layers, kv = 64, 2, 32  # v_proj maps 64 -> 2 kv heads x 16
     assert summary.trainable == layers * (4 * hidden + 4 * hidden + 4 * hidden + 4 * kv)
-    assert summary.line().startswith(f"trainable params: {summary.trainable:,} || all params: {summary.total:,} || trainable%: ")
+    assert summary.line().startswith(
+        f"trainable params: {summary.trainable:,} || all params: {summary.total:,} || trainable%: "
+    )
 
 
 def test_all_linear_adapts_every_projection(tokenizer):
@@ -46,10 +48,18 @@ def test_all_linear_adapts_every_projection(tokenizer):
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-@pytest.mark.parametrize("family, expected", [
-    ("llama", ["q_proj", "k_proj", "v_proj"]), ("qwen2", ["q_proj", "k_proj", "v_proj"]), ("gemma", ["q_proj", "k_proj", "v_proj"]),
-    ("granite", ["q_proj", "k_proj", "v_proj"]), ("gpt2", ["c_attn"]), ("gpt_neox", ["query_key_value"]), ("phi3", ["qkv_proj"]),
-])
+@pytest.mark.parametrize(
+    "family, expected",
+    [
+        ("llama", ["q_proj", "k_proj", "v_proj"]),
+        ("qwen2", ["q_proj", "k_proj", "v_proj"]),
+        ("gemma", ["q_proj", "k_proj", "v_proj"]),
+        ("granite", ["q_proj", "k_proj", "v_proj"]),
+        ("gpt2", ["c_attn"]),
+        ("gpt_neox", ["query_key_value"]),
+        ("phi3", ["qkv_proj"]),
+    ],
+)
 def test_the_default_targets_are_each_models_attention_input_projections(tokenizer, family, expected):
     model = make_architecture(family, tokenizer)
     assert resolve_targets(model, ["attention"])[0] == expected
@@ -58,7 +68,10 @@ def test_the_default_targets_are_each_models_attention_input_projections(tokeniz
 
 
 def test_unknown_target_module_lists_the_real_ones(tokenizer):
-    with pytest.raises(SolotuneError, match=r"qkv_proj not in this model; its linear layers are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+    with pytest.raises(
+        SolotuneError,
+        match=r"qkv_proj not in this model; its linear layers are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+    ):
         apply_lora(make_model(tokenizer), LoraConfig(target_modules=["q_proj", "qkv_proj"]))
 
 

@@ -20,8 +20,26 @@ def data_file(tmp_path_factory):
 
 
 def train(model_dir, data_file, out, *extra):
-    args = ["train", "--model", str(model_dir), "--data", str(data_file), "--output-dir", str(out), "--batch", "4",
-            "--mp", "off", "--lora.dropout", "0", "--generate.max-new-tokens", "3", "--cpu-allocator", "glibc", *extra]
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_file),
+        "--output-dir",
+        str(out),
+        "--batch",
+        "4",
+        "--mp",
+        "off",
+        "--lora.dropout",
+        "0",
+        "--generate.max-new-tokens",
+        "3",
+        "--cpu-allocator",
+        "glibc",
+        *extra,
+    ]
     assert main(args) == 0
     return json.loads((out / "metrics.json").read_text())
 
@@ -41,7 +59,7 @@ def test_every_family_trains_merges_and_generates_with_the_defaults(family, data
     else:
         assert any(n.startswith("padding-free rows off for this model: ") for n in paths["notes"])
     # Every adapter trained: a lora_B that stayed zero is a layer backward never reached.
-    weights = (tmp_path / "fast" / "adapter" / "adapter_model.safetensors")
+    weights = tmp_path / "fast" / "adapter" / "adapter_model.safetensors"
     from safetensors.torch import load_file
 
     lora_b = {k: v for k, v in load_file(weights).items() if "lora_B" in k}
@@ -50,8 +68,22 @@ def test_every_family_trains_merges_and_generates_with_the_defaults(family, data
     assert main(["merge", "--adapter", str(tmp_path / "fast" / "adapter"), "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert type(merged).__name__ == type(AutoModelForCausalLM.from_pretrained(model_dir)).__name__
-    assert main(["generate", "--adapter", str(tmp_path / "fast" / "adapter"), "--instruction", "Say hi.",
-                 "--max-new-tokens", "3", "--mp", "off"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                str(tmp_path / "fast" / "adapter"),
+                "--instruction",
+                "Say hi.",
+                "--max-new-tokens",
+                "3",
+                "--mp",
+                "off",
+            ]
+        )
+        == 0
+    )
     assert "generations (" in capsys.readouterr().out
 
 
@@ -62,5 +94,7 @@ def test_granite_logits_scaling_turns_the_chunked_head_off(data_file, tmp_path, 
     fast = train(model_dir, data_file, tmp_path / "run", "--max-steps", "2", "--no-generate.enabled")
     assert fast["fast_paths"]["ce_chunk"] == 0 and fast["fast_paths"]["padding_free"]
     assert "chunked LM head + cross-entropy off for this model: it differs" in capsys.readouterr().out
-    full = train(model_dir, data_file, tmp_path / "full", "--max-steps", "2", "--no-generate.enabled", "--train.ce-chunk", "0")
+    full = train(
+        model_dir, data_file, tmp_path / "full", "--max-steps", "2", "--no-generate.enabled", "--train.ce-chunk", "0"
+    )
     assert fast["train"]["loss_curve"] == full["train"]["loss_curve"]

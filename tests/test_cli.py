@@ -15,14 +15,30 @@ from solotune.cli import main
 @pytest.fixture
 def data_file(tmp_path):
     f = tmp_path / "data.jsonl"
-    rows = [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(1, i + 2)))} for i in range(12)]
+    rows = [
+        {"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(1, i + 2)))} for i in range(12)
+    ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return f
 
 
 def train_args(model_dir, data_file, out, *extra):
-    return ["train", "--model", str(model_dir), "--data", str(data_file), "--output-dir", str(out),
-            "--batch", "4", "--mp", "off", "--generate.max-new-tokens", "4", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data_file),
+        "--output-dir",
+        str(out),
+        "--batch",
+        "4",
+        "--mp",
+        "off",
+        "--generate.max-new-tokens",
+        "4",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +77,22 @@ def test_train_prints_the_parameter_line_and_summary(tiny_model_dir, data_file, 
 
 
 def test_generate_with_a_saved_adapter(lora_run, capsys):
-    assert main(["generate", "--adapter", str(lora_run / "adapter"), "--prompt", "3 + 1 =", "--max-new-tokens", "3", "--mp", "off"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                str(lora_run / "adapter"),
+                "--prompt",
+                "3 + 1 =",
+                "--max-new-tokens",
+                "3",
+                "--mp",
+                "off",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "'3 + 1 ='" in out and "tokens in" in out
 
@@ -69,7 +100,9 @@ def test_generate_with_a_saved_adapter(lora_run, capsys):
 def test_merge_matches_the_adapter_model(lora_run, tiny_model_dir, tmp_path, tokenizer):
     assert main(["merge", "--adapter", str(lora_run / "adapter"), "--output", str(tmp_path / "merged")]) == 0
     inputs = tokenizer("5 + 1 =", return_tensors="pt")
-    adapter_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_run / "adapter").eval()
+    adapter_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_run / "adapter"
+    ).eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
@@ -77,7 +110,14 @@ def test_merge_matches_the_adapter_model(lora_run, tiny_model_dir, tmp_path, tok
 
 
 def test_full_finetune_saves_a_plain_model(tiny_model_dir, data_file, tmp_path):
-    assert main(train_args(tiny_model_dir, data_file, tmp_path / "o", "--no-lora", "--max-steps", "1", "--no-generate.enabled")) == 0
+    assert (
+        main(
+            train_args(
+                tiny_model_dir, data_file, tmp_path / "o", "--no-lora", "--max-steps", "1", "--no-generate.enabled"
+            )
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["params"]["trainable"] == m["params"]["total"]
     assert (tmp_path / "o" / "model" / "model.safetensors").is_file()
@@ -89,19 +129,23 @@ def test_a_finished_run_folder_is_not_overwritten(lora_run, tiny_model_dir, data
     assert "already holds a finished run" in capsys.readouterr().err
 
 
-def run_cli(*argv, cwd=None):
-    return subprocess.run([sys.executable, "-m", "solotune.cli", *argv], capture_output=True, text=True, cwd=cwd, timeout=120)
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["train", "--grad-accum", "3"], "solotune: error: train.grad_accum = 3: must divide the batch (8)"),
-        (["train", "--model", "./no/such/folder", "--mp", "off"], "solotune: error: model folder ./no/such/folder not found"),
-        (["train", "--model", "no-such-org/no-such-model", "--mp", "off"],
-         "solotune: error: could not load model 'no-such-org/no-such-model' from the Hugging Face hub"),
+        (
+            ["train", "--model", "./no/such/folder", "--mp", "off"],
+            "solotune: error: model folder ./no/such/folder not found",
+        ),
+        (
+            ["train", "--model", "no-such-org/no-such-model", "--mp", "off"],
+            "solotune: error: could not load model 'no-such-org/no-such-model' from the Hugging Face hub",
+        ),
         (["train", "--data", "missing.json"], "solotune: error: data file missing.json not found"),
-        (["generate", "--adapter", "/nonexistent/adapter"], "solotune: error: model folder /nonexistent/adapter not found"),
+        (
+            ["generate", "--adapter", "/nonexistent/adapter"],
+            "solotune: error: model folder /nonexistent/adapter not found",
+        ),
     ],
 )
 def test_user_errors_are_one_clear_line(argv, message, tmp_path, monkeypatch, capsys):
@@ -116,7 +160,10 @@ def test_no_traceback_reaches_the_user(tmp_path):
     """The real process: exit status 2 and the message alone on stderr."""
     result = subprocess.run(
         [sys.executable, "-m", "solotune.cli", "train", "--lora.dropout", "2"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "solotune: error: lora.dropout = 2.0: must be in [0, 1)"
@@ -124,5 +171,8 @@ def test_no_traceback_reaches_the_user(tmp_path):
 
 def test_unknown_target_module_is_reported_before_training(tiny_model_dir, data_file, tmp_path, capsys):
     assert main(train_args(tiny_model_dir, data_file, tmp_path / "o", "--target-modules", "qkv")) == 2
-    assert "lora.target_modules: qkv not in this model; its linear layers are: down_proj, gate_proj" in capsys.readouterr().err
+    assert (
+        "lora.target_modules: qkv not in this model; its linear layers are: down_proj, gate_proj"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "o").exists()  # the run folder it created is gone again

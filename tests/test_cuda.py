@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from solotune.testing import save_model_folder
 from solotune.config import RunConfig
+from solotune.testing import save_model_folder
 from solotune.train import run_training
 
 pytestmark = [
@@ -73,8 +73,10 @@ def test_accumulation_and_checkpointing_lower_the_cuda_peak(wide_model_dir, tmp_
 
 
 def test_activation_offloading_lowers_the_cuda_peak_with_the_same_losses(wide_model_dir, tmp_path):
-    runs = {name: cuda_run(wide_model_dir, tmp_path / name, "off", prompt_bytes=300, offload_activations=offload)
-            for name, offload in {"plain": False, "offload": True}.items()}
+    runs = {
+        name: cuda_run(wide_model_dir, tmp_path / name, "off", prompt_bytes=300, offload_activations=offload)
+        for name, offload in {"plain": False, "offload": True}.items()
+    }
     plain, offload = runs["plain"], runs["offload"]
     assert offload["memory"]["peak_mib"] < 0.7 * plain["memory"]["peak_mib"], (plain["memory"], offload["memory"])
     assert offload["train"]["loss_curve"] == pytest.approx(plain["train"]["loss_curve"], rel=1e-5)
@@ -89,7 +91,9 @@ def test_padding_free_flash_attention_matches_the_padded_batch(tokenizer):
     if varlen_attn is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
     exs = varied_examples(tokenizer)
-    model = make_model(tokenizer, hidden_size=256, num_attention_heads=4, num_key_value_heads=2).to("cuda", torch.bfloat16)
+    model = make_model(tokenizer, hidden_size=256, num_attention_heads=4, num_key_value_heads=2).to(
+        "cuda", torch.bfloat16
+    )
     padded, packed = collate(exs, tokenizer.pad_token_id).to("cuda"), collate_packed(exs).to("cuda")
     with torch.no_grad():
         ref = model(**padded.model_inputs()).logits.float()

@@ -32,7 +32,9 @@ def decoded_labels(tokenizer, example):
 
 
 def test_alpaca_template_with_and_without_input():
-    assert format_instruction("Add.", "2 and 3").endswith("### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    assert format_instruction("Add.", "2 and 3").endswith(
+        "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n"
+    )
     no_input = format_instruction("Add.")
     assert "### Input" not in no_input and no_input.endswith("### Instruction:\nAdd.\n\n### Response:\n")
 
@@ -73,8 +75,10 @@ def test_other_formats(tokenizer, tmp_path, row, fmt, expected_label_text):
 
 def test_multi_turn_messages_train_each_assistant_turn_only(tokenizer, tmp_path):
     msgs = [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "B1"},
-        {"role": "user", "content": "c"}, {"role": "assistant", "content": "D2"},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "B1"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "D2"},
     ]
     (ex,), _, _ = tokenize(tokenizer, [{"messages": msgs}], tmp_path)
     assert decoded_labels(tokenizer, ex) == "B1</s>D2</s>"
@@ -102,12 +106,18 @@ def test_truncation_keeps_the_prompt_and_drops_records_without_response(tokenize
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', r"data.jsonl:2: missing field 'output' \(format alpaca\)"),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n', r"data.jsonl:2: field 'output' must be a string, got int"),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n',
+            r"data.jsonl:2: missing field 'output' \(format alpaca\)",
+        ),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n',
+            r"data.jsonl:2: field 'output' must be a string, got int",
+        ),
         ('{"instruction": "a", "output": "  "}\n', r"data.jsonl:1: field 'output' is empty"),
         ('{"instruction": "a", "output": "b"}\n{"instruction": \n', r"data.jsonl:2: not valid JSON"),
         ('{"foo": 1}\n', r"data.jsonl:1: cannot tell the record format; expected keys instruction, output"),
-        ('[1, 2]\n', r"data.jsonl:1: cannot tell the record format"),
+        ("[1, 2]\n", r"data.jsonl:1: cannot tell the record format"),
     ],
 )
 def test_bad_records_name_file_and_line(tokenizer, tmp_path, content, message):
@@ -122,7 +132,9 @@ def test_invalid_utf8_and_missing_file(tokenizer, tmp_path):
     f = tmp_path / "data.jsonl"
     f.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
     cfg = DataConfig(path=str(f))
-    with pytest.raises(SolotuneError, match=r"data.jsonl:2: not valid UTF-8 \(or skip such records with --data.on-bad-record skip\)"):
+    with pytest.raises(
+        SolotuneError, match=r"data.jsonl:2: not valid UTF-8 \(or skip such records with --data.on-bad-record skip\)"
+    ):
         tokenize_records(read_records(cfg), tokenizer, cfg)
     with pytest.raises(SolotuneError, match=r"data file .*missing.json not found"):
         read_records(DataConfig(path=str(tmp_path / "missing.json")))
@@ -130,13 +142,18 @@ def test_invalid_utf8_and_missing_file(tokenizer, tmp_path):
 
 def test_bad_records_can_be_skipped_and_long_ones_dropped(tokenizer, tmp_path):
     f = tmp_path / "data.jsonl"
-    f.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n{"instruction": \n'
-                  b'{"instruction": "\xff", "output": "x"}\n{"instruction": "long", "output": "' + b"y" * 400 + b'"}\n')
+    f.write_bytes(
+        b'{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n{"instruction": \n'
+        b'{"instruction": "\xff", "output": "x"}\n{"instruction": "long", "output": "' + b"y" * 400 + b'"}\n'
+    )
     cfg = DataConfig(path=str(f), on_bad_record="skip", max_len=200)
     examples, stats, _ = tokenize_records(read_records(cfg), tokenizer, cfg)
     assert stats.skipped == 3 and len(examples) == 2 and stats.truncated == 1
     assert stats.skip_reasons[0].endswith("data.jsonl:2: missing field 'output' (format alpaca)")
-    assert "data.jsonl:3: not valid JSON" in stats.skip_reasons[1] and "data.jsonl:4: not valid UTF-8" in stats.skip_reasons[2]
+    assert (
+        "data.jsonl:3: not valid JSON" in stats.skip_reasons[1]
+        and "data.jsonl:4: not valid UTF-8" in stats.skip_reasons[2]
+    )
     cfg.too_long = "drop"
     examples, stats, _ = tokenize_records(read_records(cfg), tokenizer, cfg)
     assert len(examples) == 1 and stats.dropped == 1 and stats.truncated == 0

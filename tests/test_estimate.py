@@ -82,8 +82,12 @@ def test_smollm2_lora_parameter_count_from_the_preset():
 def test_search_lists_only_configurations_the_estimate_says_fit(model_dir):
     cfg = run_config(model_dir, lora=True, mp="off", checkpointing=False, batch=8, grad_accum=1)
     config = model_config(str(model_dir))
-    full_b8 = estimate_memory(config, run_config(model_dir, False, "off", False, 8, 1), SEQ).parts_mib["tracked_peak_mib"]
-    lora_b1 = estimate_memory(config, run_config(model_dir, True, "off", False, 8, 8), SEQ).parts_mib["tracked_peak_mib"]
+    full_b8 = estimate_memory(config, run_config(model_dir, False, "off", False, 8, 1), SEQ).parts_mib[
+        "tracked_peak_mib"
+    ]
+    lora_b1 = estimate_memory(config, run_config(model_dir, True, "off", False, 8, 8), SEQ).parts_mib[
+        "tracked_peak_mib"
+    ]
     budget = (full_b8 + lora_b1) / 2  # room for LoRA at some micro-batch, not for full at 8
     found = search(config, cfg, SEQ, gpu_mib=budget, overhead_mib=0.0)
     assert found and all(c.peak_mib <= budget for c in found)
@@ -99,8 +103,22 @@ def test_search_lists_only_configurations_the_estimate_says_fit(model_dir):
 def test_estimate_command_prints_the_breakdown_and_the_verdict(capsys):
     from solotune.cli import main
 
-    args = ["estimate", "--model", "llama2-7b", "--quant", "nf4", "--mp", "bf16", "--grad-checkpointing", "--seq-len", "64",
-            "--batch", "2", "--gpu-mem", "8GB"]
+    args = [
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--quant",
+        "nf4",
+        "--mp",
+        "bf16",
+        "--grad-checkpointing",
+        "--seq-len",
+        "64",
+        "--batch",
+        "2",
+        "--gpu-mem",
+        "8GB",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "optimizer state" in out and "fits in 7,629 MiB" in out

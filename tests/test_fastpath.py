@@ -19,7 +19,9 @@ from solotune.train import accumulate_gradients, build_model, enable_checkpointi
 
 def per_token_losses(logits, labels):
     """Per-position next-token CE, 0 where there is no target: (B, T-1)."""
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+    return F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
 
 
 @pytest.mark.parametrize("train_on_prompt", [False, True], ids=["response-only", "every-token"])
@@ -39,7 +41,9 @@ def test_padding_free_row_gives_each_record_its_padded_loss(tokenizer, train_on_
         n = len(e.input_ids)
         # The row's position start+t predicts token t+1 of record i, as position t of padded row i.
         mine, theirs = row[start : start + n - 1], ref[i, : n - 1]
-        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-5), f"record {i}: max diff {(mine - theirs).abs().max():.2e}"
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-5), (
+            f"record {i}: max diff {(mine - theirs).abs().max():.2e}"
+        )
         assert theirs.sum() > 0
         start += n
     # The last position of each record has no target in the row (the next record's first label is cleared).
@@ -113,7 +117,9 @@ def test_fused_head_keeps_no_logits_for_backward(tokenizer):
     hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state.detach().requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = chunked_response_loss_sum(hidden, model.get_output_embeddings(), batch.labels, batch.loss_positions, chunk=7)
+        loss = chunked_response_loss_sum(
+            hidden, model.get_output_embeddings(), batch.labels, batch.loss_positions, chunk=7
+        )
     n, h = batch.n_loss_tokens, hidden.shape[-1]
     assert max(t.numel() for t in saved) == n * h  # the gradient of the loss positions' hidden states
     loss.backward()
@@ -164,7 +170,9 @@ def lora_inputs(model):
 
 def test_shared_dropout_draws_one_mask_per_block_input(tokenizer):
     exs = examples(tokenizer)
-    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = apply_lora(
+        make_model(tokenizer), LoraConfig(r=4, dropout=0.5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
     blocks = [m for m in model.modules() if isinstance(m, SharedDropout)]
     assert len(blocks) == 2  # one per attention block
     seen = lora_inputs(model.train())
@@ -221,10 +229,14 @@ def test_fused_swiglu_equals_autograd_and_saves_less(tokenizer, full):
             assert use_fused_swiglu(model) == 2
         model = apply_lora(model, LoraConfig(r=4, dropout=0.0)) if not full else model.train().requires_grad_(True)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, saved=saved: saved.append(t.untyped_storage().data_ptr()) or t, lambda t: t
+        ):
             loss = ResponseLoss()(model, batch)
         loss.backward()
-        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(set(saved))))
+        results.append(
+            (loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(set(saved)))
+        )
     (ref_loss, ref_grads, ref_saved), (loss, grads, n_saved) = results
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     assert_same_gradients(grads, ref_grads)
@@ -281,8 +293,10 @@ def test_fused_swiglu_backward_in_bf16_is_as_accurate_as_autograds():
         return g.grad.double(), u.grad.double()
 
     reference = gradients(lambda g, u: F.silu(g) * u, torch.float64)
-    errors = {name: [((a - r).norm() / r.norm()).item() for a, r in zip(gradients(fn, torch.bfloat16), reference)]
-              for name, fn in (("autograd", lambda g, u: F.silu(g) * u), ("fused", SiluMul.apply))}
+    errors = {
+        name: [((a - r).norm() / r.norm()).item() for a, r in zip(gradients(fn, torch.bfloat16), reference)]
+        for name, fn in (("autograd", lambda g, u: F.silu(g) * u), ("fused", SiluMul.apply))
+    }
     assert all(f <= a for f, a in zip(errors["fused"], errors["autograd"])), errors
 
 

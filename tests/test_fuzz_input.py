@@ -21,7 +21,8 @@ json_values = st.recursive(
 )
 record_like = st.dictionaries(
     st.sampled_from(["instruction", "input", "output", "prompt", "response", "text", "messages", "role", "extra"]),
-    json_values, max_size=5,
+    json_values,
+    max_size=5,
 )
 
 
@@ -53,9 +54,28 @@ def test_arbitrary_bytes_are_refused_clearly(tmp_path_factory, raw):
         read_and_tokenize(folder / name)
 
 
-config_keys = st.sampled_from(["model", "data", "lora", "train", "precision", "generate", "device", "r", "batch",
-                               "grad_accum", "lr", "mp", "max_len", "target_modules", "bogus"])
-config_like = st.dictionaries(config_keys, json_values | st.dictionaries(config_keys, json_values, max_size=4), max_size=4)
+config_keys = st.sampled_from(
+    [
+        "model",
+        "data",
+        "lora",
+        "train",
+        "precision",
+        "generate",
+        "device",
+        "r",
+        "batch",
+        "grad_accum",
+        "lr",
+        "mp",
+        "max_len",
+        "target_modules",
+        "bogus",
+    ]
+)
+config_like = st.dictionaries(
+    config_keys, json_values | st.dictionaries(config_keys, json_values, max_size=4), max_size=4
+)
 
 
 @FAST

@@ -45,7 +45,9 @@ def test_lora_has_smaller_gradients_and_optimizer_state_than_full(tokenizer):
     lora, _ = measure(tokenizer, lora=True)
     full, model = measure(tokenizer, lora=False)
     assert lora["optimizer_state_mib"] < 0.2 * full["optimizer_state_mib"]
-    assert lora["gradients_mib"] + lora["optimizer_state_mib"] < 0.2 * (full["gradients_mib"] + full["optimizer_state_mib"])
+    assert lora["gradients_mib"] + lora["optimizer_state_mib"] < 0.2 * (
+        full["gradients_mib"] + full["optimizer_state_mib"]
+    )
     assert full["optimizer_state_mib"] == pytest.approx(2 * trainable_mib(model), rel=0.01)
 
 

@@ -37,7 +37,9 @@ def test_corrupt_safetensors_weights_are_a_clear_error(tmp_path):
 
 def test_unreachable_hub_names_the_model_and_the_way_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SolotuneError, match=r"could not load model 'meta-llama/Llama-2-7b-hf' from the Hugging Face hub.*--model PATH"):
+    with pytest.raises(
+        SolotuneError, match=r"could not load model 'meta-llama/Llama-2-7b-hf' from the Hugging Face hub.*--model PATH"
+    ):
         load_tokenizer("meta-llama/Llama-2-7b-hf", ModelConfig(name="meta-llama/Llama-2-7b-hf"))
 
 

@@ -58,8 +58,9 @@ def train(model_dir, tokenizer, cfg: RunConfig, steps=6):
 
 
 def frozen_state(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters() if not p.requires_grad] + \
-        [t.clone() for t in quant_state_tensors(model)]
+    return [p.detach().clone() for p in model.parameters() if not p.requires_grad] + [
+        t.clone() for t in quant_state_tensors(model)
+    ]
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4", "int8"])
@@ -68,7 +69,10 @@ def test_a_quantized_base_trains_and_only_the_adapters_change(model_dir, tokeniz
     policy = resolve_policy(cfg.precision, "cpu", frozen_base=True)
     model = build_model(str(model_dir), cfg, policy)
     assert quantized_linears(model).layers == 2 * 7  # q, k, v, o, gate, up, down in each layer
-    before, adapters = frozen_state(model), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    before, adapters = (
+        frozen_state(model),
+        {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+    )
     train_cfg = TrainConfig(batch=4, max_steps=8, epochs=10, lr=1e-2, warmup_ratio=0.0)
     result = train_loop(model, records(tokenizer), tokenizer.pad_token_id, policy, train_cfg)
     assert result.losses[-1] < 0.7 * result.losses[0]
@@ -79,7 +83,9 @@ def test_a_quantized_base_trains_and_only_the_adapters_change(model_dir, tokeniz
 def test_the_quantized_linears_take_under_30_percent_of_their_bf16_size(model_dir):
     """Measured: the storage of the codes and the scales (double quantization) over 2 bytes per weight."""
     cfg = config("nf4")
-    model = load_model(str(model_dir), cfg.model, torch.float32, torch.device("cpu"), quantization_config(cfg.quant, torch.bfloat16))
+    model = load_model(
+        str(model_dir), cfg.model, torch.float32, torch.device("cpu"), quantization_config(cfg.quant, torch.bfloat16)
+    )
     q = quantized_linears(model)
     attention, mlp = 2 * 256 * 256 + 2 * 256 * 128, 3 * 256 * 512  # q, o; k, v (2 of 4 heads); gate, up, down
     assert q.dense_16bit_bytes == 2 * 2 * (attention + mlp)  # 2 layers, 2 bytes a weight
@@ -90,7 +96,9 @@ def test_the_quantized_linears_take_under_30_percent_of_their_bf16_size(model_di
 def test_the_memory_breakdown_counts_the_codes_and_their_scales_as_parameters(model_dir, tokenizer):
     model, result = train(model_dir, tokenizer, config("nf4"), steps=1)
     dense = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
-    scales = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in quant_state_tensors(model)}.values())
+    scales = sum(
+        {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in quant_state_tensors(model)}.values()
+    )
     assert result.memory["parameters_mib"] == pytest.approx((dense + scales) / MIB, rel=1e-6)
 
 
@@ -102,7 +110,9 @@ def test_the_adapter_saves_and_reloads_onto_the_quantized_base(model_dir, tokeni
     model.eval()
     with torch.no_grad():
         trained = model(**batch.model_inputs()).logits
-        base = load_model(str(model_dir), cfg.model, torch.float32, torch.device("cpu"), quantization_config(cfg.quant, torch.float32))
+        base = load_model(
+            str(model_dir), cfg.model, torch.float32, torch.device("cpu"), quantization_config(cfg.quant, torch.float32)
+        )
         reloaded = load_adapter(base, tmp_path / "adapter").eval()(**batch.model_inputs()).logits
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
 
@@ -118,7 +128,10 @@ def test_8bit_adamw_state_is_smaller_than_fp32_adamw(model_dir, tokenizer):
 
 def test_8bit_adamw_follows_fp32_adamw(model_dir, tokenizer):
     """The loss curves of 8-bit and fp32 AdamW over the same steps (2% tolerance, stated)."""
-    curves = {optim: train(model_dir, tokenizer, config("none", optim, r=32, lr=3e-3))[1].losses for optim in ("adamw", "adamw8bit")}
+    curves = {
+        optim: train(model_dir, tokenizer, config("none", optim, r=32, lr=3e-3))[1].losses
+        for optim in ("adamw", "adamw8bit")
+    }
     assert curves["adamw8bit"] == pytest.approx(curves["adamw"], rel=0.02)
 
 
@@ -130,10 +143,28 @@ def test_sgd_keeps_no_optimizer_state(model_dir, tokenizer):
 def test_bad_combinations_are_clear_errors(model_dir, tmp_path, capsys):
     cfg = config("nf4")
     cfg.lora.enabled = False
-    with pytest.raises(SolotuneError, match="quant.method = 'nf4': a quantized base cannot be trained itself; it needs LoRA"):
+    with pytest.raises(
+        SolotuneError, match="quant.method = 'nf4': a quantized base cannot be trained itself; it needs LoRA"
+    ):
         validate(cfg)
-    code = main(["train", "--model", str(model_dir), "--optim", "paged_adamw8bit", "--device", "cpu", "--samples", "4",
-                 "--batch", "4", "--no-generate.enabled", "--output-dir", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--optim",
+            "paged_adamw8bit",
+            "--device",
+            "cpu",
+            "--samples",
+            "4",
+            "--batch",
+            "4",
+            "--no-generate.enabled",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "paged optimizers keep their state in CUDA unified memory and need a GPU" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
@@ -145,11 +176,34 @@ def test_a_qlora_run_trains_every_adapter_on_either_weight_layout(model_dir, wei
     from safetensors.torch import load_file
 
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"say {i}", "response": " the same answer"}) + "\n" for i in range(8)))
-    args = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"), "--quant", "nf4",
-            "--mp", mp, "--batch", "4", "--lr", "1e-2", "--generate.max-new-tokens", "2", "--cpu-allocator", "glibc"]
+    data.write_text(
+        "".join(json.dumps({"prompt": f"say {i}", "response": " the same answer"}) + "\n" for i in range(8))
+    )
+    args = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--quant",
+        "nf4",
+        "--mp",
+        mp,
+        "--batch",
+        "4",
+        "--lr",
+        "1e-2",
+        "--generate.max-new-tokens",
+        "2",
+        "--cpu-allocator",
+        "glibc",
+    ]
     assert main(args) == 0
-    lora_b = {k: v for k, v in load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k}
+    lora_b = {
+        k: v for k, v in load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k
+    }
     assert len(lora_b) == 2 * 3 and all(v.abs().sum() > 0 for v in lora_b.values())
 
 
@@ -161,7 +215,9 @@ def test_a_weight_repacked_for_cpu_inference_is_converted_back(model_dir, tokeni
     from solotune.quant import keep_4bit_layout_trainable
 
     cfg = config("nf4")
-    model = load_model(str(model_dir), cfg.model, torch.float32, torch.device("cpu"), quantization_config(cfg.quant, torch.float32))
+    model = load_model(
+        str(model_dir), cfg.model, torch.float32, torch.device("cpu"), quantization_config(cfg.quant, torch.float32)
+    )
     batch = collate(records(tokenizer, 2), tokenizer.pad_token_id)
     with torch.no_grad():
         before = model(**batch.model_inputs()).logits

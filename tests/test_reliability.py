@@ -72,8 +72,24 @@ def test_the_trained_weights_are_saved_before_anything_after_the_loop_can_fail(t
 
     monkeypatch.setattr(train_module, "matmul_peak_flops", broken_peak)
     with pytest.raises(RuntimeError, match="matmul benchmark"):
-        main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "run"),
-              "--batch", "4", "--mp", "off", "--no-generate.enabled", "--cpu-allocator", "glibc"])
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--batch",
+                "4",
+                "--mp",
+                "off",
+                "--no-generate.enabled",
+                "--cpu-allocator",
+                "glibc",
+            ]
+        )
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -17,21 +17,58 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)"),
 ]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--enable-logging=stderr"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+]
 
 
 def chromium(tmp_path, *args):
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_report_renders_with_its_plots_and_no_console_errors(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i} plus one is", "response": f" {i + 1}"}) + "\n" for i in range(8)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i} plus one is", "response": f" {i + 1}"}) + "\n" for i in range(8))
+    )
     grid = tmp_path / "grid"
-    assert main(["ablate", "--axes", "lora,gc", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(grid),
-                 "--max-steps", "2", "--batch", "4", "--mp", "off", "--generate.max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--axes",
+                "lora,gc",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(grid),
+                "--max-steps",
+                "2",
+                "--batch",
+                "4",
+                "--mp",
+                "off",
+                "--generate.max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     url = (grid / "report.html").resolve().as_uri()
 
     dom = chromium(tmp_path, "--dump-dom", url)

@@ -26,9 +26,26 @@ def model_dir(tmp_path_factory):
 
 
 def train_cmd(model_dir, out, *extra):
-    return [sys.executable, "-m", "solotune.cli", "train", "--model", str(model_dir), "--samples", str(4 * STEPS),
-            "--batch", "4", "--mp", "off", "--lora.dropout", "0.1", "--no-generate.enabled", "--output-dir", str(out),
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "solotune.cli",
+        "train",
+        "--model",
+        str(model_dir),
+        "--samples",
+        str(4 * STEPS),
+        "--batch",
+        "4",
+        "--mp",
+        "off",
+        "--lora.dropout",
+        "0.1",
+        "--no-generate.enabled",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def run(cmd, check=True):

@@ -23,13 +23,34 @@ FP32 = resolve_policy(PrecisionConfig(mp="off"), "cpu", frozen_base=True)
 @pytest.fixture
 def data_file(tmp_path):
     f = tmp_path / "data.jsonl"
-    f.write_text("".join(json.dumps({"prompt": f"{i} + 1 =" + " x" * i, "response": f" {i + 1}"}) + "\n" for i in range(8)))
+    f.write_text(
+        "".join(json.dumps({"prompt": f"{i} + 1 =" + " x" * i, "response": f" {i + 1}"}) + "\n" for i in range(8))
+    )
     return f
 
 
 def run(model_dir, data_file, out, *extra):
-    return main(["train", "--model", str(model_dir), "--data", str(data_file), "--output-dir", str(out), "--batch", "4",
-                 "--mp", "off", "--max-steps", "2", "--no-generate.enabled", "--cpu-allocator", "glibc", *extra])
+    return main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data_file),
+            "--output-dir",
+            str(out),
+            "--batch",
+            "4",
+            "--mp",
+            "off",
+            "--max-steps",
+            "2",
+            "--no-generate.enabled",
+            "--cpu-allocator",
+            "glibc",
+            *extra,
+        ]
+    )
 
 
 def test_the_fast_paths_of_a_llama_match_and_stay_on(tokenizer):
@@ -54,7 +75,9 @@ def test_padding_free_attention_that_lets_records_see_each_other_is_turned_off(t
     finally:
         AttentionInterface.register(attention.NAME, attention.varlen_sdpa_attention)
     assert not fast.padding_free and fast.ce_chunk and fast.fused_swiglu
-    assert fast.notes[0].startswith("padding-free rows off for this model: it differs from the model's plain forward by")
+    assert fast.notes[0].startswith(
+        "padding-free rows off for this model: it differs from the model's plain forward by"
+    )
     assert model.config._attn_implementation == "sdpa"  # the model's own attention again
 
 
@@ -63,11 +86,15 @@ def test_a_sliding_window_shorter_than_max_len_trains_padded_and_says_why(tmp_pa
     assert run(model_dir, data_file, tmp_path / "run", "--max-len", "64") == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert not m["fast_paths"]["padding_free"] and m["train"]["padding_fraction"] > 0
-    assert ("padding-free rows off for this model: its sliding attention window (16 tokens) is shorter than max_len (64)"
-            in capsys.readouterr().out)
+    assert (
+        "padding-free rows off for this model: its sliding attention window (16 tokens) is shorter than max_len (64)"
+        in capsys.readouterr().out
+    )
 
 
-def test_a_model_class_without_sdpa_trains_with_eager_attention(tiny_model_dir, data_file, tmp_path, capsys, monkeypatch):
+def test_a_model_class_without_sdpa_trains_with_eager_attention(
+    tiny_model_dir, data_file, tmp_path, capsys, monkeypatch
+):
     from transformers import LlamaForCausalLM
 
     monkeypatch.setattr(LlamaForCausalLM, "_supports_sdpa", False)
@@ -75,8 +102,9 @@ def test_a_model_class_without_sdpa_trains_with_eager_attention(tiny_model_dir, 
     assert "attention: eager (this model class does not support SDPA attention)" in capsys.readouterr().out
 
 
-def test_a_parameter_backward_does_not_reach_stops_the_run_and_names_it(tiny_model_dir, data_file, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_a_parameter_backward_does_not_reach_stops_the_run_and_names_it(
+    tiny_model_dir, data_file, tmp_path, capsys, monkeypatch
+):
     """As bitsandbytes' gemm layout did to every 4-bit layer: the adapter's output is cut from the graph."""
     build = train.build_model
 
@@ -90,7 +118,9 @@ def test_a_parameter_backward_does_not_reach_stops_the_run_and_names_it(tiny_mod
     monkeypatch.setattr(train, "build_model", cut_q_adapters)
     assert run(tiny_model_dir, data_file, tmp_path / "run") == 2
     error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
-    assert error.startswith("solotune: error: step 1: of 12 trainable parameters, 4 got no gradient (backward does not reach them): ")
+    assert error.startswith(
+        "solotune: error: step 1: of 12 trainable parameters, 4 got no gradient (backward does not reach them): "
+    )
     assert "layers.0.self_attn.q_proj.lora_A.default.weight" in error and "Traceback" not in error
     assert not (tmp_path / "run").exists()  # nothing half-written left behind
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 import transformers
 
-from solotune.testing import make_model
 from solotune.adapters import apply_lora, prepare_full_finetune
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, collate, split_micro_batches, tokenize_records
 from solotune.precision import resolve_policy
+from solotune.testing import make_model
 from solotune.train import accumulate_gradients, enable_checkpointing, make_optimizer, train_loop, train_step
 
 FP32 = PrecisionConfig(mp="off")
@@ -22,7 +22,10 @@ def examples_from(tokenizer, rows):
 
 def varied_rows(n=8):
     """Records of clearly different lengths, so batches carry padding."""
-    return [{"instruction": "Repeat the word." + " pad" * (i % 3), "input": "x" * i, "output": "ok " * (1 + 2 * i)} for i in range(n)]
+    return [
+        {"instruction": "Repeat the word." + " pad" * (i % 3), "input": "x" * i, "output": "ok " * (1 + 2 * i)}
+        for i in range(n)
+    ]
 
 
 def lora_model(tokenizer, **kw):
@@ -41,7 +44,9 @@ def test_gradient_accumulation_is_exact(tokenizer, full):
     results = {}
     for k in (1, 4):
         model = prepare_full_finetune(make_model(tokenizer).train()) if full else lora_model(tokenizer)
-        micro = [collate([examples[i] for i in mb], tokenizer.pad_token_id) for mb in split_micro_batches(list(range(8)), k)]
+        micro = [
+            collate([examples[i] for i in mb], tokenizer.pad_token_id) for mb in split_micro_batches(list(range(8)), k)
+        ]
         loss = accumulate_gradients(model, micro, policy)
         results[k] = (loss.item(), grads(model))
     (loss1, g1), (loss4, g4) = results[1], results[4]
@@ -78,7 +83,9 @@ def test_full_finetuning_changes_the_base_weights(tokenizer):
     model = prepare_full_finetune(make_model(tokenizer).train())
     before = copy.deepcopy(model.state_dict())
     run_loop(tokenizer, varied_rows(8), model, steps=1)
-    assert not torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        model.state_dict()["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 def saved_activation_bytes(model, batch):

@@ -9,7 +9,6 @@ Results are written as each cell finishes; `--resume` runs only the cells withou
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -53,17 +52,30 @@ AXES = {
     "gc": Axis("gc", "GC", ("OFF", "ON"), lambda c, v: {"train.grad_checkpointing": v == "ON"}),
     # The performance techniques (issue 5), each against its plain form.
     "pf": Axis("pf", "Padding-free", ("OFF", "ON"), lambda c, v: {"train.padding_free": v == "ON"}),
-    "cce": Axis("cce", "Chunked CE", ("OFF", "ON"), lambda c, v: {"train.ce_chunk": (c.train.ce_chunk or 1024) if v == "ON" else 0}),
+    "cce": Axis(
+        "cce",
+        "Chunked CE",
+        ("OFF", "ON"),
+        lambda c, v: {"train.ce_chunk": (c.train.ce_chunk or 1024) if v == "ON" else 0},
+    ),
     "swiglu": Axis("swiglu", "Fused SwiGLU", ("OFF", "ON"), lambda c, v: {"train.fused_swiglu": v == "ON"}),
     "sdrop": Axis("sdrop", "Shared dropout", ("OFF", "ON"), lambda c, v: {"lora.shared_dropout": v == "ON"}),
     # The frozen base in 4 bits (QLoRA; needs LoRA), 8-bit optimizer moments, and the old fp32
     # storage of frozen weights under mixed precision (an fp32 copy plus autocast's 16-bit one).
     "quant": Axis("quant", "4-bit base", ("OFF", "ON"), lambda c, v: {"quant.method": "nf4" if v == "ON" else "none"}),
-    "optim": Axis("optim", "8-bit optim", ("OFF", "ON"), lambda c, v: {"train.optim": "adamw8bit" if v == "ON" else "adamw"}),
-    "base": Axis("base", "FP32 base", ("OFF", "ON"), lambda c, v: {"precision.base_dtype": "fp32" if v == "ON" else "auto"}),
+    "optim": Axis(
+        "optim", "8-bit optim", ("OFF", "ON"), lambda c, v: {"train.optim": "adamw8bit" if v == "ON" else "adamw"}
+    ),
+    "base": Axis(
+        "base", "FP32 base", ("OFF", "ON"), lambda c, v: {"precision.base_dtype": "fp32" if v == "ON" else "auto"}
+    ),
     # Compiled cells have no memory breakdown (the tracker's per-op hook stops Dynamo).
-    "compile": Axis("compile", "Compile", ("OFF", "ON"), lambda c, v: {"train.compile": True, "train.track_memory": False}
-                    if v == "ON" else {"train.compile": False}),
+    "compile": Axis(
+        "compile",
+        "Compile",
+        ("OFF", "ON"),
+        lambda c, v: {"train.compile": True, "train.track_memory": False} if v == "ON" else {"train.compile": False},
+    ),
 }
 
 
@@ -159,10 +171,13 @@ def run_grid(cfg: RunConfig, axes: list[Axis], grid_dir: Path | None, resume: bo
         grid_dir.mkdir(parents=True, exist_ok=True)
         cells = plan_cells(cfg, axes)
         artifacts.write_yaml(grid_dir / "base.yaml", to_dict(cfg))
-        artifacts.write_json(grid_dir / GRID_FILE, {
-            "axes": [{"key": a.key, "label": a.label, "values": list(a.values)} for a in axes],
-            "cells": [vars(c) for c in cells],
-        })
+        artifacts.write_json(
+            grid_dir / GRID_FILE,
+            {
+                "axes": [{"key": a.key, "label": a.label, "values": list(a.values)} for a in axes],
+                "cells": [vars(c) for c in cells],
+            },
+        )
     results_path = grid_dir / RESULTS_FILE
     results = artifacts.read_json(results_path) if results_path.exists() else {}
     todo = [c for c in cells if c.name not in results]
@@ -170,7 +185,9 @@ def run_grid(cfg: RunConfig, axes: list[Axis], grid_dir: Path | None, resume: bo
     start = time.perf_counter()
     for i, cell in enumerate(todo, start=1):
         eta = (time.perf_counter() - start) / (i - 1) * (len(todo) - i + 1) if i > 1 else None
-        print(f"\n=== cell {i}/{len(todo)}: {cell.name}" + (f"  (grid ETA {eta / 60:.1f} min)" if eta else ""), flush=True)
+        print(
+            f"\n=== cell {i}/{len(todo)}: {cell.name}" + (f"  (grid ETA {eta / 60:.1f} min)" if eta else ""), flush=True
+        )
         cell_dir = grid_dir / "cells" / cell.name
         results[cell.name] = run_cell(cell_argv(grid_dir / "base.yaml", cell_dir, cell), cell_dir, timeout_s)
         artifacts.write_json(results_path, results)
@@ -183,5 +200,7 @@ def cell_summary(outcome: dict, cell_dir: Path) -> str:
     if outcome["status"] == "X":
         return f"X ({outcome['reason']})"
     m = artifacts.read_json(cell_dir / artifacts.METRICS_FILE)
-    return (f"peak {m['memory']['peak_mib']:,.0f} MiB, loop {m['train']['runtime_s']:.1f} s, "
-            f"{m['train']['tokens_per_s']:.0f} tokens/s, average loss {m['train']['avg_loss']:.4f}")
+    return (
+        f"peak {m['memory']['peak_mib']:,.0f} MiB, loop {m['train']['runtime_s']:.1f} s, "
+        f"{m['train']['tokens_per_s']:.0f} tokens/s, average loss {m['train']['avg_loss']:.4f}"
+    )

@@ -99,9 +99,14 @@ def resolve_targets(model: torch.nn.Module, targets: list[str]) -> tuple[list[st
     if targets == [ATTENTION]:
         found = attention_projections(model)
         if found:
-            return found, f"lora targets: {', '.join(found)} (the attention input projections of {type(model).__name__})"
-        return ALL_LINEAR, (f"lora targets: all-linear (found no attention projections in {type(model).__name__}; "
-                            "name them with --target-modules)")
+            return (
+                found,
+                f"lora targets: {', '.join(found)} (the attention input projections of {type(model).__name__})",
+            )
+        return ALL_LINEAR, (
+            f"lora targets: all-linear (found no attention projections in {type(model).__name__}; "
+            "name them with --target-modules)"
+        )
     available = linear_module_names(model)
     unknown = [t for t in targets if t not in available]
     if unknown:
@@ -191,7 +196,9 @@ def share_dropout_masks(model: torch.nn.Module) -> int:
         shared = SharedDropout(dropouts[0][0].lora_dropout[dropouts[0][1]].p)
         for layer, name in dropouts:
             layer.lora_dropout[name] = shared
-            layer.register_forward_pre_hook(lambda _m, args, s=shared: setattr(s, "input_key", args[0] if args else None))
+            layer.register_forward_pre_hook(
+                lambda _m, args, s=shared: setattr(s, "input_key", args[0] if args else None)
+            )
         parent.register_forward_hook(lambda *_, s=shared: s.clear())
         shared_blocks += 1
     return shared_blocks
@@ -259,7 +266,9 @@ def merge_to_folder(adapter_dir: str, output_dir: str, model_name: str | None = 
     return diff
 
 
-def merge_quantized(adapter_dir, output_dir, source: str, mcfg: ModelConfig, tokenizer, quant, dtype: torch.dtype) -> float:
+def merge_quantized(
+    adapter_dir, output_dir, source: str, mcfg: ModelConfig, tokenizer, quant, dtype: torch.dtype
+) -> float:
     """Merge a QLoRA adapter into its base de-quantized to the compute dtype; save that model.
 
     The merged model multiplies the same de-quantized weights the 4-bit model did, plus the
@@ -278,7 +287,9 @@ def merge_quantized(adapter_dir, output_dir, source: str, mcfg: ModelConfig, tok
     scale = max(ref.abs().max().item() for ref in reference)
     merged.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    print(f"merged {adapter_dir} into {source} de-quantized from {quant.method} to {DTYPE_NAMES[dtype]}: saved {output_dir} "
-          f"(max logit difference vs the adapter on the {quant.method} base, {len(probes)} evaluation prompts: "
-          f"{diff:.2e}, {diff / scale:.1e} of the largest logit)")
+    print(
+        f"merged {adapter_dir} into {source} de-quantized from {quant.method} to {DTYPE_NAMES[dtype]}: saved {output_dir} "
+        f"(max logit difference vs the adapter on the {quant.method} base, {len(probes)} evaluation prompts: "
+        f"{diff:.2e}, {diff / scale:.1e} of the largest logit)"
+    )
     return diff

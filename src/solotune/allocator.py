@@ -50,8 +50,10 @@ def choose(requested: str, find=None) -> tuple[str, str | None]:
         return "glibc", None
     library = find(requested)
     if not library:
-        raise SolotuneError(f"--cpu-allocator {requested}: lib{LIBRARIES[requested]} is not installed on this system "
-                            f"(Debian/Ubuntu: {INSTALL_HINT[requested]}); or use --cpu-allocator glibc")
+        raise SolotuneError(
+            f"--cpu-allocator {requested}: lib{LIBRARIES[requested]} is not installed on this system "
+            f"(Debian/Ubuntu: {INSTALL_HINT[requested]}); or use --cpu-allocator glibc"
+        )
     return requested, library
 
 
@@ -92,5 +94,8 @@ def describe(requested: str) -> str:
     if requested == "auto" and running != "glibc":
         return f"cpu allocator: {running} (auto: installed here)"
     if requested == "auto" and choose("auto")[0] == "glibc":
-        return "cpu allocator: glibc (auto: neither tcmalloc nor jemalloc is installed; `apt install libtcmalloc-minimal4` lowers the CPU peak)"
+        return (
+            "cpu allocator: glibc (auto: neither tcmalloc nor jemalloc is installed; "
+            "`apt install libtcmalloc-minimal4` lowers the CPU peak)"
+        )
     return f"cpu allocator: {running} (--cpu-allocator {requested} takes effect when the solotune command starts the process)"

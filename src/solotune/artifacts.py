@@ -92,7 +92,10 @@ def machine_info() -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "memory_gib": None}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), info["cpu"])
+        info["cpu"] = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+            info["cpu"],
+        )
         meminfo = Path("/proc/meminfo").read_text().split()
         info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
     except (OSError, ValueError):

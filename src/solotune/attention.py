@@ -52,8 +52,13 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_len
 
 def _flash_varlen_applies(query: torch.Tensor, kwargs: dict) -> bool:
     training_dropout = kwargs.get("dropout", 0.0)
-    return varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) \
-        and query.shape[0] == 1 and not training_dropout
+    return (
+        varlen_attn is not None
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[0] == 1
+        and not training_dropout
+    )
 
 
 def _flash_varlen(query, key, value, segment_lengths: tuple[int, ...], scale: float | None) -> torch.Tensor:
@@ -109,7 +114,9 @@ def enable_padding_free(model, max_len: int) -> None:
     try:
         model.set_attn_implementation(NAME)
     except (ValueError, KeyError, AttributeError) as err:
-        raise SolotuneError(f"it does not take transformers' attention interface ({type(model).__name__}: {err})") from err
+        raise SolotuneError(
+            f"it does not take transformers' attention interface ({type(model).__name__}: {err})"
+        ) from err
 
 
 def disable_padding_free(model, attn_implementation: str) -> None:

@@ -12,16 +12,58 @@ import random
 from collections.abc import Callable
 
 WORDS = [
-    "garden", "planet", "silver", "window", "rocket", "forest", "candle", "bridge", "pepper",
-    "turtle", "marble", "orange", "castle", "jacket", "anchor", "meadow", "violin", "harbor",
-    "pillow", "lantern", "summit", "falcon", "velvet", "canyon", "ribbon", "mirror", "copper",
-    "island", "basket", "thunder", "pencil", "rabbit", "saddle", "tunnel", "walnut", "zipper",
+    "garden",
+    "planet",
+    "silver",
+    "window",
+    "rocket",
+    "forest",
+    "candle",
+    "bridge",
+    "pepper",
+    "turtle",
+    "marble",
+    "orange",
+    "castle",
+    "jacket",
+    "anchor",
+    "meadow",
+    "violin",
+    "harbor",
+    "pillow",
+    "lantern",
+    "summit",
+    "falcon",
+    "velvet",
+    "canyon",
+    "ribbon",
+    "mirror",
+    "copper",
+    "island",
+    "basket",
+    "thunder",
+    "pencil",
+    "rabbit",
+    "saddle",
+    "tunnel",
+    "walnut",
+    "zipper",
 ]
 NAMES = ["Ana", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jonas", "Keiko", "Lars"]
 DOMAINS = ["example.org", "mail.test", "solotune.dev", "post.example", "inbox.test"]
 MONTHS = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ]
 SENTENCES = [
     "the quick test passed on the first try",
@@ -97,14 +139,20 @@ def to_json(rng: random.Random) -> dict:
 
 def largest_number(rng: random.Random) -> dict:
     numbers = rng.sample(range(1, 500), 5)
-    return _record(
-        "Which number in the list is the largest?", ", ".join(map(str, numbers)), str(max(numbers))
-    )
+    return _record("Which number in the list is the largest?", ", ".join(map(str, numbers)), str(max(numbers)))
 
 
 TASKS: list[Callable[[random.Random], dict]] = [
-    add_numbers, multiply_numbers, reverse_word, uppercase, sort_numbers,
-    count_words, extract_email, iso_date, to_json, largest_number,
+    add_numbers,
+    multiply_numbers,
+    reverse_word,
+    uppercase,
+    sort_numbers,
+    count_words,
+    extract_email,
+    iso_date,
+    to_json,
+    largest_number,
 ]
 
 

@@ -66,7 +66,11 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
     for section in sorted(set(saved["config"]) | set(current["config"])):
         a, b = saved["config"].get(section), current["config"].get(section)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{section}.{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            diffs += [
+                f"{section}.{k}: {a.get(k)!r} there, {b.get(k)!r} now"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
         elif a != b:
             diffs.append(f"{section}: {a!r} there, {b!r} now")
     if diffs:
@@ -77,8 +81,9 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
 # Writing
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, scaler, records: dict, run_fingerprint: dict,
-         keep: int) -> Path:
+def save(
+    run_dir: Path, step: int, model, optimizer, scheduler, scaler, records: dict, run_fingerprint: dict, keep: int
+) -> Path:
     """Write the checkpoint of `step` atomically; keep only the newest `keep`. Returns its folder."""
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step:06d}"
@@ -186,7 +191,9 @@ def restore(ckpt: Checkpoint, model, optimizer, scheduler, scaler) -> dict:
         opt_tensors = load_file(ckpt.path / "optimizer.safetensors")
         rng = load_file(ckpt.path / "rng.safetensors")
     except (OSError, ValueError, RuntimeError) as e:
-        raise SolotuneError(f"checkpoint {ckpt.path} is damaged ({e}); remove it to resume from the one before") from None
+        raise SolotuneError(
+            f"checkpoint {ckpt.path} is damaged ({e}); remove it to resume from the one before"
+        ) from None
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in trainable]
     if missing:

@@ -48,7 +48,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(tp) is list:
             parser.add_argument(*names, nargs="+", metavar="VALUE", **kwargs)
         else:
-            parser.add_argument(*names, metavar=path.rsplit(".", 1)[-1].upper(), choices=f.metadata.get("choices"), **kwargs)
+            parser.add_argument(
+                *names, metavar=path.rsplit(".", 1)[-1].upper(), choices=f.metadata.get("choices"), **kwargs
+            )
 
 
 def _default_of(f) -> object:
@@ -119,7 +121,12 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     if args.search:
         if gpu_mib is None:
             raise SolotuneError("--search needs --gpu-mem, the memory to fit in")
-        print_search(search(model_config(cfg.model.name, cfg.model.trust_remote_code), cfg, seq_len, gpu_mib, args.overhead_mib), cfg, seq_len, gpu_mib)
+        print_search(
+            search(model_config(cfg.model.name, cfg.model.trust_remote_code), cfg, seq_len, gpu_mib, args.overhead_mib),
+            cfg,
+            seq_len,
+            gpu_mib,
+        )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -134,7 +141,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         do_sample=args.do_sample,
     )
     model, tokenizer, policy = load_for_inference(args.adapter, args.model, PrecisionConfig(mp=args.mp), args.device)
-    print_generations(f"generations ({args.adapter or args.model or 'embedded default'})", generate(model, tokenizer, cfg, policy))
+    print_generations(
+        f"generations ({args.adapter or args.model or 'embedded default'})", generate(model, tokenizer, cfg, policy)
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -144,21 +153,37 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="solotune", description="Fine-tune a causal LM on one GPU or a CPU, measured.")
+    parser = argparse.ArgumentParser(
+        prog="solotune", description="Fine-tune a causal LM on one GPU or a CPU, measured."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune a model (default: the embedded SmolLM2-135M on the built-in data)")
     train.add_argument("config", nargs="?", help="a YAML config file; options below override it")
-    train.add_argument("--resume", metavar="RUN", help="continue a stopped run from its newest checkpoint: "
-                       "its folder, or 'latest' (the newest unfinished run under runs/)")
+    train.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue a stopped run from its newest checkpoint: "
+        "its folder, or 'latest' (the newest unfinished run under runs/)",
+    )
     add_config_options(train)
     train.set_defaults(func=cmd_train)
 
-    ablate = sub.add_parser("ablate", help="run every combination of the techniques, one process per cell; tables + HTML report")
+    ablate = sub.add_parser(
+        "ablate", help="run every combination of the techniques, one process per cell; tables + HTML report"
+    )
     ablate.add_argument("config", nargs="?", help="a YAML config file shared by every cell; options below override it")
-    ablate.add_argument("--axes", default="ga,mp,lora", help="comma-separated axes from ga, mp, lora, gc, pf, cce, swiglu, sdrop (default: ga,mp,lora)")
-    ablate.add_argument("--resume", metavar="GRID_DIR", help="finish an interrupted grid: run only the cells without a result")
-    ablate.add_argument("--cell-timeout", type=float, metavar="SECONDS", help="stop a cell that runs longer (it becomes X)")
+    ablate.add_argument(
+        "--axes",
+        default="ga,mp,lora",
+        help="comma-separated axes from ga, mp, lora, gc, pf, cce, swiglu, sdrop (default: ga,mp,lora)",
+    )
+    ablate.add_argument(
+        "--resume", metavar="GRID_DIR", help="finish an interrupted grid: run only the cells without a result"
+    )
+    ablate.add_argument(
+        "--cell-timeout", type=float, metavar="SECONDS", help="stop a cell that runs longer (it becomes X)"
+    )
     add_config_options(ablate)
     ablate.set_defaults(func=cmd_ablate)
 
@@ -166,8 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("config", nargs="?", help="the YAML config file that train takes; options below override it")
     estimate.add_argument("--seq-len", type=int, help="tokens per sequence (default: --max-len, every sequence full)")
     estimate.add_argument("--gpu-mem", help="does it fit in this much, e.g. 24GB or 80GiB")
-    estimate.add_argument("--search", action="store_true", help="list the configurations that fit in --gpu-mem, fastest first")
-    estimate.add_argument("--overhead-mib", type=float, default=700.0, help="CUDA context + cuBLAS workspaces + allocator slack")
+    estimate.add_argument(
+        "--search", action="store_true", help="list the configurations that fit in --gpu-mem, fastest first"
+    )
+    estimate.add_argument(
+        "--overhead-mib", type=float, default=700.0, help="CUDA context + cuBLAS workspaces + allocator slack"
+    )
     add_config_options(estimate)
     estimate.set_defaults(func=cmd_estimate)
 
@@ -179,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", help="a saved adapter (or full fine-tune) folder, e.g. runs/<run>/adapter")
     gen.add_argument("--model", help="base model (default: the one the adapter names, else the embedded default)")
     gen.add_argument("--prompt", action="append", default=[], help="a raw prompt (repeatable)")
-    gen.add_argument("--instruction", action="append", default=[], help="an instruction, wrapped in the Alpaca template (repeatable)")
+    gen.add_argument(
+        "--instruction", action="append", default=[], help="an instruction, wrapped in the Alpaca template (repeatable)"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens)
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--mp", default="auto", choices=("auto", "off", "bf16", "fp16"))

@@ -48,9 +48,7 @@ class DataConfig:
     # A .json / .jsonl / .parquet file or a hub data set name; None = the built-in data set.
     path: str | None = None
     split: str = "train"
-    format: str = field(
-        default="auto", metadata=choices("auto", "alpaca", "prompt_response", "messages", "text")
-    )
+    format: str = field(default="auto", metadata=choices("auto", "alpaca", "prompt_response", "messages", "text"))
     samples: int | None = None  # keep the first N records
     max_len: int = 512
     too_long: str = field(default="truncate", metadata=choices("truncate", "drop"))  # records over max_len
@@ -224,9 +222,7 @@ def convert_value(raw: Any, tp: Any, where: str, from_cli: bool = False) -> Any:
 
 
 def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, "a list"
-    )
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, "a list")
 
 
 def build(cls: type, data: dict, where: str = "config") -> Any:
@@ -237,9 +233,7 @@ def build(cls: type, data: dict, where: str = "config") -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise SolotuneError(
-            f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(known)})"
-        )
+        raise SolotuneError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(known)})")
     values = {}
     for name, raw in data.items():
         tp = hints[name]
@@ -321,16 +315,24 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0")
     _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0: only on a stop signal)")
     _require(t.keep >= 1, "train.keep", t.keep, "must be at least 1")
-    _require(not (t.compile and t.track_memory), "train.compile", t.compile,
-             "torch.compile cannot trace under the memory breakdown's per-op hook; add --train.track-memory false")
+    _require(
+        not (t.compile and t.track_memory),
+        "train.compile",
+        t.compile,
+        "torch.compile cannot trace under the memory breakdown's per-op hook; add --train.track-memory false",
+    )
     _require(t.ce_chunk >= 0, "train.ce_chunk", t.ce_chunk, "must be >= 0 (0: full logits)")
     _require(d.max_len >= 8, "data.max_len", d.max_len, "must be at least 8 tokens")
     _require(d.samples is None or d.samples >= 1, "data.samples", d.samples, "must be at least 1")
     _require(lo.r >= 1, "lora.r", lo.r, "must be at least 1")
     _require(lo.alpha > 0, "lora.alpha", lo.alpha, "must be positive")
     _require(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "must be in [0, 1)")
-    _require(cfg.quant.method == "none" or lo.enabled, "quant.method", cfg.quant.method,
-             "a quantized base cannot be trained itself; it needs LoRA (--lora)")
+    _require(
+        cfg.quant.method == "none" or lo.enabled,
+        "quant.method",
+        cfg.quant.method,
+        "a quantized base cannot be trained itself; it needs LoRA (--lora)",
+    )
     _require(len(lo.target_modules) >= 1, "lora.target_modules", lo.target_modules, "must name at least one module")
     _require(g.max_new_tokens >= 1, "generate.max_new_tokens", g.max_new_tokens, "must be at least 1")
     _require(g.temperature > 0, "generate.temperature", g.temperature, "must be positive")

@@ -258,7 +258,9 @@ def _check_unicode(text: str, where: str, key: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise SolotuneError(f"{where}: field {key!r} holds invalid Unicode ({e.reason} at character {e.start})") from None
+        raise SolotuneError(
+            f"{where}: field {key!r} holds invalid Unicode ({e.reason} at character {e.start})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +358,8 @@ def plan_steps(n_examples: int, batch: int, epochs: int, seed: int, shuffle: boo
 
 
 def split_micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
-    """Split one step's examples into `grad_accum` consecutive micro-batches (none empty)."""
+    """Split one step's examples into consecutive micro-batches of ceil(n / grad_accum) examples:
+    `grad_accum` of them when that divides, fewer for a short last step (none is empty)."""
     size = -(-len(indices) // grad_accum)
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
@@ -374,8 +377,15 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
     targets = loss_positions(examples, [row * T for row in range(B)])
-    return Batch(input_ids, attention_mask, labels, [e.record_index for e in examples],
-                 n_tokens=sum(len(e.input_ids) for e in examples), n_loss_tokens=len(targets), loss_positions=targets)
+    return Batch(
+        input_ids,
+        attention_mask,
+        labels,
+        [e.record_index for e in examples],
+        n_tokens=sum(len(e.input_ids) for e in examples),
+        n_loss_tokens=len(targets),
+        loss_positions=targets,
+    )
 
 
 def collate_packed(examples: list[Example]) -> Batch:
@@ -392,9 +402,17 @@ def collate_packed(examples: list[Example]) -> Batch:
         labels += [IGNORE_INDEX] + e.labels[1:]
         positions += range(len(e.input_ids))
     row, targets = torch.tensor([input_ids]), loss_positions(examples, starts)
-    return Batch(row, torch.ones_like(row), torch.tensor([labels]), [e.record_index for e in examples],
-                 n_tokens=row.shape[1], n_loss_tokens=len(targets), loss_positions=targets,
-                 position_ids=torch.tensor([positions]), segment_lengths=tuple(len(e.input_ids) for e in examples))
+    return Batch(
+        row,
+        torch.ones_like(row),
+        torch.tensor([labels]),
+        [e.record_index for e in examples],
+        n_tokens=row.shape[1],
+        n_loss_tokens=len(targets),
+        loss_positions=targets,
+        position_ids=torch.tensor([positions]),
+        segment_lengths=tuple(len(e.input_ids) for e in examples),
+    )
 
 
 def loss_positions(examples: list[Example], starts: list[int]) -> torch.Tensor:

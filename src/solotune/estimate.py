@@ -24,8 +24,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune
-from solotune.config import QuantConfig, RunConfig
 from solotune.attention import enable_padding_free
+from solotune.config import QuantConfig, RunConfig
 from solotune.data import Example
 from solotune.errors import SolotuneError
 from solotune.loss import ResponseLoss
@@ -38,27 +38,97 @@ from solotune.train import accumulate_gradients, enable_checkpointing, make_batc
 
 # Shapes as published in each model's config.json (Llama / Mistral / Qwen2 code paths).
 PRESETS = {
-    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768),
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "smollm2-360m": dict(model_type="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                         num_attention_heads=15, num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
-    "smollm2-1.7b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),
+    "llama2-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "llama2-13b": dict(
+        model_type="llama",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "llama3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+    ),
+    "mistral-7b": dict(
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-360m": dict(
+        model_type="llama",
+        hidden_size=960,
+        intermediate_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-1.7b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
 }
-HUB_PRESETS = {"meta-llama/Llama-2-7b-hf": "llama2-7b", "meta-llama/Llama-2-13b-hf": "llama2-13b",
-               "meta-llama/Meta-Llama-3-8B": "llama3-8b", "mistralai/Mistral-7B-v0.1": "mistral-7b",
-               "Qwen/Qwen2.5-7B": "qwen2.5-7b", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
-               "HuggingFaceTB/SmolLM2-360M-Instruct": "smollm2-360m", "HuggingFaceTB/SmolLM2-1.7B-Instruct": "smollm2-1.7b"}
+HUB_PRESETS = {
+    "meta-llama/Llama-2-7b-hf": "llama2-7b",
+    "meta-llama/Llama-2-13b-hf": "llama2-13b",
+    "meta-llama/Meta-Llama-3-8B": "llama3-8b",
+    "mistralai/Mistral-7B-v0.1": "mistral-7b",
+    "Qwen/Qwen2.5-7B": "qwen2.5-7b",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+    "HuggingFaceTB/SmolLM2-360M-Instruct": "smollm2-360m",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "smollm2-1.7b",
+}
 PRESET_HUB_IDS = {preset: hub_id for hub_id, preset in HUB_PRESETS.items()}
 # What a CUDA process holds beyond its tensors: the context (~500 MiB on recent GPUs) and the
 # cuBLAS workspaces and allocator rounding (64-180 MiB measured on an H200, README). Configurable.
@@ -145,7 +215,11 @@ def _make_parameters_fake(model: torch.nn.Module, fake_mode: FakeTensorMode) -> 
                 if id(t) not in memo:
                     with fake_mode:
                         new = torch.empty(t.shape, dtype=t.dtype)
-                    memo[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+                    memo[id(t)] = (
+                        torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                        if isinstance(t, torch.nn.Parameter)
+                        else new
+                    )
                 table[name] = memo[id(t)]
 
 
@@ -154,20 +228,26 @@ def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: fl
     p = est.parts_mib
     micro = cfg.train.batch // cfg.train.grad_accum
     total = est.total_mib(overhead_mib)
-    print(f"model {cfg.model.name or 'smollm2-135m'}: {est.total:,} parameters, {est.trainable:,} trainable "
-          f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tuning'}); "
-          f"micro-batch {micro} x {seq_len} tokens, {cfg.train.grad_accum} per step; mp {cfg.precision.mp}; "
-          f"checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}")
-    print(f"  parameters       {p['parameters_mib']:>12,.1f} MiB\n  gradients        {p['gradients_mib']:>12,.1f} MiB\n"
-          f"  optimizer state  {p['optimizer_state_mib']:>12,.1f} MiB\n  activations      {p['activations_mib']:>12,.1f} MiB\n"
-          f"  tensor peak      {p['tracked_peak_mib']:>12,.1f} MiB\n  + CUDA overhead  {overhead_mib:>12,.1f} MiB\n"
-          f"  = peak           {total:>12,.1f} MiB ({total * 2**20 / 1e6:,.1f} MB)   [simulated in {est.seconds:.1f} s]")
+    print(
+        f"model {cfg.model.name or 'smollm2-135m'}: {est.total:,} parameters, {est.trainable:,} trainable "
+        f"({f'LoRA r={cfg.lora.r}' if cfg.lora.enabled else 'full fine-tuning'}); "
+        f"micro-batch {micro} x {seq_len} tokens, {cfg.train.grad_accum} per step; mp {cfg.precision.mp}; "
+        f"checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}"
+    )
+    print(
+        f"  parameters       {p['parameters_mib']:>12,.1f} MiB\n  gradients        {p['gradients_mib']:>12,.1f} MiB\n"
+        f"  optimizer state  {p['optimizer_state_mib']:>12,.1f} MiB\n  activations      {p['activations_mib']:>12,.1f} MiB\n"
+        f"  tensor peak      {p['tracked_peak_mib']:>12,.1f} MiB\n  + CUDA overhead  {overhead_mib:>12,.1f} MiB\n"
+        f"  = peak           {total:>12,.1f} MiB ({total * 2**20 / 1e6:,.1f} MB)   [simulated in {est.seconds:.1f} s]"
+    )
     if gpu_mib is not None:
         verdict = "fits" if total <= gpu_mib else "does NOT fit"
         print(f"  {verdict} in {gpu_mib:,.0f} MiB (margin {gpu_mib - total:+,.0f} MiB)")
 
 
-def quantize_fake(model: torch.nn.Module, cfg: QuantConfig, compute_dtype: torch.dtype, fake_mode: FakeTensorMode) -> None:
+def quantize_fake(
+    model: torch.nn.Module, cfg: QuantConfig, compute_dtype: torch.dtype, fake_mode: FakeTensorMode
+) -> None:
     """Replace the linear layers transformers would quantize by bitsandbytes layers holding fake
     quantized weights: bitsandbytes' own quantization run on fake tensors, so the packed codes,
     the scales and (double quantization) their scales get exactly the real shapes and dtypes."""
@@ -185,7 +265,9 @@ def quantize_fake(model: torch.nn.Module, cfg: QuantConfig, compute_dtype: torch
         parent.register_module(name.rsplit(".", 1)[-1], _fake_quantized(bnb, linear, cfg, compute_dtype, fake_mode))
 
 
-def _fake_quantized(bnb, linear: torch.nn.Linear, cfg: QuantConfig, compute_dtype: torch.dtype, fake_mode: FakeTensorMode):
+def _fake_quantized(
+    bnb, linear: torch.nn.Linear, cfg: QuantConfig, compute_dtype: torch.dtype, fake_mode: FakeTensorMode
+):
     out_f, in_f = linear.weight.shape
     has_bias = linear.bias is not None
     # Plain parameters carrying bitsandbytes' attributes: its Params4bit / Int8Params subclasses
@@ -197,11 +279,22 @@ def _fake_quantized(bnb, linear: torch.nn.Linear, cfg: QuantConfig, compute_dtyp
         layer.weight = torch.nn.Parameter(codes, requires_grad=False)
         layer.weight.CB, layer.weight.SCB, layer.weight.has_fp16_weights = codes, scales, False
     else:
-        layer = bnb.nn.Linear4bit(in_f, out_f, bias=has_bias, compute_dtype=compute_dtype, compress_statistics=cfg.double_quant,
-                                  quant_type=cfg.method, device="meta")
+        layer = bnb.nn.Linear4bit(
+            in_f,
+            out_f,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=cfg.double_quant,
+            quant_type=cfg.method,
+            device="meta",
+        )
         with fake_mode:
-            packed, state = bnb.functional.quantize_4bit(torch.empty(out_f, in_f, dtype=compute_dtype), blocksize=BLOCKSIZE_4BIT,
-                                                         compress_statistics=cfg.double_quant, quant_type=cfg.method)
+            packed, state = bnb.functional.quantize_4bit(
+                torch.empty(out_f, in_f, dtype=compute_dtype),
+                blocksize=BLOCKSIZE_4BIT,
+                compress_statistics=cfg.double_quant,
+                quant_type=cfg.method,
+            )
         layer.weight = torch.nn.Parameter(packed, requires_grad=False)
         layer.weight.quant_state, layer.weight.quant_type = state, cfg.method
     if has_bias:
@@ -222,17 +315,21 @@ class Candidate:
     def train_command(self, cfg: RunConfig, seq_len: int) -> str:
         name = PRESET_HUB_IDS.get((cfg.model.name or "").lower(), cfg.model.name)  # train loads weights, not presets
         model = f" --model {name}" if name else ""
-        return (f"solotune train{model} --mp {cfg.precision.mp} {'--lora' if self.lora else '--no-lora'} "
-                f"{f'--quant {self.quant} ' if self.quant != 'none' else ''}"
-                f"--batch {cfg.train.batch} --grad-accum {cfg.train.batch // self.micro_batch} "
-                f"--max-len {seq_len}{' --grad-checkpointing' if self.grad_checkpointing else ''}")
+        return (
+            f"solotune train{model} --mp {cfg.precision.mp} {'--lora' if self.lora else '--no-lora'} "
+            f"{f'--quant {self.quant} ' if self.quant != 'none' else ''}"
+            f"--batch {cfg.train.batch} --grad-accum {cfg.train.batch // self.micro_batch} "
+            f"--max-len {seq_len}{' --grad-checkpointing' if self.grad_checkpointing else ''}"
+        )
 
     def describe(self) -> str:
         kind = ("QLoRA " + self.quant.upper() if self.quant != "none" else "LoRA") if self.lora else "full"
         return f"{kind}, checkpointing {'on ' if self.grad_checkpointing else 'off'}, micro-batch {self.micro_batch}"
 
 
-def search(config: PretrainedConfig, cfg: RunConfig, seq_len: int, gpu_mib: float, overhead_mib: float) -> list[Candidate]:
+def search(
+    config: PretrainedConfig, cfg: RunConfig, seq_len: int, gpu_mib: float, overhead_mib: float
+) -> list[Candidate]:
     """Every (full / LoRA / QLoRA, checkpointing, micro-batch) that fits, fastest first.
 
     Micro-batches are tried largest first; the first that fits is simulated and the smaller ones
@@ -263,7 +360,9 @@ def print_search(found: list[Candidate], cfg: RunConfig, seq_len: int, gpu_mib: 
     if not found:
         print(f"\nno configuration of the grid fits in {gpu_mib:,.0f} MiB at {seq_len} tokens; try a shorter --seq-len")
         return
-    print(f"\nconfigurations that fit in {gpu_mib:,.0f} MiB (mp {cfg.precision.mp}, batch {cfg.train.batch}), fastest first:")
+    print(
+        f"\nconfigurations that fit in {gpu_mib:,.0f} MiB (mp {cfg.precision.mp}, batch {cfg.train.batch}), fastest first:"
+    )
     for c in found:
         print(f"  {c.describe()}: at most {c.peak_mib:,.0f} MiB")
     print(f"best: {found[0].train_command(cfg, seq_len)}")

@@ -70,7 +70,9 @@ def generate(model, tokenizer, cfg: GenerateConfig, policy: PrecisionPolicy) -> 
 def print_generations(title: str, generations: list[Generation]) -> None:
     print(f"\n== {title} ==")
     for g in generations:
-        print(f"> {g.prompt!r}\n  {g.text.strip()!r}\n  ({g.new_tokens} tokens in {g.seconds:.2f} s, {g.tokens_per_s:.1f} tokens/s)")
+        print(
+            f"> {g.prompt!r}\n  {g.text.strip()!r}\n  ({g.new_tokens} tokens in {g.seconds:.2f} s, {g.tokens_per_s:.1f} tokens/s)"
+        )
 
 
 def load_for_inference(adapter: str | None, model_name: str | None, precision: PrecisionConfig, device: str):

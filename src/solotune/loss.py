@@ -33,8 +33,9 @@ def full_response_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def chunked_response_loss_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
-                              positions: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_response_loss_sum(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, positions: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """The same sum from the final hidden states (B, T, H), `chunk` loss positions at a time.
 
     `positions`: flat indices into B*T of the positions that predict a response token
@@ -114,7 +115,9 @@ class ResponseLoss:
         if not self.chunk or not supports_chunked_head(model):
             return full_response_loss_sum(model(**inputs).logits, batch.labels)
         hidden = model.get_decoder()(**inputs).last_hidden_state
-        return chunked_response_loss_sum(hidden, model.get_output_embeddings(), batch.labels, batch.loss_positions, self.chunk)
+        return chunked_response_loss_sum(
+            hidden, model.get_output_embeddings(), batch.labels, batch.loss_positions, self.chunk
+        )
 
 
 def supports_chunked_head(model) -> bool:

@@ -75,7 +75,11 @@ def apply_memory_limit(limit_bytes: int, device: torch.device) -> str:
 def is_out_of_memory(e: BaseException) -> bool:
     """True for the ways PyTorch and Python report a failed allocation."""
     text = str(e).lower()
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text or "can't allocate memory" in text
+    return (
+        isinstance(e, (MemoryError, torch.OutOfMemoryError))
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
 
 
 def _reset_rss_high_water_mark() -> bool:
@@ -108,9 +112,10 @@ class TensorMemoryTracker(TorchDispatchMode):
     optimizer state, or activations (everything else: saved activations and temporaries).
     Gradients are recognised when autograd assigns them to a parameter, optimizer state by
     being created inside `optimizer.step()`; the tracker installs its own hooks for both, so
-    the training step knows nothing about it. The parts at the peak add up to the peak by
-    construction; on CUDA the peak matches the allocator's `max_memory_allocated` up to its
-    512-byte rounding.
+    the training step knows nothing about it. The parts at the peak add up to the tracked peak
+    by construction. On CUDA the tracked peak sits below the allocator's `max_memory_allocated`
+    by what no tensor op creates (cuBLAS workspaces, kernels' scratch space; see memory_report)
+    and by the allocator's 512-byte rounding of each block.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):

@@ -28,7 +28,9 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 def cache_dir() -> Path:
     """Where converted models live: $SOLOTUNE_CACHE, else ~/.cache/solotune."""
-    root = os.environ.get("SOLOTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "solotune"
+    root = (
+        os.environ.get("SOLOTUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "solotune"
+    )
     return Path(root)
 
 
@@ -106,8 +108,9 @@ def load_tokenizer(source: str, cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               quantization=None) -> PreTrainedModel:
+def load_model(
+    source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, quantization=None
+) -> PreTrainedModel:
     """The causal LM with its weights in `dtype`, on `device`.
 
     `quantization` (a transformers BitsAndBytesConfig, see quant.py): the linear layers are
@@ -115,14 +118,17 @@ def load_model(source: str, cfg: ModelConfig, dtype: torch.dtype, device: torch.
     """
     placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
     try:
-        model = _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                 **placement)
+        model = _from_pretrained(
+            AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation=cfg.attn_implementation, **placement
+        )
     except SolotuneError as e:
         if cfg.attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
             raise
         # SDPA is a speed-up, not a requirement: a model class without it trains with its own attention.
         print("attention: eager (this model class does not support SDPA attention)")
-        model = _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation="eager", **placement)
+        model = _from_pretrained(
+            AutoModelForCausalLM, source, cfg, dtype=dtype, attn_implementation="eager", **placement
+        )
     if quantization is not None:
         keep_4bit_layout_trainable(model)
         return model
@@ -148,8 +154,7 @@ def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, **kwargs):
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise SolotuneError(
-                f"model {source!r} needs its own code to load; pass --model.trust-remote-code "
-                "true if you trust it"
+                f"model {source!r} needs its own code to load; pass --model.trust-remote-code true if you trust it"
             ) from None
         raise SolotuneError(f"could not load model {source!r}: {_first_line(e)}") from None
 

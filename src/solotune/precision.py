@@ -75,7 +75,10 @@ def resolve_mp(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     if requested == "auto":
         if fast_bf16:
             return torch.bfloat16, "mixed precision: bf16 autocast (auto: this CPU has native bf16 matmuls)"
-        return torch.float32, "mixed precision: off (auto: this CPU has no native bf16, where bf16 runs many times slower than fp32)"
+        return (
+            torch.float32,
+            "mixed precision: off (auto: this CPU has no native bf16, where bf16 runs many times slower than fp32)",
+        )
     if requested == "fp16":
         return torch.float16, "mixed precision: fp16 autocast (requested; slow on CPUs without native fp16)"
     note = "" if fast_bf16 else "; this CPU has no native bf16, expect it to be slower than fp32"

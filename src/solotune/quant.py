@@ -150,13 +150,20 @@ class QuantizedLinears:
 
     def line(self) -> str:
         total = (self.weight_bytes + self.state_bytes) / 2**20
-        return (f"quantized base: {self.layers} linear layers in {total:,.1f} MiB (codes {self.weight_bytes / 2**20:,.1f} + "
-                f"scales {self.state_bytes / 2**20:,.1f}), {100 * self.fraction:.1f}% of their 16-bit size "
-                f"({self.dense_16bit_bytes / 2**20:,.1f} MiB)")
+        return (
+            f"quantized base: {self.layers} linear layers in {total:,.1f} MiB (codes {self.weight_bytes / 2**20:,.1f} + "
+            f"scales {self.state_bytes / 2**20:,.1f}), {100 * self.fraction:.1f}% of their 16-bit size "
+            f"({self.dense_16bit_bytes / 2**20:,.1f} MiB)"
+        )
 
     def as_dict(self) -> dict:
-        return {"layers": self.layers, "weight_bytes": self.weight_bytes, "state_bytes": self.state_bytes,
-                "dense_16bit_bytes": self.dense_16bit_bytes, "fraction_of_16bit": self.fraction}
+        return {
+            "layers": self.layers,
+            "weight_bytes": self.weight_bytes,
+            "state_bytes": self.state_bytes,
+            "dense_16bit_bytes": self.dense_16bit_bytes,
+            "fraction_of_16bit": self.fraction,
+        }
 
 
 def quantized_linears(model: torch.nn.Module) -> QuantizedLinears | None:
@@ -194,8 +201,13 @@ def new_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     bnb = bitsandbytes(f"--optim {name}")
     if name.startswith("paged") and device.type != "cuda":
-        raise SolotuneError(f"--optim {name}: paged optimizers keep their state in CUDA unified memory and need a GPU; "
-                            "on the CPU use --optim adamw8bit or adamw")
-    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-           "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+        raise SolotuneError(
+            f"--optim {name}: paged optimizers keep their state in CUDA unified memory and need a GPU; "
+            "on the CPU use --optim adamw8bit or adamw"
+        )
+    cls = {
+        "adamw8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+    }[name]
     return cls(params, lr=lr, weight_decay=weight_decay)

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PARTS = ("parameters", "gradients", "optimizer_state", "activations")
-PART_LABELS = {"parameters": "parameters", "gradients": "gradients", "optimizer_state": "optimizer state", "activations": "activations"}
+PART_LABELS = {
+    "parameters": "parameters",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations",
+}
 
 
 @dataclass
@@ -38,8 +43,9 @@ class Grid:
     axes: list[dict]  # {"key", "label", "values"}
     cells: list[CellResult]
 
-    def label(self, cell: CellResult) -> str:
-        return " ".join(f"{a['label']} {cell.values[a['key']]}" for a in self.axes)
+    def label(self, cell: CellResult, sep: str = " ") -> str:
+        """The cell's switches, e.g. "GA OFF MP ON LoRA ON"; sep="\n" puts one axis on each line (plots)."""
+        return sep.join(f"{a['label']} {cell.values[a['key']]}" for a in self.axes)
 
 
 def load_grid(folder: Path) -> Grid:
@@ -97,7 +103,9 @@ def table2_rows(grid: Grid) -> list[list[str]]:
     head = [a["label"] for a in grid.axes] + [label for label, _, _ in METRIC_ROWS] + ["note"]
     rows = [head]
     for c in grid.cells:
-        rows.append([c.values[a["key"]] for a in grid.axes] + [cell_value(c, r, f) for _, r, f in METRIC_ROWS] + [c.reason])
+        rows.append(
+            [c.values[a["key"]] for a in grid.axes] + [cell_value(c, r, f) for _, r, f in METRIC_ROWS] + [c.reason]
+        )
     return rows
 
 
@@ -109,8 +117,11 @@ def table1_rows(grid: Grid) -> list[list[str]]:
             rows.append([grid.label(c)] + ["X"] * 7)
             continue
         mem = c.metrics["memory"]
-        rows.append([grid.label(c)] + [_fmt(mem[p + "_mib"]) for p in PARTS]
-                    + [_fmt(mem["tracked_peak_mib"]), _fmt(mem["untracked_mib"]), _fmt(mem["peak_mib"])])
+        rows.append(
+            [grid.label(c)]
+            + [_fmt(mem[p + "_mib"]) for p in PARTS]
+            + [_fmt(mem["tracked_peak_mib"]), _fmt(mem["untracked_mib"]), _fmt(mem["peak_mib"])]
+        )
     return rows
 
 
@@ -137,9 +148,11 @@ def _effect_sentence(label: str, off: CellResult, on: CellResult, context: str) 
     a, b = off.metrics["memory"], on.metrics["memory"]
     changes = [f"{PART_LABELS[p]} {_fmt(a[p + '_mib'])} → {_fmt(b[p + '_mib'])} MiB" for p in PARTS]
     ta, tb = off.metrics["train"]["runtime_s"], on.metrics["train"]["runtime_s"]
-    return (f"{label} ({context}): peak {a['peak_mib']:,.1f} → {b['peak_mib']:,.1f} MiB "
-            f"({_ratio(a['peak_mib'], b['peak_mib'])}); {'; '.join(changes)}; runtime {ta:,.1f} → {tb:,.1f} s "
-            f"({_ratio(ta, tb)}).")
+    return (
+        f"{label} ({context}): peak {a['peak_mib']:,.1f} → {b['peak_mib']:,.1f} MiB "
+        f"({_ratio(a['peak_mib'], b['peak_mib'])}); {'; '.join(changes)}; runtime {ta:,.1f} → {tb:,.1f} s "
+        f"({_ratio(ta, tb)})."
+    )
 
 
 def _ratio(before: float, after: float) -> str:
@@ -166,7 +179,9 @@ def write_report(folder: Path) -> Path:
     csv.writer(buf).writerows(table2_rows(grid))
     write_atomic(folder / "table2.csv", buf.getvalue())
     effects = axis_effects(grid)
-    write_atomic(folder / "table1.md", markdown_table(table1_rows(grid)) + "\n\n" + "\n".join(f"- {e}" for e in effects) + "\n")
+    write_atomic(
+        folder / "table1.md", markdown_table(table1_rows(grid)) + "\n\n" + "\n".join(f"- {e}" for e in effects) + "\n"
+    )
     write_atomic(folder / "report.html", render_html(grid, text, effects))
     print(f"\n{text}\n")
     for e in effects:
@@ -184,24 +199,33 @@ def render_html(grid: Grid, table2: str, effects: list[str]) -> str:
     first = done[0].metrics if done else {}
     sections = [
         f"<h1>solotune ablation: {html.escape(grid.folder.name)}</h1>",
-        "<h2>Table 2: every combination</h2>", f"<pre>{html.escape(table2)}</pre>",
+        "<h2>Table 2: every combination</h2>",
+        f"<pre>{html.escape(table2)}</pre>",
         _html_table(table2_rows(grid)),
-        "<h2>Table 1: where the memory goes</h2>", _html_table(table1_rows(grid)),
+        "<h2>Table 1: where the memory goes</h2>",
+        _html_table(table1_rows(grid)),
         "<ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in effects) + "</ul>",
     ]
     if done:
         sections += [
-            "<h2>Memory breakdown at the peak</h2>", _img(_plot_breakdown(grid, done)),
-            "<h2>Runtime and throughput</h2>", _img(_plot_speed(grid, done)),
-            "<h2>Loss curves</h2>", _img(_plot_losses(grid, done)),
-            "<h2>Generations</h2>", _html_generations(grid, done),
+            "<h2>Memory breakdown at the peak</h2>",
+            _img(_plot_breakdown(grid, done)),
+            "<h2>Runtime and throughput</h2>",
+            _img(_plot_speed(grid, done)),
+            "<h2>Loss curves</h2>",
+            _img(_plot_losses(grid, done)),
+            "<h2>Generations</h2>",
+            _html_generations(grid, done),
             "<h2>Configuration, machine, versions</h2>",
             f"<pre>{html.escape(json.dumps({k: first.get(k) for k in ('machine', 'versions', 'device', 'config')}, indent=2))}</pre>",
         ]
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%}")
-    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>solotune report</title><style>{style}</style></head><body>{''.join(sections)}</body></html>\n"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%}"
+    )
+    head = f"<head><meta charset='utf-8'><title>solotune report</title><style>{style}</style></head>"
+    return f"<!DOCTYPE html><html>{head}<body>{''.join(sections)}</body></html>\n"
 
 
 def _html_table(rows: list[list[str]]) -> str:
@@ -216,7 +240,9 @@ def _html_generations(grid: Grid, done: list[CellResult]) -> str:
     if not before:
         return "<p>Generation was disabled in this grid.</p>"
     for i, g in enumerate(before):
-        out.append(f"<h3>{html.escape(g['prompt'])}</h3><p><b>before</b> ({g['seconds']:.2f} s): {html.escape(g['text'])}</p><ul>")
+        out.append(
+            f"<h3>{html.escape(g['prompt'])}</h3><p><b>before</b> ({g['seconds']:.2f} s): {html.escape(g['text'])}</p><ul>"
+        )
         for c in done:
             a = c.metrics["generations"]["after"][i]
             out.append(f"<li><b>{html.escape(grid.label(c))}</b> ({a['seconds']:.2f} s): {html.escape(a['text'])}</li>")
@@ -247,7 +273,7 @@ def _png(fig) -> bytes:
 def _plot_breakdown(grid: Grid, done: list[CellResult]) -> bytes:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    labels = [grid.label(c).replace(" ", "\n", len(grid.axes) - 1) for c in done]
+    labels = [grid.label(c, sep="\n") for c in done]
     bottom = [0.0] * len(done)
     for part in PARTS:
         vals = [c.metrics["memory"][part + "_mib"] or 0.0 for c in done]  # no breakdown: an empty bar
@@ -264,7 +290,7 @@ def _plot_breakdown(grid: Grid, done: list[CellResult]) -> bytes:
 def _plot_speed(grid: Grid, done: list[CellResult]) -> bytes:
     plt = _figure()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [grid.label(c).replace(" ", "\n", len(grid.axes) - 1) for c in done]
+    labels = [grid.label(c, sep="\n") for c in done]
     a1.bar(labels, [c.metrics["train"]["runtime_s"] for c in done], color="tab:gray")
     a1.set_ylabel("training loop, s")
     a2.bar(labels, [c.metrics["train"]["tokens_per_s"] for c in done], color="tab:green")

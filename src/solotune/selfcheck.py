@@ -52,23 +52,35 @@ class FastPaths:
         return asdict(self)
 
     def line(self) -> str:
-        kept = [name for name, on in (("fused SwiGLU", self.fused_swiglu), ("padding-free rows", self.padding_free),
-                                      ("chunked LM head + cross-entropy", self.ce_chunk > 0)) if on]
+        kept = [
+            name
+            for name, on in (
+                ("fused SwiGLU", self.fused_swiglu),
+                ("padding-free rows", self.padding_free),
+                ("chunked LM head + cross-entropy", self.ce_chunk > 0),
+            )
+            if on
+        ]
         if not kept:
             return "set-up check: no fast path in use"
-        return (f"set-up check: {', '.join(kept)} match the model's plain forward "
-                f"(largest difference {self.largest_difference:.1e}, relative)")
+        return (
+            f"set-up check: {', '.join(kept)} match the model's plain forward "
+            f"(largest difference {self.largest_difference:.1e}, relative)"
+        )
 
 
 def probe_examples(examples: list[Example]) -> list[Example]:
     """The first few records, cut short, with every next token a target: the paths are compared
     as functions, so which positions carry loss in training does not matter here."""
-    return [Example(e.input_ids[:PROBE_TOKENS], list(e.input_ids[:PROBE_TOKENS]), e.record_index)
-            for e in examples[:PROBE_RECORDS]]
+    return [
+        Example(e.input_ids[:PROBE_TOKENS], list(e.input_ids[:PROBE_TOKENS]), e.record_index)
+        for e in examples[:PROBE_RECORDS]
+    ]
 
 
-def choose_fast_paths(model, examples: list[Example], pad_id: int, policy: PrecisionPolicy, cfg: TrainConfig,
-                      max_len: int) -> FastPaths:
+def choose_fast_paths(
+    model, examples: list[Example], pad_id: int, policy: PrecisionPolicy, cfg: TrainConfig, max_len: int
+) -> FastPaths:
     """Switch on the fast paths `cfg` asks for, each only where it matches the plain forward.
 
     Each comparison changes one thing, so that only a fault, not the rounding of other kernels
@@ -88,8 +100,13 @@ def choose_fast_paths(model, examples: list[Example], pad_id: int, policy: Preci
                 restore_swiglu(model)
                 plain = _logits(model, padded)
                 use_fused_swiglu(model)
-                fast.fused_swiglu = _keep(fast, "fused SwiGLU", lambda: _largest_difference(_logits(model, padded), plain, padded),
-                                          tolerance, undo=lambda: restore_swiglu(model))
+                fast.fused_swiglu = _keep(
+                    fast,
+                    "fused SwiGLU",
+                    lambda: _largest_difference(_logits(model, padded), plain, padded),
+                    tolerance,
+                    undo=lambda: restore_swiglu(model),
+                )
             batch = padded
             if cfg.padding_free:
                 packed = collate_packed(probe).to(policy.device)
@@ -100,12 +117,25 @@ def choose_fast_paths(model, examples: list[Example], pad_id: int, policy: Preci
                     enable_padding_free(model, max_len)
                     return _largest_difference(_logits(model, packed), alone, packed)
 
-                fast.padding_free = _keep(fast, "padding-free rows", padding_free_difference, tolerance,
-                                          undo=lambda: disable_padding_free(model, previous))
+                fast.padding_free = _keep(
+                    fast,
+                    "padding-free rows",
+                    padding_free_difference,
+                    tolerance,
+                    undo=lambda: disable_padding_free(model, previous),
+                )
                 batch = packed if fast.padding_free else padded
             if cfg.ce_chunk:
-                fast.ce_chunk = cfg.ce_chunk if _keep(fast, "chunked LM head + cross-entropy",
-                                                      lambda: _chunked_difference(model, batch, cfg.ce_chunk), tolerance) else 0
+                fast.ce_chunk = (
+                    cfg.ce_chunk
+                    if _keep(
+                        fast,
+                        "chunked LM head + cross-entropy",
+                        lambda: _chunked_difference(model, batch, cfg.ce_chunk),
+                        tolerance,
+                    )
+                    else 0
+                )
     finally:
         model.train(was_training)
     return fast
@@ -165,8 +195,10 @@ def _keep(fast: FastPaths, name: str, difference, tolerance: float, undo=lambda:
         return False
     if not diff <= tolerance:  # also catches NaN
         undo()
-        fast.notes.append(f"{name} off for this model: it differs from the model's plain forward by {diff:.1e} "
-                          f"(relative; tolerance {tolerance:.0e})")
+        fast.notes.append(
+            f"{name} off for this model: it differs from the model's plain forward by {diff:.1e} "
+            f"(relative; tolerance {tolerance:.0e})"
+        )
         return False
     fast.largest_difference = max(fast.largest_difference, diff)
     return True
@@ -195,17 +227,28 @@ def check_gradients(model: torch.nn.Module, gradients_may_overflow: bool = False
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = [n for n, p in named.items() if p.grad is None]
     present = [(n, p) for n, p in named.items() if p.grad is not None]
-    flags = torch.stack([torch.stack([p.grad.isfinite().all(), p.grad.ne(0).any(), p.detach().eq(0).all()])
-                         for _, p in present]).tolist() if present else []
+    flags = (
+        torch.stack(
+            [torch.stack([p.grad.isfinite().all(), p.grad.ne(0).any(), p.detach().eq(0).all()]) for _, p in present]
+        ).tolist()
+        if present
+        else []
+    )
     state = {n: f for (n, _), f in zip(present, flags)}
     nonfinite = [] if gradients_may_overflow else [n for n, (finite, _, _) in state.items() if not finite]
     zero = [n for n, (_, nonzero, _) in state.items() if not nonzero and not _zero_by_lora_init(n, state)]
-    problems = [(missing, "got no gradient (backward does not reach them)"), (nonfinite, "got inf/NaN gradients"),
-                (zero, "got all-zero gradients")]
+    problems = [
+        (missing, "got no gradient (backward does not reach them)"),
+        (nonfinite, "got inf/NaN gradients"),
+        (zero, "got all-zero gradients"),
+    ]
     found = [f"{len(names)} {what}: {_names(names)}" for names, what in problems if names]
     if found:
-        raise SolotuneError(f"step 1: of {len(named)} trainable parameters, " + "; ".join(found)
-                            + ". This run cannot train them; nothing was saved")
+        raise SolotuneError(
+            f"step 1: of {len(named)} trainable parameters, "
+            + "; ".join(found)
+            + ". This run cannot train them; nothing was saved"
+        )
 
 
 def _zero_by_lora_init(name: str, state: dict[str, list[bool]]) -> bool:

@@ -20,9 +20,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -76,15 +74,27 @@ def make_architecture(family: str, tokenizer, seed: int = 0, **overrides):
     """A tiny random model of one of ARCHITECTURES (2 layers, hidden 64), from its config alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **ARCHITECTURES[family])
+    settings = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **ARCHITECTURES[family],
+    )
     settings.update(overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings)).eval()
 
 
-_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=512)
+_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 # Seven families whose code paths differ where solotune's fast paths reach: rotary or absolute
 # positions, fused or separate q/k/v, gated or plain MLPs, logits scaled after the head.
 ARCHITECTURES = {
@@ -93,12 +103,26 @@ ARCHITECTURES = {
     "gemma": dict(model_type="gemma", head_dim=16, **_SHAPE),
     "phi3": dict(model_type="phi3", **_SHAPE),
     "granite": dict(model_type="granite", logits_scaling=4.0, **_SHAPE),
-    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=512),
+    "gpt_neox": dict(
+        model_type="gpt_neox",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    ),
     # GPT-2 trains with its own dropout (0.1 by default), whose masks follow the batch layout:
     # at 0 its padded and padding-free steps can be compared.
-    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512,
-                 attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+    "gpt2": dict(
+        model_type="gpt2",
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=512,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+    ),
 }
 
 

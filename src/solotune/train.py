@@ -22,22 +22,36 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import solotune
 from solotune import allocator, artifacts, checkpoint, selfcheck
-from solotune.adapters import (apply_lora, count_parameters, prepare_full_finetune, release_dropout_caches, resolve_targets,
-                               save_trained)
-from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
+from solotune.adapters import (
+    apply_lora,
+    count_parameters,
+    prepare_full_finetune,
+    release_dropout_caches,
+    resolve_targets,
+    save_trained,
+)
 from solotune.attention import enable_padding_free
-from solotune.data import Batch, Example, collate, collate_packed, plan_steps, read_records, split_micro_batches, tokenize_records
 from solotune.checkpoint import Checkpointer, StopRequests
+from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
+from solotune.data import (
+    Batch,
+    Example,
+    collate,
+    collate_packed,
+    plan_steps,
+    read_records,
+    split_micro_batches,
+    tokenize_records,
+)
 from solotune.errors import RunStopped, SolotuneError
 from solotune.flops import FlopModel, matmul_peak_flops
 from solotune.generate import Generation, generate, print_generations
 from solotune.loss import ResponseLoss
 from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, apply_memory_limit, memory_report
 from solotune.models import load_model, load_tokenizer, resolve_model_source
-from solotune.quant import new_optimizer, quantization_config, quantized_linears, save_record
 from solotune.precision import DTYPE_NAMES, PrecisionPolicy, resolve_policy
+from solotune.quant import new_optimizer, quantization_config, quantized_linears, save_record
 from solotune.swiglu import use_fused_swiglu
-
 
 MANY_SKIPS = 5  # consecutive fp16 overflow skips before a warning
 
@@ -68,8 +82,13 @@ class LoopResult:
     memory: dict = field(default_factory=dict)
 
 
-def accumulate_gradients(model, micro_batches: list[Batch], policy: PrecisionPolicy,
-                         loss_fn: ResponseLoss = ResponseLoss(), offload: bool = False) -> torch.Tensor:
+def accumulate_gradients(
+    model,
+    micro_batches: list[Batch],
+    policy: PrecisionPolicy,
+    loss_fn: ResponseLoss = ResponseLoss(),
+    offload: bool = False,
+) -> torch.Tensor:
     """Forward and backward over the effective batch's micro-batches; returns the step's loss.
 
     Each micro-batch's summed loss is divided by the response-token count of the whole step,
@@ -90,8 +109,17 @@ def accumulate_gradients(model, micro_batches: list[Batch], policy: PrecisionPol
     return step_loss
 
 
-def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: PrecisionPolicy, max_grad_norm: float,
-               loss_fn: ResponseLoss = ResponseLoss(), offload: bool = False, check_gradients: bool = False) -> StepResult:
+def train_step(
+    model,
+    micro_batches: list[Batch],
+    optimizer,
+    scheduler,
+    policy: PrecisionPolicy,
+    max_grad_norm: float,
+    loss_fn: ResponseLoss = ResponseLoss(),
+    offload: bool = False,
+    check_gradients: bool = False,
+) -> StepResult:
     """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero.
 
     `check_gradients`: before the update, stop unless every trainable parameter got a gradient
@@ -105,8 +133,10 @@ def train_step(model, micro_batches: list[Batch], optimizer, scheduler, policy: 
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     if not policy.scaler.is_enabled() and not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteStep(f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} "
-                            f"(loss {loss.item()}, gradient norm {grad_norm.item()})")
+        raise NonFiniteStep(
+            f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} "
+            f"(loss {loss.item()}, gradient norm {grad_norm.item()})"
+        )
     scale_before = policy.scaler.get_scale()
     policy.scaler.step(optimizer)  # skips the update if the unscaled gradients hold inf/NaN
     policy.scaler.update()
@@ -128,8 +158,14 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int, device: torch.devi
     return optimizer, scheduler
 
 
-def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPolicy, cfg: TrainConfig,
-               checkpoints: Checkpointer | None = None) -> LoopResult:
+def train_loop(
+    model,
+    examples: list[Example],
+    pad_id: int,
+    policy: PrecisionPolicy,
+    cfg: TrainConfig,
+    checkpoints: Checkpointer | None = None,
+) -> LoopResult:
     """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone.
 
     With `checkpoints`, the loop resumes from its checkpoint (if any), saves on schedule, and
@@ -156,37 +192,52 @@ def train_loop(model, examples: list[Example], pad_id: int, policy: PrecisionPol
     start = time.perf_counter()
     bar = tqdm(range(first, len(steps)), desc="train", unit="step", dynamic_ncols=True, initial=first, total=len(steps))
     compiled = compiled_layers(model) if cfg.compile else contextlib.nullcontext()
-    with compiled, tracker or contextlib.nullcontext(), (StopRequests() if checkpoints else contextlib.nullcontext()) as stop:
+    with (
+        compiled,
+        tracker or contextlib.nullcontext(),
+        StopRequests() if checkpoints else contextlib.nullcontext() as stop,
+    ):
         for step in bar:
-            micro = [make_batch([examples[i] for i in mb], pad_id, cfg.padding_free)
-                     for mb in split_micro_batches(steps[step], cfg.grad_accum)]
+            micro = [
+                make_batch([examples[i] for i in mb], pad_id, cfg.padding_free)
+                for mb in split_micro_batches(steps[step], cfg.grad_accum)
+            ]
             result.flops += flop_model.step_flops(micro)  # on the host copies: no device sync
             micro = [mb.to(policy.device) for mb in micro]
             result.lrs.append(scheduler.get_last_lr()[0])
-            out, seconds, compile_s = _timed_step(model, micro, optimizer, scheduler, policy, cfg, loss_fn, step, checkpoints,
-                                                  step == first)
+            out, seconds, compile_s = _timed_step(
+                model, micro, optimizer, scheduler, policy, cfg, loss_fn, step, checkpoints, step == first
+            )
             result.step_seconds.append(seconds)
             result.compile_s += compile_s
             _record_step(result, out, micro)
             skip_run = skip_run + 1 if out.skipped else 0
             if skip_run == MANY_SKIPS:
-                tqdm.write(f"warning: fp16: the last {skip_run} steps were all skipped by the gradient scaler "
-                           f"(inf/NaN gradients; loss scale now {policy.scaler.get_scale():g}); consider --mp bf16")
+                tqdm.write(
+                    f"warning: fp16: the last {skip_run} steps were all skipped by the gradient scaler "
+                    f"(inf/NaN gradients; loss scale now {policy.scaler.get_scale():g}); consider --mp bf16"
+                )
             elapsed = time.perf_counter() - start - saving_s - (result.compile_s - compiled_at_start)
-            bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{result.tokens / (previous_runtime + elapsed):.0f}",
-                            peak_mib=f"{probe.read().peak_mib:.0f}")
+            bar.set_postfix(
+                loss=f"{out.loss:.4f}",
+                tok_s=f"{result.tokens / (previous_runtime + elapsed):.0f}",
+                peak_mib=f"{probe.read().peak_mib:.0f}",
+            )
             stopping = stop is not None and stop.signal_name is not None
             if checkpoints and (checkpoints.due(step + 1) or stopping or (cfg.save_every and step + 1 == len(steps))):
                 result.runtime_s = previous_runtime + elapsed
-                saved, seconds = _save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, policy, result,
-                                                  cfg.keep, probe, peaks)
+                saved, seconds = _save_checkpoint(
+                    checkpoints, step + 1, model, optimizer, scheduler, policy, result, cfg.keep, probe, peaks
+                )
                 saving_s += seconds
             if stopping:
                 raise RunStopped(
                     f"stopped by {stop.signal_name} after step {step + 1} of {len(steps)}; checkpoint: {saved}; "
                     f"continue with: solotune train --resume {checkpoints.run_dir}"
                 )
-    result.runtime_s = previous_runtime + time.perf_counter() - start - saving_s - (result.compile_s - compiled_at_start)
+    result.runtime_s = (
+        previous_runtime + time.perf_counter() - start - saving_s - (result.compile_s - compiled_at_start)
+    )
     result.memory = memory_report(max(peaks + [probe.read()], key=lambda p: p.peak_mib), tracker)
     return result
 
@@ -220,8 +271,18 @@ def compile_seconds() -> float:
     return sum(compilation_time_metrics.get("_compile.compile_inner", []))
 
 
-def _save_checkpoint(checkpoints: Checkpointer, step: int, model, optimizer, scheduler, policy, result: LoopResult,
-                     keep: int, probe: PeakMemoryProbe, peaks: list) -> tuple[Path, float]:
+def _save_checkpoint(
+    checkpoints: Checkpointer,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    policy,
+    result: LoopResult,
+    keep: int,
+    probe: PeakMemoryProbe,
+    peaks: list,
+) -> tuple[Path, float]:
     """Save a checkpoint; returns where and the seconds it took.
 
     Writing a checkpoint is not training: the peak reached so far is kept in `peaks` and the
@@ -229,8 +290,17 @@ def _save_checkpoint(checkpoints: Checkpointer, step: int, model, optimizer, sch
     """
     peaks.append(probe.read())
     start = time.perf_counter()
-    saved = checkpoint.save(checkpoints.run_dir, step, model, optimizer, scheduler, policy.scaler, _records(result),
-                            checkpoints.fingerprint, keep)
+    saved = checkpoint.save(
+        checkpoints.run_dir,
+        step,
+        model,
+        optimizer,
+        scheduler,
+        policy.scaler,
+        _records(result),
+        checkpoints.fingerprint,
+        keep,
+    )
     seconds = time.perf_counter() - start
     probe.reset()
     return saved, seconds
@@ -249,18 +319,39 @@ def _timed_step(*step_args) -> tuple[StepResult, float, float]:
     return out, time.perf_counter() - start - compile_s, compile_s
 
 
-def _guarded_step(model, micro, optimizer, scheduler, policy, cfg: TrainConfig, loss_fn, step: int,
-                  checkpoints: Checkpointer | None, check_gradients: bool) -> StepResult:
+def _guarded_step(
+    model,
+    micro,
+    optimizer,
+    scheduler,
+    policy,
+    cfg: TrainConfig,
+    loss_fn,
+    step: int,
+    checkpoints: Checkpointer | None,
+    check_gradients: bool,
+) -> StepResult:
     """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
     scaler skips such steps) before it reaches the weights."""
     try:
-        return train_step(model, micro, optimizer, scheduler, policy, cfg.max_grad_norm, loss_fn, cfg.offload_activations,
-                          check_gradients)
+        return train_step(
+            model,
+            micro,
+            optimizer,
+            scheduler,
+            policy,
+            cfg.max_grad_norm,
+            loss_fn,
+            cfg.offload_activations,
+            check_gradients,
+        )
     except NonFiniteStep as e:
         records = [i for mb in micro for i in mb.record_indices]
         where = f"step {step + 1}, records {records} (0-based indices in the data file)"
         if checkpoints:
-            artifacts.write_json(checkpoints.run_dir / "nonfinite-step.json", {"step": step + 1, "records": records, "what": str(e)})
+            artifacts.write_json(
+                checkpoints.run_dir / "nonfinite-step.json", {"step": step + 1, "records": records, "what": str(e)}
+            )
             last = checkpoint.latest(checkpoints.run_dir)
             where += f"; written to {checkpoints.run_dir / 'nonfinite-step.json'}"
             where += f"; last good checkpoint: {last.path}" if last else "; no checkpoint yet (see --train.save-every)"
@@ -294,7 +385,9 @@ def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
     A run then keeps each fast path only where it matches the model's plain forward
     (`selfcheck.choose_fast_paths`).
     """
-    model = load_model(source, cfg.model, policy.base_dtype, policy.device, quantization_config(cfg.quant, policy.compute_dtype))
+    model = load_model(
+        source, cfg.model, policy.base_dtype, policy.device, quantization_config(cfg.quant, policy.compute_dtype)
+    )
     if cfg.train.fused_swiglu:
         use_fused_swiglu(model)
     if cfg.train.grad_checkpointing:
@@ -316,7 +409,9 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
     print(policy.describe())
     print(allocator.describe(cfg.cpu_allocator))
     if cfg.train.offload_activations and policy.device.type != "cuda":
-        raise SolotuneError("train.offload_activations moves activations from the GPU to CPU memory; it needs --device cuda")
+        raise SolotuneError(
+            "train.offload_activations moves activations from the GPU to CPU memory; it needs --device cuda"
+        )
     if cfg.mem_limit:
         print(apply_memory_limit(parse_size(cfg.mem_limit), policy.device))
     with artifacts.run_folder(cfg.output_dir) as out_dir:
@@ -329,8 +424,10 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
     examples, data_stats, fmt = tokenize_records(records, tokenizer, cfg.data)
-    print(f"data: {len(examples)} examples ({fmt}) from {cfg.data.path or 'the built-in data set'}, "
-          f"{data_stats.tokens:,} tokens, {data_stats.truncated} truncated, {data_stats.dropped} dropped")
+    print(
+        f"data: {len(examples)} examples ({fmt}) from {cfg.data.path or 'the built-in data set'}, "
+        f"{data_stats.tokens:,} tokens, {data_stats.truncated} truncated, {data_stats.dropped} dropped"
+    )
     if data_stats.skipped:
         print(f"data: {data_stats.skipped} malformed records skipped, e.g. " + "; ".join(data_stats.skip_reasons))
     checkpoints = _checkpointer(cfg, examples, out_dir, resume)
@@ -346,8 +443,9 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -
 
     fast = selfcheck.choose_fast_paths(model, examples, tokenizer.pad_token_id, policy, cfg.train, cfg.data.max_len)
     print("\n".join([fast.line(), *fast.notes]))
-    train_cfg = dataclasses.replace(cfg.train, fused_swiglu=fast.fused_swiglu, padding_free=fast.padding_free,
-                                    ce_chunk=fast.ce_chunk)
+    train_cfg = dataclasses.replace(
+        cfg.train, fused_swiglu=fast.fused_swiglu, padding_free=fast.padding_free, ce_chunk=fast.ce_chunk
+    )
 
     before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume)
     loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints)
@@ -359,7 +457,9 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -
     after = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
     peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype)  # measured after the loop, cached
 
-    metrics = collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop, before, after, saved, peak_flops)
+    metrics = collect_metrics(
+        cfg, policy, source, load_s, params, data_stats, fmt, loop, before, after, saved, peak_flops
+    )
     metrics["quantized_linears"] = quantized.as_dict() if quantized else None
     metrics["fast_paths"] = fast.as_dict()
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
@@ -395,25 +495,51 @@ def _generations_before(model, tokenizer, cfg: RunConfig, policy, out_dir: Path,
     return before
 
 
-def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: LoopResult, before, after, saved: Path,
-                    peak_flops: float) -> dict:
+def collect_metrics(
+    cfg,
+    policy,
+    source,
+    load_s,
+    params,
+    data_stats,
+    fmt,
+    loop: LoopResult,
+    before,
+    after,
+    saved: Path,
+    peak_flops: float,
+) -> dict:
     """Everything measured in the run, with the resolved config and library versions."""
     n_steps = len(loop.losses)
     flops_per_s = loop.flops / loop.runtime_s
     return {
         "solotune_version": solotune.__version__,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
         "config": to_dict(cfg),
         "device": str(policy.device),
-        "machine": {**artifacts.machine_info(),
-                    "gpu": torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else None,
-                    "cpu_allocator": allocator.in_use()},
-        "precision": {"mp": policy.mp, "base_dtype": DTYPE_NAMES[policy.base_dtype],
-                      "grad_scaler": policy.scaler.is_enabled(), "decisions": policy.reasons},
+        "machine": {
+            **artifacts.machine_info(),
+            "gpu": torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else None,
+            "cpu_allocator": allocator.in_use(),
+        },
+        "precision": {
+            "mp": policy.mp,
+            "base_dtype": DTYPE_NAMES[policy.base_dtype],
+            "grad_scaler": policy.scaler.is_enabled(),
+            "decisions": policy.reasons,
+        },
         "model": {"source": source, "load_s": load_s},
-        "params": {"trainable": params.trainable, "total": params.total, "trainable_pct": params.trainable_pct,
-                   "line": params.line()},
+        "params": {
+            "trainable": params.trainable,
+            "total": params.total,
+            "trainable_pct": params.trainable_pct,
+            "line": params.line(),
+        },
         "data": {"format": fmt, **vars(data_stats)},
         "train": {
             "steps": n_steps,
@@ -443,10 +569,13 @@ def collect_metrics(cfg, policy, source, load_s, params, data_stats, fmt, loop: 
 def print_summary(m: dict, out_dir: Path) -> None:
     t, mem = m["train"], m["memory"]
     where = "CUDA allocator peak" if mem["kind"] == "cuda_allocator" else "peak RSS of the loop"
-    parts = f"tensor peak {mem['tracked_peak_mib']:,.1f} MiB = parameters {mem['parameters_mib']:,.1f} + gradients " \
-        f"{mem['gradients_mib']:,.1f} + optimizer state {mem['optimizer_state_mib']:,.1f} + activations {mem['activations_mib']:,.1f}" \
-        f"; runtime and untracked {mem['untracked_mib']:,.1f} MiB" if mem["tracked_peak_mib"] is not None \
+    parts = (
+        f"tensor peak {mem['tracked_peak_mib']:,.1f} MiB = parameters {mem['parameters_mib']:,.1f} + gradients "
+        f"{mem['gradients_mib']:,.1f} + optimizer state {mem['optimizer_state_mib']:,.1f} + activations {mem['activations_mib']:,.1f}"
+        f"; runtime and untracked {mem['untracked_mib']:,.1f} MiB"
+        if mem["tracked_peak_mib"] is not None
         else "no breakdown (--train.track-memory false)"
+    )
     compiled = f" + compilation {t['compile_s']:.1f} s" if t.get("compile_s") else ""
     reserved = f", reserved {mem['reserved_mib']:,.0f} MiB" if mem["reserved_mib"] is not None else ""
     print(
@@ -455,7 +584,8 @@ def print_summary(m: dict, out_dir: Path) -> None:
         f"{where}: {mem['peak_mib']:,.0f} MiB{reserved}\n{parts}\n"
         f"runtime: {t['runtime_s']:.1f} s{compiled} (model load {m['model']['load_s']:.1f} s)  "
         f"throughput: {t['tokens_per_s']:.0f} tokens/s  padding: {100 * t['padding_fraction']:.1f}%  "
-        f"MFU: {100 * t['mfu']:.0f}% ({t['model_gflops_per_s']:.0f} of {t['matmul_peak_gflops_per_s']:.0f} GFLOP/s, the measured matmul peak)\n"
+        f"MFU: {100 * t['mfu']:.0f}% ({t['model_gflops_per_s']:.0f} of {t['matmul_peak_gflops_per_s']:.0f} GFLOP/s, "
+        "the measured matmul peak)\n"
         f"saved: {m['artifacts']['trained']}  metrics: {out_dir / artifacts.METRICS_FILE}"
     )
     if t["skipped_steps"]:
