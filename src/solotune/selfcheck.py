@@ -96,49 +96,43 @@ def choose_fast_paths(
     model.eval()  # no dropout: the paths must agree up to rounding
     try:
         with torch.no_grad(), policy.autocast():
-            if cfg.fused_swiglu and use_fused_swiglu(model):  # (again, where build_model did it)
-                restore_swiglu(model)
-                plain = _logits(model, padded)
-                use_fused_swiglu(model)
-                fast.fused_swiglu = _keep(
-                    fast,
-                    "fused SwiGLU",
-                    lambda: _largest_difference(_logits(model, padded), plain, padded),
-                    tolerance,
-                    undo=lambda: restore_swiglu(model),
-                )
-            batch = padded
+            if cfg.fused_swiglu:
+                fast.fused_swiglu = _check_fused_swiglu(model, padded, fast, tolerance)
             if cfg.padding_free:
-                packed = collate_packed(probe).to(policy.device)
-                alone = [_logits(model, collate([e], pad_id).to(policy.device))[0] for e in probe]  # (T_i, V) each
-                previous = model.config._attn_implementation
-
-                def padding_free_difference() -> float:
-                    enable_padding_free(model, max_len)
-                    return _largest_difference(_logits(model, packed), alone, packed)
-
-                fast.padding_free = _keep(
-                    fast,
-                    "padding-free rows",
-                    padding_free_difference,
-                    tolerance,
-                    undo=lambda: disable_padding_free(model, previous),
-                )
-                batch = packed if fast.padding_free else padded
+                fast.padding_free = _check_padding_free(model, probe, pad_id, max_len, fast, tolerance)
             if cfg.ce_chunk:
-                fast.ce_chunk = (
-                    cfg.ce_chunk
-                    if _keep(
-                        fast,
-                        "chunked LM head + cross-entropy",
-                        lambda: _chunked_difference(model, batch, cfg.ce_chunk),
-                        tolerance,
-                    )
-                    else 0
-                )
+                batch = collate_packed(probe).to(policy.device) if fast.padding_free else padded
+                chunked = _keep(fast, "chunked LM head + cross-entropy", tolerance,
+                                lambda: _chunked_difference(model, batch, cfg.ce_chunk))  # fmt: skip
+                fast.ce_chunk = cfg.ce_chunk if chunked else 0
     finally:
         model.train(was_training)
     return fast
+
+
+def _check_fused_swiglu(model, padded: Batch, fast: FastPaths, tolerance: float) -> bool:
+    if not use_fused_swiglu(model):  # (again, where build_model did it); no gated-SiLU MLP: nothing to do
+        return False
+    restore_swiglu(model)
+    plain = _logits(model, padded)
+    use_fused_swiglu(model)
+    return _keep(fast, "fused SwiGLU", tolerance, lambda: _largest_difference(_logits(model, padded), plain, padded),
+                 undo=lambda: restore_swiglu(model))  # fmt: skip
+
+
+def _check_padding_free(
+    model, probe: list[Example], pad_id: int, max_len: int, fast: FastPaths, tolerance: float
+) -> bool:
+    device = model.get_input_embeddings().weight.device
+    alone = [_logits(model, collate([e], pad_id).to(device))[0] for e in probe]  # (T_i, V) each
+    packed = collate_packed(probe).to(device)
+    previous = model.config._attn_implementation
+
+    def difference() -> float:
+        enable_padding_free(model, max_len)
+        return _largest_difference(_logits(model, packed), alone, packed)
+
+    return _keep(fast, "padding-free rows", tolerance, difference, undo=lambda: disable_padding_free(model, previous))
 
 
 def _chunked_difference(model, batch: Batch, chunk: int) -> float:
@@ -183,7 +177,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-6)).max().item()
 
 
-def _keep(fast: FastPaths, name: str, difference, tolerance: float, undo=lambda: None) -> bool:
+def _keep(fast: FastPaths, name: str, tolerance: float, difference, undo=lambda: None) -> bool:
     """Run one comparison; True to keep the path, else undo it and note why."""
     try:
         diff = difference()
