@@ -128,8 +128,6 @@ def train_step(
     loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     policy.scaler.unscale_(optimizer)
-    if check_gradients:
-        selfcheck.check_gradients(model, gradients_may_overflow=policy.scaler.is_enabled())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     if not policy.scaler.is_enabled() and not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -137,6 +135,8 @@ def train_step(
             f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} "
             f"(loss {loss.item()}, gradient norm {grad_norm.item()})"
         )
+    if check_gradients:  # after the non-finite guard, which names the records of a bad batch
+        selfcheck.check_gradients(model, gradients_may_overflow=policy.scaler.is_enabled())
     scale_before = policy.scaler.get_scale()
     policy.scaler.step(optimizer)  # skips the update if the unscaled gradients hold inf/NaN
     policy.scaler.update()
