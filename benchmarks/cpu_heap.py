@@ -75,7 +75,7 @@ def child(variant: str, train_args: list[str]) -> None:
     """Patch the loop's gradient accumulation, then run the CLI in this process."""
     import torch
 
-    import solotune.train as train
+    import solotune.step as step
     from solotune.cli import main
 
     slabs = Slabs()
@@ -96,7 +96,7 @@ def child(variant: str, train_args: list[str]) -> None:
             slabs.release()
         return step_loss
 
-    train.accumulate_gradients = accumulate
+    step.accumulate_gradients = accumulate
     sys.argv = ["solotune", *train_args]
     main()
 

@@ -39,9 +39,9 @@ def step_seconds(mp: str, base_dtype: str, batch: int, seq: int, steps: int) -> 
 
     from solotune.config import RunConfig
     from solotune.loss import full_response_loss_sum
+    from solotune.model_setup import build_model
     from solotune.models import resolve_model_source
     from solotune.precision import resolve_policy
-    from solotune.train import build_model
 
     cfg = RunConfig()
     cfg.precision.mp, cfg.precision.base_dtype = mp, base_dtype

@@ -15,10 +15,11 @@ import warnings
 from solotune.config import RunConfig
 from solotune.data import Record, tokenize_records
 from solotune.estimate import PRESETS, estimate_memory, model_config
+from solotune.loop import train_loop
+from solotune.model_setup import build_model
 from solotune.models import load_tokenizer, resolve_model_source
 from solotune.precision import resolve_policy
 from solotune.testing import save_model_folder
-from solotune.train import build_model, train_loop
 
 CONFIGS = {
     "LoRA fp32": {},

@@ -9,11 +9,13 @@ study read `torch.cuda.max_memory_allocated`, which holds no CUDA context either
 rows use the plain loop it ran (padded batches, full logits, autograd's SwiGLU, PEFT's dropout);
 the last row is solotune's defaults, its loop's techniques on.
 
-    python benchmarks/reference_7b.py
+    python benchmarks/reference_7b.py | tee benchmarks/results/reference_7b-<machine>-<date>.md
 """
 
 from __future__ import annotations
 
+import datetime
+import platform
 import warnings
 
 from solotune.config import RunConfig
@@ -41,7 +43,10 @@ ROWS = [  # (label, reported MB, config overrides)
 def main(seq_len: int = 64) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     config = model_config("llama2-7b")
-    print(f"Llama-2-7B, batch 8 x {seq_len} tokens, LoRA r=16 on q, k, v (where LoRA)")
+    print(
+        f"# The reference experiment's memory column from the config alone ({datetime.date.today()}, {platform.machine()})"
+    )
+    print(f"\n`python benchmarks/reference_7b.py`: Llama-2-7B, batch 8 x {seq_len} tokens, LoRA r=16 on q, k, v\n")
     print(
         "| configuration | reported | estimated tensor peak MiB | fits in 80 GiB (81,920 MiB, with 700 MiB overhead) |"
     )

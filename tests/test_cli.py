@@ -1,6 +1,7 @@
 """End to end through the `solotune` command, on a tiny model the tests build."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -76,25 +77,41 @@ def test_train_prints_the_parameter_line_and_summary(tiny_model_dir, data_file, 
     assert "average loss:" in out and "peak RSS of the loop" in out and "tokens/s" in out
 
 
-def test_generate_with_a_saved_adapter(lora_run, capsys):
-    assert (
-        main(
-            [
-                "generate",
-                "--adapter",
-                str(lora_run / "adapter"),
-                "--prompt",
-                "3 + 1 =",
-                "--max-new-tokens",
-                "3",
-                "--mp",
-                "off",
-            ]
-        )
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "'3 + 1 ='" in out and "tokens in" in out
+def generated_answer(capsys, *source) -> str:
+    """The answer line `solotune generate` prints for the prompt "3 + 1 =" (greedy, 6 tokens)."""
+    argv = ["generate", *source, "--prompt", "3 + 1 =", "--max-new-tokens", "6", "--mp", "off"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    prompt_line = lines.index("> '3 + 1 ='")
+    assert "tokens in" in lines[prompt_line + 2]
+    return lines[prompt_line + 1]
+
+
+def test_generate_answers_with_the_adapter_not_the_bare_base(lora_run, tiny_model_dir, tmp_path, capsys, tokenizer):
+    """The answer through `--adapter` is the adapted model's greedy answer, and it differs from the
+    base's. The 3-step adapter barely moves the tiny model, so a copy with large random B matrices
+    stands in for a trained one: an adapter the CLI ignored would answer as the base does."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "strong-adapter"
+    shutil.copytree(lora_run / "adapter", adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, w in weights.items():
+        if "lora_B" in name:
+            weights[name] = torch.randn(w.shape, generator=generator, dtype=w.dtype)
+    save_file(weights, adapter / "adapter_model.safetensors")
+
+    with_adapter = generated_answer(capsys, "--adapter", str(adapter))
+    base_only = generated_answer(capsys, "--model", str(tiny_model_dir))
+    assert with_adapter != base_only
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    inputs = tokenizer("3 + 1 =", return_tensors="pt")
+    with torch.no_grad():
+        tokens = reference.generate(**inputs, max_new_tokens=6, do_sample=False)
+    expected = tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert with_adapter.strip() == repr(expected.strip())
 
 
 def test_merge_matches_the_adapter_model(lora_run, tiny_model_dir, tmp_path, tokenizer):

@@ -4,10 +4,11 @@ from solotune.config import RunConfig
 from solotune.data import Record, tokenize_records
 from solotune.errors import SolotuneError
 from solotune.estimate import PRESETS, estimate_memory, model_config, search
+from solotune.loop import train_loop
+from solotune.model_setup import build_model
 from solotune.models import load_tokenizer, resolve_model_source
 from solotune.precision import resolve_policy
 from solotune.testing import save_model_folder
-from solotune.train import build_model, train_loop
 
 PARTS = ("parameters", "gradients", "optimizer_state", "activations")
 SEQ = 128  # every record below is exactly this long: prompt 100 + response 27 + EOS

@@ -8,13 +8,15 @@ from solotune.adapters import SharedDropout, apply_lora
 from solotune.attention import enable_padding_free
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, RunConfig, TrainConfig
 from solotune.data import IGNORE_INDEX, Record, collate, collate_packed, tokenize_records
+from solotune.loop import train_loop
 from solotune.loss import ResponseLoss, chunked_response_loss_sum, full_response_loss_sum
 from solotune.memory import MIB
+from solotune.model_setup import build_model, enable_checkpointing
 from solotune.precision import resolve_policy
+from solotune.step import accumulate_gradients
 from solotune.swiglu import SiluMul, use_fused_swiglu
 from solotune.testing import make_model, save_model_folder
 from solotune.testing import varied_examples as examples
-from solotune.train import accumulate_gradients, build_model, enable_checkpointing, train_loop
 
 
 def per_token_losses(logits, labels):
@@ -249,7 +251,7 @@ def test_compiled_layers_compute_the_eager_loss_and_gradients(tokenizer):
     records of new lengths do not recompile; eager again afterwards."""
     import torch._dynamo
 
-    from solotune.train import compile_seconds, compiled_layers
+    from solotune.model_setup import compile_seconds, compiled_layers
 
     torch._dynamo.reset()
     model = make_model(tokenizer)

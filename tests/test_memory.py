@@ -4,10 +4,11 @@ import torch
 from solotune.adapters import apply_lora, prepare_full_finetune
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, tokenize_records
+from solotune.loop import train_loop
 from solotune.memory import MIB
+from solotune.model_setup import enable_checkpointing
 from solotune.precision import resolve_policy
 from solotune.testing import make_model
-from solotune.train import enable_checkpointing, train_loop
 
 SHAPE = dict(hidden_size=128, num_hidden_layers=4)
 

@@ -10,12 +10,13 @@ from solotune.cli import main
 from solotune.config import DataConfig, RunConfig, TrainConfig, validate
 from solotune.data import Record, collate, tokenize_records
 from solotune.errors import SolotuneError
+from solotune.loop import train_loop
 from solotune.memory import MIB
+from solotune.model_setup import build_model
 from solotune.models import load_model
 from solotune.precision import resolve_policy
 from solotune.quant import quant_state_tensors, quantization_config, quantized_linears
 from solotune.testing import save_model_folder
-from solotune.train import build_model, train_loop
 
 pytest.importorskip("bitsandbytes")  # in requirements.txt; a user's install may lack it
 
@@ -270,7 +271,8 @@ def test_a_qlora_run_with_8bit_adamw_resumes_exactly_from_a_checkpoint(model_dir
     """The 8-bit moments and their scales go through the checkpoint: the resumed step equals the
     uninterrupted one bitwise (fp32)."""
     from solotune import checkpoint
-    from solotune.train import make_optimizer, train_step
+    from solotune.optim import make_optimizer
+    from solotune.step import train_step
 
     cfg = config("nf4", "adamw8bit", r=32)
     policy = resolve_policy(cfg.precision, "cpu", frozen_base=True)

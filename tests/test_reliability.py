@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 
+from solotune import loop as loop_module
 from solotune import train as train_module
 from solotune.adapters import apply_lora
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, tokenize_records
 from solotune.errors import SolotuneError
+from solotune.loop import train_loop
 from solotune.precision import resolve_policy
 from solotune.testing import make_model
-from solotune.train import train_loop
 
 FP32 = PrecisionConfig(mp="off")
 
@@ -43,14 +44,14 @@ def resident_mib() -> float:
 def test_memory_holds_steady_over_500_steps(tokenizer, monkeypatch):
     """RSS after step 100 and after step 500 within 5%: nothing accumulates per step."""
     rss = []
-    original = train_module.train_step
+    original = loop_module.train_step
 
     def measured_step(*args, **kwargs):
         out = original(*args, **kwargs)
         rss.append(resident_mib())
         return out
 
-    monkeypatch.setattr(train_module, "train_step", measured_step)
+    monkeypatch.setattr(loop_module, "train_step", measured_step)
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4))
     examples = examples_of(tokenizer, [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(64)])
     cfg = TrainConfig(batch=4, epochs=32, max_steps=500)

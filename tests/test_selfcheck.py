@@ -8,7 +8,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from solotune import attention, train
+from solotune import attention, step, train
 from solotune.adapters import apply_lora
 from solotune.cli import main
 from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
@@ -127,8 +127,8 @@ def test_a_parameter_backward_does_not_reach_stops_the_run_and_names_it(
 
 def test_check_gradients_allows_a_zero_lora_a_gradient_only_while_its_b_is_zero(tokenizer):
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0)).train()
-    batch = train.make_batch(varied_examples(tokenizer), tokenizer.pad_token_id, padding_free=False)
-    train.accumulate_gradients(model, [batch], FP32)
+    batch = step.make_batch(varied_examples(tokenizer), tokenizer.pad_token_id, padding_free=False)
+    step.accumulate_gradients(model, [batch], FP32)
     check_gradients(model)  # B = 0 at init: every A's gradient is zero, and that is expected
     a = next(p for n, p in model.named_parameters() if "lora_A" in n)
     assert a.grad.abs().sum() == 0

@@ -7,9 +7,12 @@ import transformers
 from solotune.adapters import apply_lora, prepare_full_finetune
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, collate, split_micro_batches, tokenize_records
+from solotune.loop import train_loop
+from solotune.model_setup import enable_checkpointing
+from solotune.optim import make_optimizer
 from solotune.precision import resolve_policy
+from solotune.step import accumulate_gradients, train_step
 from solotune.testing import make_model
-from solotune.train import accumulate_gradients, enable_checkpointing, make_optimizer, train_loop, train_step
 
 FP32 = PrecisionConfig(mp="off")
 

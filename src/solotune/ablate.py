@@ -22,8 +22,10 @@ from solotune import artifacts
 from solotune.config import RunConfig, to_dict, validate
 from solotune.errors import OUT_OF_MEMORY_EXIT, SolotuneError
 
-GRID_FILE = "grid.json"
-RESULTS_FILE = "results.json"
+GRID_FILE = "grid.json"  # the axes and cells of a grid
+RESULTS_FILE = "results.json"  # each finished cell's status
+BASE_CONFIG_FILE = "base.yaml"  # the configuration every cell shares
+CELLS_DIR = "cells"  # one run folder per cell, by name
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def run_grid(cfg: RunConfig, axes: list[Axis], grid_dir: Path | None, resume: bo
             raise SolotuneError(f"{grid_dir} already holds a grid; use --resume {grid_dir} to finish it")
         grid_dir.mkdir(parents=True, exist_ok=True)
         cells = plan_cells(cfg, axes)
-        artifacts.write_yaml(grid_dir / "base.yaml", to_dict(cfg))
+        artifacts.write_yaml(grid_dir / BASE_CONFIG_FILE, to_dict(cfg))
         artifacts.write_json(
             grid_dir / GRID_FILE,
             {
@@ -188,8 +190,8 @@ def run_grid(cfg: RunConfig, axes: list[Axis], grid_dir: Path | None, resume: bo
         print(
             f"\n=== cell {i}/{len(todo)}: {cell.name}" + (f"  (grid ETA {eta / 60:.1f} min)" if eta else ""), flush=True
         )
-        cell_dir = grid_dir / "cells" / cell.name
-        results[cell.name] = run_cell(cell_argv(grid_dir / "base.yaml", cell_dir, cell), cell_dir, timeout_s)
+        cell_dir = grid_dir / CELLS_DIR / cell.name
+        results[cell.name] = run_cell(cell_argv(grid_dir / BASE_CONFIG_FILE, cell_dir, cell), cell_dir, timeout_s)
         artifacts.write_json(results_path, results)
         print(f"=== cell {cell.name}: {cell_summary(results[cell.name], cell_dir)}", flush=True)
     return grid_dir

@@ -14,7 +14,15 @@ import sys
 import typing
 import warnings
 
-from solotune.config import GenerateConfig, PrecisionConfig, RunConfig, apply_override, leaf_fields, load_yaml
+from solotune.config import (
+    DEFAULT_CUDA_OVERHEAD_MIB,
+    GenerateConfig,
+    PrecisionConfig,
+    RunConfig,
+    apply_override,
+    leaf_fields,
+    load_yaml,
+)
 from solotune.errors import OUT_OF_MEMORY_EXIT, USER_ERROR_EXIT, SolotuneError
 
 ALIASES = {
@@ -72,12 +80,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if not args.resume:
         return run_training(config_from_args(args))
+    from solotune.artifacts import CONFIG_FILE
     from solotune.checkpoint import find_run
 
     # The stopped run's own config, with any options given now on top (checked against the
     # checkpoint's before training goes on).
     run_dir = find_run(args.resume)
-    args.config = args.config or str(run_dir / "config.yaml")
+    args.config = args.config or str(run_dir / CONFIG_FILE)
     cfg = config_from_args(args)
     cfg.output_dir = str(run_dir)
     run_training(cfg, resume=True)
@@ -101,11 +110,12 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from solotune.ablate import GRID_FILE
     from solotune.report import write_report
 
     folder = Path(args.grid)
-    if not (folder / "grid.json").is_file():
-        raise SolotuneError(f"{folder} is not an ablation grid folder (no grid.json)")
+    if not (folder / GRID_FILE).is_file():
+        raise SolotuneError(f"{folder} is not an ablation grid folder (no {GRID_FILE})")
     print(f"report: {write_report(folder)}")
 
 
@@ -157,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="solotune", description="Fine-tune a causal LM on one GPU or a CPU, measured."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_ablate, _add_estimate, _add_report, _add_generate, _add_merge):
+        add(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="fine-tune a model (default: the embedded SmolLM2-135M on the built-in data)")
     train.add_argument("config", nargs="?", help="a YAML config file; options below override it")
     train.add_argument(
@@ -169,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(train)
     train.set_defaults(func=cmd_train)
 
+
+def _add_ablate(sub) -> None:
     ablate = sub.add_parser(
         "ablate", help="run every combination of the techniques, one process per cell; tables + HTML report"
     )
@@ -187,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(ablate)
     ablate.set_defaults(func=cmd_ablate)
 
+
+def _add_estimate(sub) -> None:
     estimate = sub.add_parser("estimate", help="predict a configuration's memory from the model's config alone")
     estimate.add_argument("config", nargs="?", help="the YAML config file that train takes; options below override it")
     estimate.add_argument("--seq-len", type=int, help="tokens per sequence (default: --max-len, every sequence full)")
@@ -195,15 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--search", action="store_true", help="list the configurations that fit in --gpu-mem, fastest first"
     )
     estimate.add_argument(
-        "--overhead-mib", type=float, default=700.0, help="CUDA context + cuBLAS workspaces + allocator slack"
+        "--overhead-mib",
+        type=float,
+        default=DEFAULT_CUDA_OVERHEAD_MIB,
+        help="CUDA context + cuBLAS workspaces + allocator slack",
     )
     add_config_options(estimate)
     estimate.set_defaults(func=cmd_estimate)
 
+
+def _add_report(sub) -> None:
     report = sub.add_parser("report", help="rebuild the tables and report.html of a grid")
     report.add_argument("grid", help="the grid folder, e.g. runs/ablate-<id>")
     report.set_defaults(func=cmd_report)
 
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate from prompts with a base model or a saved adapter, timed")
     gen.add_argument("--adapter", help="a saved adapter (or full fine-tune) folder, e.g. runs/<run>/adapter")
     gen.add_argument("--model", help="base model (default: the one the adapter names, else the embedded default)")
@@ -217,12 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_merge(sub) -> None:
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model and save a plain HF model")
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--output", required=True, help="folder for the merged model")
     merge.add_argument("--model", help="base model (default: the one the adapter names)")
     merge.set_defaults(func=cmd_merge)
-    return parser
 
 
 def quiet_libraries() -> None:

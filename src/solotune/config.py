@@ -19,6 +19,10 @@ import yaml
 
 from solotune.errors import SolotuneError
 
+# What a CUDA process holds beyond its tensors, which `estimate` adds to its tensor peak: the
+# context (~500 MiB on recent GPUs) and the cuBLAS workspaces and allocator rounding (64-180 MiB
+# measured on an H200, docs/estimate.md). `solotune estimate --overhead-mib` overrides it.
+DEFAULT_CUDA_OVERHEAD_MIB = 700.0
 REFERENCE_PROMPTS = [
     "Best Hiking place in Los Angeles for sunset is",
     "A brief message congratulating the team on the launch:\n\nHi everyone,\n\nI just",
@@ -109,7 +113,7 @@ class TrainConfig:
     fused_swiglu: bool = True  # gated-SiLU MLPs keep 2 activations for backward, not 3 (swiglu.py)
     offload_activations: bool = False  # CUDA: keep saved activations in pinned CPU memory
     # adamw: fp32 moments; adamw8bit: 8-bit blockwise moments; paged_*: moments in CUDA unified
-    # memory; sgd: no state (see quant.new_optimizer).
+    # memory; sgd: no state (see optim.py).
     optim: str = field(default="adamw", metadata=choices("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd"))
     # torch.compile each decoder layer (shapes dynamic, so record lengths do not recompile);
     # the compile time is reported apart from the runtime. Needs track_memory off.

@@ -1,8 +1,8 @@
 """Predicting a run's memory before running it: the training step itself, on fake tensors.
 
-The model is built from its config alone on the `meta` device, wrapped exactly as `train` wraps
-it (precision policy, LoRA or full, checkpointing), its parameters replaced by fake tensors
-(shapes and dtypes, no storage), and two optimizer steps of `train`'s own step code run under
+The model is built from its config alone on the `meta` device, prepared by the set-up function
+`train` runs (`model_setup.prepare_model`), its parameters replaced by fake tensors (shapes and
+dtypes, no storage), and two optimizer steps of `train`'s own step code run under
 `FakeTensorMode` with the same `TensorMemoryTracker` that measures real runs. So the prediction
 covers any architecture transformers knows, with no formula per family.
 
@@ -23,18 +23,19 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from solotune.adapters import apply_lora, count_parameters, prepare_full_finetune
+from solotune.adapters import count_parameters
 from solotune.attention import enable_padding_free
 from solotune.config import QuantConfig, RunConfig
 from solotune.data import Example
 from solotune.errors import SolotuneError
 from solotune.loss import ResponseLoss
 from solotune.memory import TensorMemoryTracker
+from solotune.model_setup import prepare_model
+from solotune.optim import make_optimizer
 from solotune.precision import resolve_policy
 from solotune.quant import BLOCKSIZE_4BIT, bitsandbytes
 from solotune.quant import compute_dtype as quant_compute_dtype
-from solotune.swiglu import use_fused_swiglu
-from solotune.train import accumulate_gradients, enable_checkpointing, make_batch, make_optimizer
+from solotune.step import accumulate_gradients, make_batch
 
 # Shapes as published in each model's config.json (Llama / Mistral / Qwen2 code paths).
 PRESETS = {
@@ -130,9 +131,6 @@ HUB_PRESETS = {
     "HuggingFaceTB/SmolLM2-1.7B-Instruct": "smollm2-1.7b",
 }
 PRESET_HUB_IDS = {preset: hub_id for hub_id, preset in HUB_PRESETS.items()}
-# What a CUDA process holds beyond its tensors: the context (~500 MiB on recent GPUs) and the
-# cuBLAS workspaces and allocator rounding (64-180 MiB measured on an H200, README). Configurable.
-DEFAULT_CUDA_OVERHEAD_MIB = 700.0
 
 
 @dataclass
@@ -168,16 +166,12 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
     policy = resolve_policy(cfg.precision, "cpu", frozen_base=cfg.lora.enabled)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=policy.base_dtype)
-    if cfg.train.padding_free:
-        enable_padding_free(model, seq_len)
-    if cfg.train.fused_swiglu:
-        use_fused_swiglu(model)
-    if cfg.train.grad_checkpointing:
-        enable_checkpointing(model)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    if cfg.quant.method != "none":
+    if cfg.quant.method != "none":  # as loading quantizes the base, before any set-up
         quantize_fake(model, cfg.quant, quant_compute_dtype(cfg.quant, policy.compute_dtype), fake_mode)
-    model = apply_lora(model, cfg.lora) if cfg.lora.enabled else prepare_full_finetune(model)
+    model = prepare_model(model, cfg)  # train's own set-up (model_setup)
+    if cfg.train.padding_free:  # where train's loop switches it on
+        enable_padding_free(model, seq_len)
     counts = count_parameters(model)
     _make_parameters_fake(model, fake_mode)
     model.train()

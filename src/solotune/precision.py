@@ -1,4 +1,4 @@
-"""The device and precision policy, decided once at set-up.
+"""The device and precision policy, decided once at set-up, and what the device must support.
 
 The loop never asks "is this fp16?": it enters `policy.autocast()` and goes through
 `policy.scaler`, which are no-ops when they are not needed.
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from solotune.config import PrecisionConfig
+from solotune.config import PrecisionConfig, TrainConfig
 from solotune.errors import SolotuneError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -132,3 +132,21 @@ def resolve_policy(cfg: PrecisionConfig, device_name: str, frozen_base: bool) ->
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     scaler_why = "gradient scaling: on (fp16)" if use_scaler else "gradient scaling: off"
     return PrecisionPolicy(device, compute_dtype, base_dtype, scaler, [device_why, mp_why, base_why, scaler_why])
+
+
+def check_device_support(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before any model work, the settings that need a GPU when the run has none.
+
+    Every device-dependent refusal lives here, so that a run fails on the first one in one line.
+    """
+    if device.type == "cuda":
+        return
+    if cfg.offload_activations:
+        raise SolotuneError(
+            "train.offload_activations moves activations from the GPU to CPU memory; it needs --device cuda"
+        )
+    if cfg.optim.startswith("paged"):
+        raise SolotuneError(
+            f"--optim {cfg.optim}: paged optimizers keep their state in CUDA unified memory and need a GPU; "
+            "on the CPU use --optim adamw8bit or adamw"
+        )

@@ -1,6 +1,6 @@
-"""The frozen base in 4 or 8 bits (QLoRA), and the optimizers that keep less state.
+"""The frozen base in 4 or 8 bits (QLoRA).
 
-Both come from bitsandbytes, through transformers (`BitsAndBytesConfig`) for the weights.
+The weights come from bitsandbytes, through transformers (`BitsAndBytesConfig`).
 4-bit (NF4 or FP4): each block of 64 weights is stored as 4-bit codes plus one absmax scale;
 double quantization stores those scales in 8 bits too (Dettmers et al., 2023). int8: LLM.int8()
 rows with an fp32 scale each. The layers left dense (embeddings, norms, the LM head, and weights
@@ -185,29 +185,3 @@ def quantized_linears(model: torch.nn.Module) -> QuantizedLinears | None:
         shape = state.shape if state is not None else weight.shape
         dense += 2 * shape[0] * shape[1]
     return QuantizedLinears(layers, weight_bytes, state_bytes, dense) if layers else None
-
-
-def new_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device):
-    """The optimizer `name` over `params`.
-
-    adamw: PyTorch's, two fp32 moments per parameter (8 bytes). adamw8bit: bitsandbytes' blockwise
-    8-bit moments (2 bytes, plus a scale per 256 values; tensors under 4,096 values keep fp32).
-    paged_*: the moments in CUDA unified memory, paged to CPU memory when the GPU runs short.
-    sgd: plain SGD, no state at all.
-    """
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    bnb = bitsandbytes(f"--optim {name}")
-    if name.startswith("paged") and device.type != "cuda":
-        raise SolotuneError(
-            f"--optim {name}: paged optimizers keep their state in CUDA unified memory and need a GPU; "
-            "on the CPU use --optim adamw8bit or adamw"
-        )
-    cls = {
-        "adamw8bit": bnb.optim.AdamW8bit,
-        "paged_adamw": bnb.optim.PagedAdamW,
-        "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
-    }[name]
-    return cls(params, lr=lr, weight_decay=weight_decay)

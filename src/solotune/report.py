@@ -15,6 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from solotune.ablate import CELLS_DIR, GRID_FILE, RESULTS_FILE
+from solotune.artifacts import METRICS_FILE
+
+REPORT_FILE = "report.html"
 PARTS = ("parameters", "gradients", "optimizer_state", "activations")
 PART_LABELS = {
     "parameters": "parameters",
@@ -49,13 +53,13 @@ class Grid:
 
 
 def load_grid(folder: Path) -> Grid:
-    grid = json.loads((folder / "grid.json").read_text())
-    results_path = folder / "results.json"
+    grid = json.loads((folder / GRID_FILE).read_text())
+    results_path = folder / RESULTS_FILE
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     cells = []
     for c in grid["cells"]:
         r = results.get(c["name"], {"status": "pending"})
-        metrics_path = folder / "cells" / c["name"] / "metrics.json"
+        metrics_path = folder / CELLS_DIR / c["name"] / METRICS_FILE
         metrics = json.loads(metrics_path.read_text()) if r["status"] == "ok" and metrics_path.exists() else None
         status = "pending" if r["status"] == "ok" and metrics is None else r["status"]  # its files were removed
         cells.append(CellResult(c["name"], c["values"], status, r.get("reason", ""), metrics))
@@ -182,11 +186,11 @@ def write_report(folder: Path) -> Path:
     write_atomic(
         folder / "table1.md", markdown_table(table1_rows(grid)) + "\n\n" + "\n".join(f"- {e}" for e in effects) + "\n"
     )
-    write_atomic(folder / "report.html", render_html(grid, text, effects))
+    write_atomic(folder / REPORT_FILE, render_html(grid, text, effects))
     print(f"\n{text}\n")
     for e in effects:
         print(f"- {e}")
-    return folder / "report.html"
+    return folder / REPORT_FILE
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,245 @@
+"""The training loop: every optimizer step of a run, timed and measured, with checkpoints.
+
+The loop measures itself: wall time less checkpoint writes and torch.compile's time, tokens,
+model FLOPs and the peak memory of the loop alone. With a `Checkpointer` it resumes from a
+checkpoint, saves on schedule, and on SIGINT/SIGTERM saves after the current step and stops
+with the command that resumes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from solotune import artifacts, checkpoint
+from solotune.attention import enable_padding_free
+from solotune.checkpoint import Checkpointer, StopRequests
+from solotune.config import TrainConfig
+from solotune.data import Batch, Example, plan_steps, split_micro_batches
+from solotune.errors import RunStopped, SolotuneError
+from solotune.flops import FlopModel
+from solotune.loss import ResponseLoss
+from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, memory_report
+from solotune.model_setup import compile_seconds, compiled_layers
+from solotune.optim import make_optimizer
+from solotune.precision import PrecisionPolicy
+from solotune.step import NonFiniteStep, StepResult, make_batch, train_step
+
+MANY_SKIPS = 5  # consecutive fp16 overflow skips before a warning
+NONFINITE_FILE = "nonfinite-step.json"  # in the run folder: the step and records that gave NaN/inf
+
+
+@dataclass
+class LoopResult:
+    """What the loop measured. A checkpoint keeps all of it but `memory` (see `_records`)."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    tokens: int = 0  # non-padding tokens processed
+    flops: float = 0.0  # model FLOPs of the steps (flops.py)
+    positions: int = 0  # all positions, padding included
+    runtime_s: float = 0.0  # the loop's wall time, less checkpoint writes and compilation
+    compile_s: float = 0.0  # torch.compile's time inside the loop (--train.compile)
+    memory: dict = field(default_factory=dict)
+
+
+class LoopClock:
+    """The loop's training time: wall time less checkpoint writes and torch.compile's time, added
+    to what a resumed run's first part measured."""
+
+    def __init__(self, result: LoopResult):
+        self.runtime_before, self.compile_before = result.runtime_s, result.compile_s
+        self.start, self.saving_s = time.perf_counter(), 0.0
+
+    def runtime(self, result: LoopResult) -> float:
+        compiling = result.compile_s - self.compile_before
+        return self.runtime_before + time.perf_counter() - self.start - self.saving_s - compiling
+
+
+@dataclass
+class LoopState:
+    """What every step of the loop works on and adds to."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    policy: PrecisionPolicy
+    cfg: TrainConfig
+    checkpoints: Checkpointer | None
+    flop_model: FlopModel
+    loss_fn: ResponseLoss
+    result: LoopResult = field(default_factory=LoopResult)
+    probe: PeakMemoryProbe | None = None
+    peaks: list = field(default_factory=list)  # the probe's peaks before each checkpoint write
+    consecutive_skips: int = 0
+
+
+def train_loop(
+    model,
+    examples: list[Example],
+    pad_id: int,
+    policy: PrecisionPolicy,
+    cfg: TrainConfig,
+    checkpoints: Checkpointer | None = None,
+) -> LoopResult:
+    """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone."""
+    steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
+    steps = steps[: cfg.max_steps] if cfg.max_steps else steps
+    optimizer, scheduler = make_optimizer(model, cfg, len(steps))
+    run = LoopState(
+        model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), ResponseLoss(cfg.ce_chunk)
+    )
+    run.probe = PeakMemoryProbe(policy.device)
+    tracker = TensorMemoryTracker(model, optimizer, policy.device) if cfg.track_memory else None
+    if cfg.padding_free:
+        enable_padding_free(model, max(len(e.input_ids) for e in examples))
+    first = _resume(run, len(steps))
+    model.train()
+    run.probe.reset()
+    clock = LoopClock(run.result)
+    bar = tqdm(range(first, len(steps)), desc="train", unit="step", dynamic_ncols=True, initial=first, total=len(steps))
+    with (
+        compiled_layers(model) if cfg.compile else contextlib.nullcontext(),
+        tracker or contextlib.nullcontext(),
+        StopRequests() if checkpoints else contextlib.nullcontext() as stop,
+    ):
+        for step in bar:
+            micro = [
+                make_batch([examples[i] for i in mb], pad_id, cfg.padding_free)
+                for mb in split_micro_batches(steps[step], cfg.grad_accum)
+            ]
+            out = _run_step(run, micro, step, check_gradients=step == first)
+            _show_progress(bar, run, out, clock)
+            _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
+    run.result.runtime_s = clock.runtime(run.result)
+    run.result.memory = memory_report(max(run.peaks + [run.probe.read()], key=lambda p: p.peak_mib), tracker)
+    return run.result
+
+
+def _resume(run: LoopState, n_steps: int) -> int:
+    """Restore the checkpoint the run resumes from, if any; returns the first step to run."""
+    start = run.checkpoints.resume_from if run.checkpoints else None
+    if start is None:
+        return 0
+    restored = checkpoint.restore(start, run.model, run.optimizer, run.scheduler, run.policy.scaler)
+    run.result = LoopResult(**restored)
+    print(f"resumed from {start.path}: step {start.step} of {n_steps}")
+    return start.step
+
+
+def _run_step(run: LoopState, micro: list[Batch], step: int, check_gradients: bool) -> StepResult:
+    """One optimizer step, timed, with its records added to the loop's."""
+    result = run.result
+    result.flops += run.flop_model.step_flops(micro)  # on the host copies: no device sync
+    micro = [mb.to(run.policy.device) for mb in micro]
+    result.lrs.append(run.scheduler.get_last_lr()[0])
+    start, compiled_before = time.perf_counter(), compile_seconds()
+    out = _guarded_step(run, micro, step, check_gradients)
+    compile_s = compile_seconds() - compiled_before
+    result.step_seconds.append(time.perf_counter() - start - compile_s)
+    result.compile_s += compile_s
+    result.losses.append(out.loss)
+    result.grad_norms.append(out.grad_norm)
+    result.skipped_steps += out.skipped
+    result.tokens += sum(mb.n_tokens for mb in micro)
+    result.positions += sum(mb.n_positions for mb in micro)
+    run.consecutive_skips = run.consecutive_skips + 1 if out.skipped else 0
+    if run.consecutive_skips == MANY_SKIPS:
+        tqdm.write(
+            f"warning: fp16: the last {MANY_SKIPS} steps were all skipped by the gradient scaler "
+            f"(inf/NaN gradients; loss scale now {run.policy.scaler.get_scale():g}); consider --mp bf16"
+        )
+    return out
+
+
+def _guarded_step(run: LoopState, micro: list[Batch], step: int, check_gradients: bool) -> StepResult:
+    """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
+    scaler skips such steps) before it reaches the weights, naming the records of the step."""
+    cfg = run.cfg
+    try:
+        return train_step(
+            run.model,
+            micro,
+            run.optimizer,
+            run.scheduler,
+            run.policy,
+            cfg.max_grad_norm,
+            run.loss_fn,
+            offload=cfg.offload_activations,
+            check_gradients=check_gradients,
+        )
+    except NonFiniteStep as e:
+        records = [i for mb in micro for i in mb.record_indices]
+        where = f"step {step + 1}, records {records} (0-based indices in the data file)"
+        if run.checkpoints:
+            run_dir = run.checkpoints.run_dir
+            artifacts.write_json(run_dir / NONFINITE_FILE, {"step": step + 1, "records": records, "what": str(e)})
+            last = checkpoint.latest(run_dir)
+            where += f"; written to {run_dir / NONFINITE_FILE}"
+            where += f"; last good checkpoint: {last.path}" if last else "; no checkpoint yet (see --train.save-every)"
+        raise SolotuneError(f"{e} at {where}. Lower --lr, check these records, or use --mp bf16/off") from None
+
+
+def _show_progress(bar: tqdm, run: LoopState, out: StepResult, clock: LoopClock) -> None:
+    bar.set_postfix(
+        loss=f"{out.loss:.4f}",
+        tok_s=f"{run.result.tokens / clock.runtime(run.result):.0f}",
+        peak_mib=f"{run.probe.read().peak_mib:.0f}",
+    )
+
+
+def _checkpoint_if_due(run: LoopState, done: int, n_steps: int, stop: StopRequests | None, clock: LoopClock) -> None:
+    """Save when the schedule says so, at the end of a run that saves, or when a signal asks the
+    run to stop; then stop with the command that resumes it."""
+    ckpt = run.checkpoints
+    if ckpt is None:
+        return
+    stopping = stop is not None and stop.signal_name is not None
+    if not (ckpt.due(done) or stopping or (run.cfg.save_every and done == n_steps)):
+        return
+    run.result.runtime_s = clock.runtime(run.result)
+    saved = _save_checkpoint(run, done, clock)
+    if stopping:
+        raise RunStopped(
+            f"stopped by {stop.signal_name} after step {done} of {n_steps}; checkpoint: {saved}; "
+            f"continue with: solotune train --resume {ckpt.run_dir}"
+        )
+
+
+def _save_checkpoint(run: LoopState, step: int, clock: LoopClock) -> Path:
+    """Save a checkpoint and return where.
+
+    Writing a checkpoint is not training: the peak reached so far is kept in `run.peaks` and the
+    probe restarts after the write, and the clock leaves the write's seconds out of the runtime.
+    """
+    run.peaks.append(run.probe.read())
+    start = time.perf_counter()
+    ckpt = run.checkpoints
+    saved = checkpoint.save(
+        ckpt.run_dir,
+        step,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.policy.scaler,
+        _records(run.result),
+        ckpt.fingerprint,
+        run.cfg.keep,
+    )
+    clock.saving_s += time.perf_counter() - start
+    run.probe.reset()
+    return saved
+
+
+def _records(result: LoopResult) -> dict:
+    """The loop's records so far, as a checkpoint keeps them (the memory report is per process)."""
+    return {k: v for k, v in dataclasses.asdict(result).items() if k != "memory"}
