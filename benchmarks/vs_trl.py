@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 EFFECTIVE_BATCH = 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setting:
     tool: str  # "solotune" or "trl"
     micro: int  # micro-batch size; accumulation = EFFECTIVE_BATCH / micro
@@ -56,9 +57,16 @@ class Setting:
 # solotune "plain": the loop's own techniques off (padded batches, full logits, autograd's SwiGLU,
 # PEFT's dropout), to show what they buy.
 PLAIN = ["--no-train.padding-free", "--train.ce-chunk", "0", "--no-train.fused-swiglu", "--no-lora.shared-dropout"]
-# solotune "compiled": the decoder layers under torch.compile (which needs the breakdown off);
-# its compile time is reported apart from the loop's runtime, so tokens/s leaves it out.
-VARIANT_OPTIONS = {"plain": PLAIN, "compiled": ["--train.compile", "--no-train.track-memory"]}
+# solotune "compiled": the decoder layers under torch.compile (the steps the memory breakdown
+# follows run eager); its compile time is reported apart from the loop's runtime, so tokens/s
+# leaves it out. "untracked" / "always": the memory breakdown on no step / on every step (the
+# default follows only the steps that can set the peak).
+VARIANT_OPTIONS = {
+    "plain": PLAIN,
+    "compiled": ["--train.compile"],
+    "untracked": ["--no-train.track-memory"],
+    "always": ["--train.track-memory", "always"],
+}
 
 
 def plan(precisions: list[str], peer_micros: list[int], focus: str = "all") -> list[Setting]:
@@ -80,6 +88,14 @@ def plan(precisions: list[str], peer_micros: list[int], focus: str = "all") -> l
                 Setting("solotune", EFFECTIVE_BATCH, precision, "default", allocator="tcmalloc"),
                 Setting("solotune", 2, precision, "compiled", allocator="jemalloc"),
             ]
+        return runs
+    if focus == "overhead":  # what the breakdown costs, and the default against the peer's best
+        runs = []
+        for precision in precisions:
+            peer = [Setting("trl", m, precision, "padded") for m in peer_micros]
+            ours = [Setting("solotune", EFFECTIVE_BATCH, precision, v) for v in ("default", "untracked", "always")]
+            for i in range(max(len(peer), len(ours))):
+                runs += peer[i : i + 1] + ours[i : i + 1]
         return runs
     if focus == "compiled":
         runs = []
@@ -299,7 +315,7 @@ def run_one(s: Setting, args) -> dict | None:
         from solotune.allocator import choose
 
         env["LD_PRELOAD"] = choose(s.allocator)[1]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, start_new_session=True)  # setsid
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -355,6 +371,36 @@ def ratios(results: list[tuple[Setting, dict]], precision: str) -> list[str]:
     return lines
 
 
+def medians(results: list[tuple[Setting, dict]]) -> list[tuple[Setting, dict]]:
+    """One row per setting (the first occurrence's place): each number the median of its repeats."""
+    by_setting: dict[Setting, list[dict]] = {}
+    for s, r in results:
+        by_setting.setdefault(s, []).append(r)
+    return [(s, {k: statistics.median(r[k] for r in rs) for k in rs[0]}) for s, rs in by_setting.items()]
+
+
+def overhead_ratios(results: list[tuple[Setting, dict]], precision: str) -> list[str]:
+    """The memory breakdown's cost (against no breakdown), and the default against the peer's best."""
+    here = {(s.tool, s.variant): r for s, r in results if s.precision == precision and s.micro == EFFECTIVE_BATCH}
+    peer = [r for s, r in results if s.precision == precision and s.tool == "trl"]
+    default, untracked, always = (here.get(("solotune", v)) for v in ("default", "untracked", "always"))
+    lines = []
+    if default and untracked:
+        for name, r in (("default (breakdown on the peak steps)", default), ("breakdown on every step", always)):
+            if r:
+                lines.append(
+                    f"{precision}: {name}: {r['tokens_per_s'] / untracked['tokens_per_s']:.3f}x the tokens/s of no "
+                    f"breakdown (target for the default: >= 0.97x)"
+                )
+    if default and peer:
+        best = max(peer, key=lambda r: r["tokens_per_s"])
+        lines.append(
+            f"{precision}: solotune default vs the peer at its fastest: {default['tokens_per_s'] / best['tokens_per_s']:.2f}x "
+            f"tokens/s at {default['peak_mib'] / best['peak_mib']:.2f}x the peak memory (target >= 1.5x)"
+        )
+    return lines
+
+
 def compiled_note(r: dict) -> str:
     return f", compile {r['compile_s']:.0f} s (not in tokens/s)" if r.get("compile_s") else ""
 
@@ -383,10 +429,12 @@ def main() -> None:
     p.add_argument(
         "--focus",
         default="all",
-        choices=["all", "compiled", "allocators"],
+        choices=["all", "compiled", "allocators", "overhead"],
         help="compiled: only the settings that decide the targets, with solotune also compiled; "
-        "allocators: glibc's malloc vs jemalloc / tcmalloc",
+        "allocators: glibc's malloc vs jemalloc / tcmalloc; overhead: the memory breakdown's cost "
+        "(solotune with it on the peak steps, on none, on all) and the peer's settings",
     )
+    p.add_argument("--repeats", type=int, default=1, help="run the plan this many times, alternating; medians")
     p.add_argument(
         "--ours-allocator",
         default="glibc",
@@ -399,7 +447,7 @@ def main() -> None:
         return worker(args.worker, args)
 
     precisions = args.precisions.split(",") if args.precisions else default_precisions(args.device)
-    runs = plan(precisions, [int(m) for m in args.peer_micro.split(",")], args.focus)
+    runs = plan(precisions, [int(m) for m in args.peer_micro.split(",")], args.focus) * args.repeats
     if args.ours_allocator != "glibc":
         runs = [replace(s, allocator=args.ours_allocator) if s.tool == "solotune" else s for s in runs]
     print(
@@ -418,6 +466,7 @@ def main() -> None:
                 f"avg loss {r['avg_loss']:.4f}{compiled_note(r)} ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
+    results = medians(results)
     machine = f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
     report = [
         f"# solotune vs TRL SFTTrainer + PEFT ({time.strftime('%Y-%m-%d')}, {machine}, device {args.device})",
@@ -432,7 +481,7 @@ def main() -> None:
         "",
     ]
     for precision in precisions if args.focus != "allocators" else []:  # the targets' ratios are for one allocator
-        report += ratios(results, precision)
+        report += overhead_ratios(results, precision) if args.focus == "overhead" else ratios(results, precision)
     text = "\n".join(report)
     print("\n" + text)
     if args.out:

@@ -97,10 +97,40 @@ def test_missing_and_malformed_yaml(tmp_path):
         load_yaml(f)
 
 
-def test_compile_needs_the_memory_breakdown_off():
+def test_compile_cannot_run_with_every_step_tracked():
     cfg = RunConfig()
-    cfg.train.compile = True
-    with pytest.raises(SolotuneError, match="train.compile = True: .*--train.track-memory false"):
+    cfg.train.compile, cfg.train.track_memory = "on", "always"
+    with pytest.raises(SolotuneError, match="train.compile = 'on': .*--train.track-memory peak or off"):
         validate(cfg)
-    cfg.train.track_memory = False
+    cfg.train.track_memory = "peak"
     validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("given", "compile_value", "track_value"),
+    [
+        ([], "auto", "peak"),
+        (["--train.compile"], "on", "peak"),
+        (["--no-train.compile", "--no-train.track-memory"], "off", "off"),
+        (["--train.track-memory", "always"], "auto", "always"),
+        (["--train.compile", "true", "--train.track-memory", "false"], "on", "off"),
+    ],
+)
+def test_switches_take_a_value_a_bare_flag_or_a_negation(given, compile_value, track_value):
+    from solotune.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", *given]))
+    assert (cfg.train.compile, cfg.train.track_memory) == (compile_value, track_value)
+
+
+def test_switches_read_booleans_from_yaml(tmp_path):
+    """A config written before the switches had three values still loads: true/false mean on/off."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  compile: true\n  track_memory: false\n")
+    cfg = load_yaml(f)
+    assert (cfg.train.compile, cfg.train.track_memory) == ("on", "off")
+    f.write_text("train:\n  track_memory: true\n")
+    assert load_yaml(f).train.track_memory == "peak"
+    f.write_text("train:\n  compile: sometimes\n")
+    with pytest.raises(SolotuneError, match="train.compile: 'sometimes' is not one of auto, on, off"):
+        validate(load_yaml(f))

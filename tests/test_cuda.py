@@ -120,3 +120,34 @@ def test_cuda_qlora_trains_with_an_8bit_optimizer(tmp_path, optim):
     assert m["memory"]["parameters_mib"] < plain["memory"]["parameters_mib"]
     assert m["memory"]["optimizer_state_mib"] < plain["memory"]["optimizer_state_mib"]
     assert m["memory"]["tracked_peak_mib"] <= m["memory"]["peak_mib"] * 1.001
+
+
+@pytest.mark.parametrize("mp", ["bf16", "fp16"])
+def test_one_device_sync_per_optimizer_step_on_cuda(tokenizer, mp):
+    """CUDA's own sync detector (`set_sync_debug_mode("warn")`) warns once per step: the read of
+    the loss and gradient norm. fp16 included: the scaler's skip decision comes from that read."""
+    import warnings
+
+    from solotune.adapters import apply_lora
+    from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
+    from solotune.data import collate_packed
+    from solotune.optim import make_optimizer
+    from solotune.precision import resolve_policy
+    from solotune.step import train_step
+    from solotune.testing import make_model, varied_examples
+
+    policy = resolve_policy(PrecisionConfig(mp=mp), "cuda", frozen_base=True)
+    model = apply_lora(make_model(tokenizer).to("cuda", policy.base_dtype), LoraConfig(r=4)).train()
+    micro = [collate_packed(varied_examples(tokenizer)).to(policy.device)]
+    optimizer, scheduler = make_optimizer(model, TrainConfig(), total_steps=3)
+    train_step(model, micro, optimizer, scheduler, policy, 1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_step(model, micro, optimizer, scheduler, policy, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -251,7 +251,7 @@ def test_compiled_layers_compute_the_eager_loss_and_gradients(tokenizer):
     records of new lengths do not recompile; eager again afterwards."""
     import torch._dynamo
 
-    from solotune.model_setup import compile_seconds, compiled_layers
+    from solotune.model_setup import CompiledLayers, compile_seconds
 
     torch._dynamo.reset()
     model = make_model(tokenizer)
@@ -262,7 +262,7 @@ def test_compiled_layers_compute_the_eager_loss_and_gradients(tokenizer):
     eager = [loss_and_grads(model, b, ResponseLoss(chunk=0)) for b in batches]
     before = compile_seconds()
     graphs = torch._dynamo.utils.counters["stats"]
-    with compiled_layers(model, backend="aot_eager"):
+    with CompiledLayers(model, backend="aot_eager"):
         compiled = [loss_and_grads(model, batches[0], ResponseLoss(chunk=0))]
         after_first = graphs["unique_graphs"]
         compiled.append(loss_and_grads(model, batches[1], ResponseLoss(chunk=0)))
@@ -275,9 +275,9 @@ def test_compiled_layers_compute_the_eager_loss_and_gradients(tokenizer):
 
 
 def test_without_memory_tracking_only_the_peak_is_reported(tokenizer):
-    """--train.track-memory false: same losses, the measured peak, no breakdown (None, not 0)."""
+    """--train.track-memory off: same losses, the measured peak, no breakdown (None, not 0)."""
     tracked, _ = run(tokenizer)
-    untracked, _ = run(tokenizer, track_memory=False)
+    untracked, _ = run(tokenizer, track_memory="off")
     assert untracked.losses == tracked.losses
     assert untracked.memory["peak_mib"] > 0
     assert untracked.memory["parameters_mib"] is None and untracked.memory["tracked_peak_mib"] is None

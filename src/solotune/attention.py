@@ -6,18 +6,24 @@ down to the attention function of every layer. On CUDA in bf16/fp16 that is one 
 PyTorch's variable-length flash attention (torch.nn.attention.varlen) over the whole row;
 elsewhere it runs SDPA's causal kernel on each record's slice. Either way no B x H x T x T
 mask is built, and no attention is computed across records or on padding. Without
-`segment_lengths` (generation, padded batches) it is plain SDPA.
+`segment_lengths` it is SDPA with transformers' causal mask.
+
+No mask builder is registered for the padding-free implementation, so transformers builds no
+mask for it (a packed row needs none) and, above all, does not read the row's positions or
+mask back from the device to decide: that read would be a device sync in every forward. The
+implementation is therefore for padding-free rows only; `padding_free_attention` switches it
+on for the training loop and off again before anything else runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from solotune.errors import SolotuneError
 
@@ -35,7 +41,7 @@ except ImportError:  # torch < 2.10
 @torch.compiler.disable
 def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_lengths=None, **kwargs):
     """Attention of (B, H, T, D) tensors; with `segment_lengths`, causal within each segment."""
-    if segment_lengths is None:
+    if segment_lengths is None:  # rows without padding only (see the module's docstring)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if _flash_varlen_applies(query, kwargs):
         return _flash_varlen(query, key, value, segment_lengths, kwargs.get("scaling")), None
@@ -96,9 +102,6 @@ def _cumulative_lengths(segment_lengths: tuple[int, ...], device: torch.device) 
 
 
 AttentionInterface.register(NAME, varlen_sdpa_attention)
-# The mask builder of SDPA: given an all-ones 2D mask it returns None (pure causal), which is
-# what the per-segment calls need; for padded batches it builds SDPA's usual mask.
-AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def enable_padding_free(model, max_len: int) -> None:
@@ -117,6 +120,17 @@ def enable_padding_free(model, max_len: int) -> None:
         raise SolotuneError(
             f"it does not take transformers' attention interface ({type(model).__name__}: {err})"
         ) from err
+
+
+@contextlib.contextmanager
+def padding_free_attention(model, max_len: int):
+    """Per-record attention for the duration of the block; the model's own afterwards."""
+    previous = model.config._attn_implementation
+    enable_padding_free(model, max_len)
+    try:
+        yield
+    finally:
+        disable_padding_free(model, previous)
 
 
 def disable_padding_free(model, attn_implementation: str) -> None:

@@ -33,7 +33,17 @@ from solotune.errors import SolotuneError
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
 # Config entries that may change between a run and its resumption without changing the maths.
-FREE_ON_RESUME = {"output_dir", "mem_limit", "cpu_allocator", "generate", "train.save_every", "train.keep"}
+# Settings that change neither the maths nor the data: a run may resume with others.
+FREE_ON_RESUME = {
+    "output_dir",
+    "mem_limit",
+    "cpu_allocator",
+    "generate",
+    "train.save_every",
+    "train.keep",
+    "train.track_memory",
+    "train.compile",
+}
 
 
 @dataclass

@@ -53,6 +53,11 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         kwargs = {"dest": path, "default": argparse.SUPPRESS, "help": f"default: {_default_of(f)}"}
         if tp is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+        elif "switch_on" in f.metadata:  # --x (its "on" value), --x VALUE, --no-x ("off")
+            on, values = f.metadata["switch_on"], f.metadata["choices"]
+            parser.add_argument(*names, nargs="?", const=on, metavar="|".join(values), **kwargs)
+            negated = [n.replace("--", "--no-", 1) for n in names]
+            parser.add_argument(*negated, action="store_const", const="off", dest=path, default=argparse.SUPPRESS)
         elif typing.get_origin(tp) is list:
             parser.add_argument(*names, nargs="+", metavar="VALUE", **kwargs)
         else:

@@ -34,6 +34,22 @@ def choices(*values: str) -> dict:
     return {"choices": values}
 
 
+def switch(*values: str, on: str) -> dict:
+    """Field metadata for a string field that is also an on/off switch: one of `values`, where a
+    boolean (YAML's true / false, the CLI's bare `--flag` / `--no-flag`) means `on` / "off"."""
+    return {"choices": values, "switch_on": on}
+
+
+def switch_value(raw: Any, f: dataclasses.Field, from_cli: bool = False) -> Any:
+    """`raw` for field `f`, a boolean turned into the switch's value where `f` is a switch."""
+    on = f.metadata.get("switch_on")
+    if on is None:
+        return raw
+    if from_cli and str(raw).lower() in ("true", "false"):
+        raw = str(raw).lower() == "true"
+    return (on if raw else "off") if isinstance(raw, bool) else raw
+
+
 @dataclass
 class ModelConfig:
     """Where the model comes from."""
@@ -115,12 +131,15 @@ class TrainConfig:
     # adamw: fp32 moments; adamw8bit: 8-bit blockwise moments; paged_*: moments in CUDA unified
     # memory; sgd: no state (see optim.py).
     optim: str = field(default="adamw", metadata=choices("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd"))
-    # torch.compile each decoder layer (shapes dynamic, so record lengths do not recompile);
-    # the compile time is reported apart from the runtime. Needs track_memory off.
-    compile: bool = False
-    # Split the peak into parameters / gradients / optimizer state / activations: a Python
-    # hook on every tensor op (memory.TensorMemoryTracker). Off: the measured peak only.
-    track_memory: bool = True
+    # torch.compile each decoder layer for the steps the memory tracker does not follow (shapes
+    # dynamic, so record lengths do not recompile); its time is reported apart from the runtime.
+    # auto: on where it pays back (CUDA, long runs; see loop.choose_compile).
+    compile: str = field(default="auto", metadata=switch("auto", "on", "off", on="on"))
+    # Split the peak into parameters / gradients / optimizer state / activations: a Python hook
+    # on every tensor op (memory.TensorMemoryTracker). peak: only on the steps that can set the
+    # peak (the first, any larger than all before, any after the optimizer state grew); always:
+    # every step; off: the measured peak only.
+    track_memory: str = field(default="peak", metadata=switch("peak", "always", "off", on="peak"))
     epochs: int = 1
     max_steps: int | None = None  # stop early after this many optimizer steps
     shuffle: bool = True  # a new seeded record order every epoch
@@ -245,7 +264,7 @@ def build(cls: type, data: dict, where: str = "config") -> Any:
         if dataclasses.is_dataclass(tp):
             values[name] = build(tp, raw, sub)
         else:
-            values[name] = convert_value(raw, tp, sub)
+            values[name] = convert_value(switch_value(raw, known[name]), tp, sub)
     return cls(**values)
 
 
@@ -291,7 +310,8 @@ def apply_override(cfg: RunConfig, dotted: str, raw: Any, from_cli: bool = True)
     for p in parents:
         node = getattr(node, p)
     tp = typing.get_type_hints(type(node))[name]
-    setattr(node, name, convert_value(raw, tp, f"--{dotted.replace('_', '-')}", from_cli))
+    f = next(f for f in dataclasses.fields(node) if f.name == name)
+    setattr(node, name, convert_value(switch_value(raw, f, from_cli), tp, f"--{dotted.replace('_', '-')}", from_cli))
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -320,10 +340,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(t.save_every >= 0, "train.save_every", t.save_every, "must be >= 0 (0: only on a stop signal)")
     _require(t.keep >= 1, "train.keep", t.keep, "must be at least 1")
     _require(
-        not (t.compile and t.track_memory),
+        not (t.compile == "on" and t.track_memory == "always"),
         "train.compile",
         t.compile,
-        "torch.compile cannot trace under the memory breakdown's per-op hook; add --train.track-memory false",
+        "with --train.track-memory always every step runs eager (torch.compile cannot trace under the "
+        "tracker's per-op hook); use --train.track-memory peak or off",
     )
     _require(t.ce_chunk >= 0, "train.ce_chunk", t.ce_chunk, "must be >= 0 (0: full logits)")
     _require(d.max_len >= 8, "data.max_len", d.max_len, "must be at least 8 tokens")

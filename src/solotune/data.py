@@ -97,9 +97,19 @@ class Batch:
         """All positions, padding included."""
         return self.input_ids.numel()
 
+    @property
+    def has_padding(self) -> bool:
+        return self.n_tokens < self.n_positions
+
     def model_inputs(self) -> dict:
-        """Keyword arguments of the model's forward for this batch (training, no KV cache)."""
-        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+        """Keyword arguments of the model's forward for this batch (training, no KV cache).
+
+        No attention mask where there is no padding (padding-free rows, batches of equal
+        lengths): transformers would read an all-ones mask back from the device to find that it
+        can skip it, a device sync in every forward.
+        """
+        mask = self.attention_mask if self.has_padding else None
+        inputs = {"input_ids": self.input_ids, "attention_mask": mask, "use_cache": False}
         if self.segment_lengths is not None:
             inputs.update(position_ids=self.position_ids, segment_lengths=self.segment_lengths)
         return inputs

@@ -18,15 +18,15 @@ import torch
 from tqdm import tqdm
 
 from solotune import artifacts, checkpoint
-from solotune.attention import enable_padding_free
+from solotune.attention import padding_free_attention
 from solotune.checkpoint import Checkpointer, StopRequests
 from solotune.config import TrainConfig
 from solotune.data import Batch, Example, plan_steps, split_micro_batches
 from solotune.errors import RunStopped, SolotuneError
 from solotune.flops import FlopModel
 from solotune.loss import ResponseLoss
-from solotune.memory import PeakMemoryProbe, TensorMemoryTracker, memory_report
-from solotune.model_setup import compile_seconds, compiled_layers
+from solotune.memory import MemoryBreakdown, PeakMemoryProbe, memory_report, step_size
+from solotune.model_setup import CompiledLayers, choose_compile, compile_seconds
 from solotune.optim import make_optimizer
 from solotune.precision import PrecisionPolicy
 from solotune.step import NonFiniteStep, StepResult, make_batch, train_step
@@ -99,29 +99,33 @@ def train_loop(
         model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), ResponseLoss(cfg.ce_chunk)
     )
     run.probe = PeakMemoryProbe(policy.device)
-    tracker = TensorMemoryTracker(model, optimizer, policy.device) if cfg.track_memory else None
-    if cfg.padding_free:
-        enable_padding_free(model, max(len(e.input_ids) for e in examples))
+    breakdown = MemoryBreakdown(cfg.track_memory, model, optimizer, policy.device)
+    compile_layers, why = choose_compile(cfg.compile, cfg.track_memory, policy.device, len(steps))
+    print(why)
     first = _resume(run, len(steps))
     model.train()
     run.probe.reset()
     clock = LoopClock(run.result)
     bar = tqdm(range(first, len(steps)), desc="train", unit="step", dynamic_ncols=True, initial=first, total=len(steps))
+    longest = max(len(e.input_ids) for e in examples)
     with (
-        compiled_layers(model) if cfg.compile else contextlib.nullcontext(),
-        tracker or contextlib.nullcontext(),
+        padding_free_attention(model, longest) if cfg.padding_free else contextlib.nullcontext(),
+        CompiledLayers(model) if compile_layers else contextlib.nullcontext() as compiled,
+        breakdown,
         StopRequests() if checkpoints else contextlib.nullcontext() as stop,
     ):
         for step in bar:
-            micro = [
-                make_batch([examples[i] for i in mb], pad_id, cfg.padding_free)
-                for mb in split_micro_batches(steps[step], cfg.grad_accum)
-            ]
-            out = _run_step(run, micro, step, check_gradients=step == first)
+            records = [[examples[i] for i in mb] for mb in split_micro_batches(steps[step], cfg.grad_accum)]
+            followed = breakdown.follows(step_size([[len(e.input_ids) for e in r] for r in records], cfg.padding_free))
+            eager = compiled.eager() if compiled and followed else contextlib.nullcontext()
+            with breakdown.step(followed), eager:
+                micro = [make_batch(r, pad_id, cfg.padding_free) for r in records]
+                out = _run_step(run, micro, step, check_gradients=step == first)
             _show_progress(bar, run, out, clock)
             _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
     run.result.runtime_s = clock.runtime(run.result)
-    run.result.memory = memory_report(max(run.peaks + [run.probe.read()], key=lambda p: p.peak_mib), tracker)
+    peak = max(run.peaks + [run.probe.read()], key=lambda p: p.peak_mib)
+    run.result.memory = {**memory_report(peak, breakdown.tracker()), "tracked_steps": breakdown.tracked_steps}
     return run.result
 
 

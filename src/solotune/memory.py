@@ -7,6 +7,7 @@ CPU: the process's resident-set high-water mark (VmHWM), reset just before the l
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import weakref
@@ -39,10 +40,11 @@ class PeakMemoryProbe:
         self.device = device
         self.reset_ok = True
 
+    # No device sync in either: the caching allocator allocates and frees on the host, when an op
+    # is issued, so its counters are current without waiting for the GPU.
     def reset(self) -> None:
         """Start a new interval: forget peaks reached so far."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         self.reset_ok = _reset_rss_high_water_mark()
@@ -50,7 +52,6 @@ class PeakMemoryProbe:
     def read(self) -> PeakMemory:
         """The peak since the last reset."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             return PeakMemory(
                 "cuda_allocator",
                 torch.cuda.max_memory_allocated(self.device) / MIB,
@@ -193,13 +194,104 @@ class TensorMemoryTracker(TorchDispatchMode):
             entry[1] = "gradients"
 
 
+def step_size(record_lengths: list[list[int]], padding_free: bool) -> tuple[int, int]:
+    """What a step's activation peak grows with, from the record lengths of each of its
+    micro-batches; the largest counts (activations are freed between micro-batches): positions,
+    and attention area (the sum of the records' squared lengths), which attention that
+    materialises its scores needs. A padded micro-batch counts every row at its longest."""
+    if padding_free:
+        return max(sum(lengths) for lengths in record_lengths), max(sum(n * n for n in ls) for ls in record_lengths)
+    widths = [(len(lengths), max(lengths)) for lengths in record_lengths]
+    return max(rows * width for rows, width in widths), max(rows * width * width for rows, width in widths)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (created at its first step)."""
+    return sum(t.nbytes for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+class PeakSteps:
+    """The steps that can set the loop's peak, for `--train.track-memory peak`.
+
+    A step's peak is what persists between steps (parameters, optimizer state) plus the
+    activations of its largest micro-batch, which grow with its `step_size`. A step cannot set a
+    new peak when an earlier step was at least as large in both measures with the same optimizer
+    state; every other step (the first, the one after the optimizer state appears, any larger in
+    either measure) is one to follow. The steps kept for comparison are the undominated ones.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.state_bytes: int | None = None
+        self.largest: list[tuple[int, int]] = []  # undominated sizes so far
+
+    def can_set_peak(self, size: tuple[int, int]) -> bool:
+        """Whether a step of `size` (`step_size`) can set a new peak; remembers it if so."""
+        state = optimizer_state_bytes(self.optimizer)
+        if state != self.state_bytes:  # more persists from now on: earlier steps say nothing
+            self.state_bytes, self.largest = state, []
+        if any(p >= size[0] and a >= size[1] for p, a in self.largest):
+            return False
+        self.largest = [(p, a) for p, a in self.largest if not (size[0] >= p and size[1] >= a)] + [size]
+        return True
+
+
+class MemoryBreakdown:
+    """The tensor tracker over the steps `--train.track-memory` asks for, and the parts of the
+    largest peak it saw.
+
+    always: one tracker over the whole loop. peak: a tracker for each step that can set the peak
+    (`PeakSteps`), none on the others, which run at full speed (and compiled, with
+    --train.compile). off: no tracker; the measured peak only.
+    """
+
+    def __init__(self, mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.mode, self.model, self.optimizer, self.device = mode, model, optimizer, device
+        self.peak_steps = PeakSteps(optimizer)
+        self.whole_loop = TensorMemoryTracker(model, optimizer, device) if mode == "always" else None
+        self.largest: TensorMemoryTracker | None = None
+        self.tracked_steps = 0
+
+    def __enter__(self) -> MemoryBreakdown:
+        if self.whole_loop:
+            self.whole_loop.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.whole_loop:
+            self.whole_loop.__exit__(*exc)
+
+    def follows(self, size: tuple[int, int]) -> bool:
+        """Whether the next step, of `size` (`step_size`), runs under a tracker."""
+        if self.mode == "always":
+            return True
+        return self.mode == "peak" and self.peak_steps.can_set_peak(size)
+
+    @contextlib.contextmanager
+    def step(self, followed: bool):
+        """The context of one step: a tracker of its own where it is followed (mode peak)."""
+        self.tracked_steps += followed
+        if not followed or self.whole_loop:
+            yield
+            return
+        tracker = TensorMemoryTracker(self.model, self.optimizer, self.device)
+        with tracker:
+            yield
+        if self.largest is None or tracker.peak_bytes > self.largest.peak_bytes:
+            self.largest = tracker
+
+    def tracker(self) -> TensorMemoryTracker | None:
+        """The tracker whose peak the report shows; None with mode off."""
+        return self.whole_loop or self.largest
+
+
 def memory_report(peak: PeakMemory, tracker: TensorMemoryTracker | None) -> dict:
     """The measured peak (allocator or RSS): the tracked tensor peak's four parts, plus the rest.
 
     The rest is memory no tensor op of the loop created: on CUDA the cuBLAS workspaces and
     kernels' scratch space (measured on an H200: 64 MiB for a tiny model; the tracked parts were
     95-98% of the allocator peak for a 135M model); on the CPU the Python process, its libraries
-    and the allocator's caches. Without a tracker (`--train.track-memory false`) the parts
+    and the allocator's caches. Without a tracker (`--train.track-memory off`) the parts
     are None: only the measured peak is known.
     """
     if tracker is None:

@@ -133,7 +133,7 @@ def print_summary(m: dict, out_dir: Path) -> None:
 
 def _memory_parts(mem: dict) -> str:
     if mem["tracked_peak_mib"] is None:
-        return "no breakdown (--train.track-memory false)"
+        return "no breakdown (--train.track-memory off)"
     return (
         f"tensor peak {mem['tracked_peak_mib']:,.1f} MiB = parameters {mem['parameters_mib']:,.1f} + gradients "
         f"{mem['gradients_mib']:,.1f} + optimizer state {mem['optimizer_state_mib']:,.1f} + activations "

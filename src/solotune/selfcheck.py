@@ -92,7 +92,7 @@ def choose_fast_paths(
     padded = collate(probe, pad_id).to(policy.device)
     tolerance = TOLERANCE[policy.compute_dtype if policy.compute_dtype != torch.float32 else policy.base_dtype]
     fast = FastPaths(fused_swiglu=False, padding_free=False, ce_chunk=0)
-    was_training = model.training
+    was_training, attention = model.training, model.config._attn_implementation
     model.eval()  # no dropout: the paths must agree up to rounding
     try:
         with torch.no_grad(), policy.autocast():
@@ -107,6 +107,7 @@ def choose_fast_paths(
                 fast.ce_chunk = cfg.ce_chunk if chunked else 0
     finally:
         model.train(was_training)
+        disable_padding_free(model, attention)  # the loop switches it on for its steps alone
     return fast
 
 

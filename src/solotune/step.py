@@ -74,26 +74,30 @@ def train_step(
 ) -> StepResult:
     """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero.
 
-    `check_gradients`: before the update, stop unless every trainable parameter got a gradient
-    (selfcheck.check_gradients; the loop asks on its first step).
+    One device-to-host sync per step: the loss and the gradient norm are read together, and
+    every decision (stop on NaN, skip an fp16 overflow) is made from those two numbers. A
+    gradient norm is non-finite exactly when some gradient is, which is what the gradient scaler
+    checks before it skips a step. `check_gradients`: before the update, stop unless every
+    trainable parameter got a gradient (selfcheck.check_gradients, one more sync; the loop asks
+    on its first step only).
     """
     loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     policy.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    if not policy.scaler.is_enabled() and not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+    loss_value, norm_value = torch.stack([loss.float(), grad_norm.float().to(loss.device)]).tolist()
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if not finite and not policy.scaler.is_enabled():
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteStep(
-            f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} "
-            f"(loss {loss.item()}, gradient norm {grad_norm.item()})"
+            f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} "
+            f"(loss {loss_value}, gradient norm {norm_value})"
         )
     if check_gradients:  # after the non-finite guard, which names the records of a bad batch
         selfcheck.check_gradients(model, gradients_may_overflow=policy.scaler.is_enabled())
-    scale_before = policy.scaler.get_scale()
-    policy.scaler.step(optimizer)  # skips the update if the unscaled gradients hold inf/NaN
-    policy.scaler.update()
-    skipped = policy.scaler.get_scale() < scale_before
-    if not skipped:  # a skipped step made no update: the schedule waits for the next real one
+    if finite:  # fp16: an overflow skips the update, and the schedule waits for the next real one
+        optimizer.step()
         scheduler.step()
+    policy.scaler.update()  # fp16: a smaller scale after an overflow, a larger one after enough clean steps
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss.item(), grad_norm.item(), skipped)
+    return StepResult(loss_value, norm_value, skipped=not finite)

@@ -1,0 +1,161 @@
+"""The step's hot path: the memory breakdown only where it can matter, compiled steps beside
+tracked ones, and one device-to-host sync per optimizer step."""
+
+import contextlib
+import functools
+import sys
+
+import pytest
+import torch
+
+from solotune import loop as loop_module
+from solotune.adapters import apply_lora, prepare_full_finetune
+from solotune.attention import padding_free_attention
+from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
+from solotune.data import Record, collate, collate_packed, tokenize_records
+from solotune.memory import PeakSteps
+from solotune.model_setup import COMPILE_MIN_STEPS, CompiledLayers, choose_compile
+from solotune.optim import make_optimizer
+from solotune.precision import resolve_policy
+from solotune.step import train_step
+from solotune.testing import make_model
+
+FP32 = PrecisionConfig(mp="off")
+
+
+def varied_examples(tokenizer, n=24):
+    """Records whose lengths rise and fall irregularly, so that later steps are sometimes larger."""
+    rows = [{"prompt": "q" * (5 + (i * 37) % 90), "response": "a" * (3 + (i * 53) % 70)} for i in range(n)]
+    examples, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
+    return examples
+
+
+def run_loop(tokenizer, track_memory, full=False, **train):
+    torch.manual_seed(0)
+    model = make_model(tokenizer, hidden_size=96, num_hidden_layers=2)
+    model = prepare_full_finetune(model) if full else apply_lora(model, LoraConfig(r=4, dropout=0.0))
+    policy = resolve_policy(FP32, "cpu", frozen_base=not full)
+    cfg = TrainConfig(batch=4, epochs=2, track_memory=track_memory, **train)
+    return loop_module.train_loop(model, varied_examples(tokenizer), tokenizer.pad_token_id, policy, cfg)
+
+
+PARTS = ("tracked_peak_mib", "parameters_mib", "gradients_mib", "optimizer_state_mib", "activations_mib")
+
+
+@pytest.mark.parametrize(
+    ("full", "padding_free"), [(False, True), (False, False), (True, True)], ids=["lora", "lora-padded", "full"]
+)
+def test_tracking_only_the_steps_that_can_set_the_peak_gives_the_whole_breakdown(tokenizer, full, padding_free):
+    """`peak` follows a few of the 12 steps and reports the very parts `always` reports (fp32,
+    deterministic: equal to the byte)."""
+    always = run_loop(tokenizer, "always", full=full, padding_free=padding_free)
+    peak = run_loop(tokenizer, "peak", full=full, padding_free=padding_free)
+    assert peak.losses == always.losses
+    assert always.memory["tracked_steps"] == 12
+    assert 2 <= peak.memory["tracked_steps"] < 12
+    assert {k: peak.memory[k] for k in PARTS} == {k: always.memory[k] for k in PARTS}
+
+
+def test_a_step_is_followed_unless_an_earlier_one_was_at_least_as_large():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    steps = PeakSteps(optimizer)
+    assert steps.can_set_peak((100, 5000))  # the first
+    assert not steps.can_set_peak((100, 5000)) and not steps.can_set_peak((90, 4000))
+    assert steps.can_set_peak((80, 9000))  # a longer record: more attention area
+    assert steps.can_set_peak((120, 100))  # more positions
+    assert steps.can_set_peak((110, 8000))  # no earlier step is as large in both measures
+    assert not steps.can_set_peak((105, 6000))  # (110, 8000) is
+    optimizer.state[optimizer.param_groups[0]["params"][0]] = {"exp_avg": torch.zeros(3)}
+    assert steps.can_set_peak((10, 10))  # the optimizer state grew: every bound is void
+
+
+def test_compiled_steps_run_beside_tracked_eager_ones(tokenizer, monkeypatch):
+    """--train.compile on with the breakdown: the losses and the breakdown of an uncompiled run
+    (the followed steps ran eager), and fewer steps compiled than run. The aot_eager backend
+    stands in for Inductor (Dynamo's capture without minutes of C++ compiling)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(loop_module, "CompiledLayers", functools.partial(CompiledLayers, backend="aot_eager"))
+    eager = run_loop(tokenizer, "peak", compile="off")
+    compiled = run_loop(tokenizer, "peak", compile="on")
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    assert {k: compiled.memory[k] for k in PARTS} == {k: eager.memory[k] for k in PARTS}
+    assert compiled.compile_s > 0 and eager.compile_s == 0
+
+
+def test_compile_auto_turns_on_where_it_pays_back():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert choose_compile("auto", "peak", cuda, COMPILE_MIN_STEPS)[0]
+    assert not choose_compile("auto", "peak", cuda, COMPILE_MIN_STEPS - 1)[0]
+    assert not choose_compile("auto", "peak", cpu, 10_000)[0]
+    assert not choose_compile("auto", "always", cuda, 10_000)[0]
+    on, why = choose_compile("on", "off", cpu, 3)
+    assert on and why == "compile: on (requested)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-to-host syncs
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+
+
+@contextlib.contextmanager
+def counted_host_reads(optimizer):
+    """Count reads of tensor values into Python (on a GPU each is a sync): ours, and those of
+    transformers' mask builder apart. Reads inside `optimizer.step()` are left out: they are of
+    step counters, which PyTorch keeps on the CPU on every device."""
+    counts = {"reads": 0, "transformers_mask": 0, "in_optimizer": False}
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            if "masking_utils" in sys._getframe(1).f_code.co_filename:
+                counts["transformers_mask"] += 1
+            elif not counts["in_optimizer"]:
+                counts["reads"] += 1
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    hooks = [
+        optimizer.register_step_pre_hook(lambda *_: counts.__setitem__("in_optimizer", True)),
+        optimizer.register_step_post_hook(lambda *_: counts.__setitem__("in_optimizer", False)),
+    ]
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize(
+    ("mp", "full", "padding_free", "grad_accum"),
+    [("off", False, True, 1), ("off", False, False, 2), ("bf16", False, True, 2), ("off", True, True, 1)],
+    ids=["lora", "lora-padded-accum", "lora-bf16-accum", "full"],
+)
+def test_one_host_read_per_optimizer_step(tokenizer, mp, full, padding_free, grad_accum):
+    model = make_model(tokenizer, hidden_size=64, num_hidden_layers=2)
+    model = prepare_full_finetune(model) if full else apply_lora(model, LoraConfig(r=4, dropout=0.1))
+    model.train()
+    policy = resolve_policy(PrecisionConfig(mp=mp), "cpu", frozen_base=not full)
+    examples = varied_examples(tokenizer, n=8)
+    make = collate_packed if padding_free else functools.partial(collate, pad_id=tokenizer.pad_token_id)
+    micro = [make(examples[i : i + 4 // grad_accum]) for i in range(0, 4, 4 // grad_accum)]
+    optimizer, scheduler = make_optimizer(model, TrainConfig(), total_steps=3)
+    attention = padding_free_attention(model, 512) if padding_free else contextlib.nullcontext()  # as the loop does
+    with attention:
+        train_step(model, micro, optimizer, scheduler, policy, 1.0, check_gradients=True)  # step 1 checks more
+        for _ in range(2):
+            with counted_host_reads(optimizer) as counts:
+                out = train_step(model, micro, optimizer, scheduler, policy, 1.0)
+            assert counts["reads"] == 1, counts
+            # transformers reads a padded batch's mask back to see whether it may skip it; a
+            # padding-free row (the default) has no mask to read
+            assert (counts["transformers_mask"] > 0) == any(mb.has_padding for mb in micro), counts
+            assert isinstance(out.loss, float) and isinstance(out.grad_norm, float) and not out.skipped
