@@ -30,7 +30,7 @@ fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 if [ "$DRY" = 1 ]; then
-  DEVICE=cpu PRECISION=fp32 RECORDS=16 MAX_LEN=64 STEP_SHAPE=tiny STEPS=2 SEQ_LEN=64
+  DEVICE=cpu PRECISION=fp32 RECORDS=16 MAX_LEN=256 STEP_SHAPE=tiny STEPS=2 SEQ_LEN=64
   SHAPE="hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2"
 else
   DEVICE=cuda PRECISION=bf16 RECORDS=256 MAX_LEN=512 STEP_SHAPE=llama2-7b STEPS=6 SEQ_LEN=512
@@ -43,12 +43,13 @@ echo "== 1. the CUDA tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tee "$OUT/pytest.txt" | tail -4
 
 echo "== 2. vs TRL, 1B-class shape"
-# Alpaca-format records long enough to fill 512 byte-level tokens, made here: nothing to carry.
+# Alpaca-format records long enough to fill 512 byte-level tokens (a short instruction, a long
+# answer), made here: nothing to carry.
 $PY - "$OUT/long-records.json" "$SHAPE" <<'EOF'
 import json, sys
 from solotune.testing import make_model, make_tokenizer
 words = "the model learns what each record says about its answer and how long it takes".split()
-rows = [{"instruction": " ".join(words[(i + j) % len(words)] for j in range(40)), "input": "",
+rows = [{"instruction": " ".join(words[(i + j) % len(words)] for j in range(8)), "input": "",
          "output": " ".join(words[(3 * i + j) % len(words)] for j in range(120))} for i in range(512)]
 json.dump(rows, open(sys.argv[1], "w"))
 tok = make_tokenizer()

@@ -5,7 +5,7 @@ from solotune.adapters import apply_lora, prepare_full_finetune
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, tokenize_records
 from solotune.loop import train_loop
-from solotune.memory import MIB
+from solotune.memory import MIB, TensorMemoryTracker
 from solotune.model_setup import enable_checkpointing
 from solotune.precision import resolve_policy
 from solotune.testing import make_model
@@ -70,3 +70,20 @@ def test_tracker_counts_a_shared_storage_once(tokenizer):
         views = [x.view(-1), x[:10], x.t()]  # no new storage
         del views
     assert tracker.peak_parts["activations"] == 1024 * 256 * 4
+
+
+def test_a_closed_tracker_is_not_kept_alive_by_the_model(tokenizer):
+    """`--train.track-memory peak` makes a tracker per followed step: once closed, none may stay
+    tied to the parameters' storages (a finalizer each), or every tracker lives as long as the model."""
+    import gc
+    import weakref
+
+    model = make_model(tokenizer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = TensorMemoryTracker(model, optimizer, torch.device("cpu"))
+    with tracker:
+        model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    alive = weakref.ref(tracker)
+    del tracker
+    gc.collect()
+    assert alive() is None

@@ -127,6 +127,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.current_bytes = 0  # sum of totals, kept as it changes: this runs on every op
         self.peak_bytes, self.peak_parts = 0, dict(self.totals)
         self._phase = "activations"
+        self._finalizers: dict[int, weakref.finalize] = {}  # of the live storages
         self._hooks = [
             optimizer.register_step_pre_hook(lambda *_: self._set_phase("optimizer_state")),
             optimizer.register_step_post_hook(lambda *_: self._set_phase("activations")),
@@ -152,9 +153,16 @@ class TensorMemoryTracker(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def close(self) -> None:
-        """Remove the hooks (the tracker's totals stay readable)."""
+        """Remove the hooks and the storages' finalizers (the tracker's totals stay readable).
+
+        Without this, every parameter's storage would keep a finalizer pointing back at the
+        tracker: one more per tracked step, and every tracker alive for as long as the model.
+        """
         for h in self._hooks:
             h.remove()
+        for f in self._finalizers.values():
+            f.detach()
+        self._finalizers.clear()
 
     def parts_mib(self) -> dict[str, float]:
         """The peak and its parts, in MiB."""
@@ -174,11 +182,12 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.live[key] = [n, category]
         self.totals[category] += n
         self.current_bytes += n
-        weakref.finalize(storage, self._free, key)
+        self._finalizers[key] = weakref.finalize(storage, self._free, key)
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes, self.peak_parts = self.current_bytes, dict(self.totals)
 
     def _free(self, key: int) -> None:
+        self._finalizers.pop(key, None)
         entry = self.live.pop(key, None)
         if entry:
             self.totals[entry[1]] -= entry[0]
