@@ -15,7 +15,7 @@
 # The GPU machine has torch but no network: the other wheels travel in .whl/ (an ignored folder;
 # pass it in `carry`), made here with
 #   pip download --no-deps -d .whl transformers==5.24.0 peft==0.21.2 trl==1.16.0 accelerate==1.15.0 \
-#       datasets==5.2.0 bitsandbytes==0.50.2 safetensors==0.8.0 gguf==0.19.0 ...
+#       datasets==5.2.0 bitsandbytes==0.50.2 safetensors==0.8.0 gguf==0.19.0 liger-kernel==0.8.5 ...
 # and anything else `python3 -c "import solotune.cli"` reports missing there.
 set -uo pipefail
 cd "$(dirname "$0")/.."

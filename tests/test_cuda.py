@@ -1,5 +1,6 @@
 """The CUDA paths: allocator peak, fp16 with gradient scaling, bf16. Skipped without a GPU."""
 
+import importlib.util
 import json
 
 import pytest
@@ -151,3 +152,41 @@ def test_one_device_sync_per_optimizer_step_on_cuda(tokenizer, mp):
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+def test_liger_kernels_give_the_plain_loss_and_gradients(tokenizer):
+    """bf16 on CUDA: Liger's RMSNorm and RoPE against the model's own, loss and LoRA gradients
+    (bf16 rounding: 1e-2 relative), and the set-up check keeps them."""
+    from solotune.adapters import apply_lora
+    from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
+    from solotune.data import collate_packed
+    from solotune.kernels import use_liger
+    from solotune.loss import ResponseLoss
+    from solotune.precision import resolve_policy
+    from solotune.selfcheck import choose_fast_paths
+    from solotune.testing import make_model, varied_examples
+
+    policy = resolve_policy(PrecisionConfig(mp="bf16"), "cuda", frozen_base=True)
+    model = apply_lora(make_model(tokenizer).to("cuda", torch.bfloat16), LoraConfig(r=4, dropout=0.0)).train()
+    batch = collate_packed(varied_examples(tokenizer)).to("cuda")
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with policy.autocast():
+            loss = ResponseLoss()(model, batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    from solotune.attention import padding_free_attention
+
+    with padding_free_attention(model, 512):
+        plain_loss, plain = loss_and_grads()
+        undo = use_liger(model)
+        liger_loss, liger = loss_and_grads()
+        undo()
+    assert liger_loss == pytest.approx(plain_loss, rel=1e-2)
+    for name, g in liger.items():
+        assert (g - plain[name]).norm() <= 1e-2 * plain[name].norm(), name
+    fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, policy, TrainConfig(), 512)
+    assert fast.kernels == "liger", fast.notes

@@ -3,6 +3,7 @@ tracked ones, and one device-to-host sync per optimizer step."""
 
 import contextlib
 import functools
+import importlib.util
 import sys
 
 import pytest
@@ -159,3 +160,69 @@ def test_one_host_read_per_optimizer_step(tokenizer, mp, full, padding_free, gra
             # padding-free row (the default) has no mask to read
             assert (counts["transformers_mask"] > 0) == any(mb.has_padding for mb in micro), counts
             assert isinstance(out.loss, float) and isinstance(out.grad_norm, float) and not out.skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Liger's kernels
+
+
+def test_liger_kernels_are_chosen_only_where_they_can_run(monkeypatch):
+    import importlib.util
+
+    from solotune.errors import SolotuneError
+    from solotune.kernels import choose_kernels
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_kernels("auto", cpu) == (False, "kernels: none (auto: Liger's kernels run on CUDA GPUs)")
+    with pytest.raises(SolotuneError, match="need a CUDA GPU"):
+        choose_kernels("liger", cpu)
+    real_find_spec = importlib.util.find_spec
+    for installed in (False, True):
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a, i=installed: object() if i else real_find_spec(name + "-absent"),
+        )
+        assert choose_kernels("auto", cuda)[0] is installed
+        assert choose_kernels("none", cuda)[0] is False
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SolotuneError, match="pip install liger-kernel"):
+        choose_kernels("liger", cuda)
+
+
+def test_asking_for_liger_kernels_on_the_cpu_stops_before_any_work(tmp_path, capsys):
+    from solotune.cli import main
+
+    assert main(["train", "--train.kernels", "liger", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "solotune: error: --train.kernels liger: Liger's Triton kernels need a CUDA GPU; use --train.kernels none"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+NO_LIGER = importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None
+
+
+@pytest.mark.skipif(NO_LIGER, reason="liger-kernel and triton are not installed (an optional extra)")
+def test_liger_kernels_go_in_and_come_out_again(tokenizer):
+    """`use_liger` puts Liger's RMSNorm into every norm and its RoPE into the model class, and
+    `undo` gives the model its own back: the same logits as before, to the bit. (Runs where
+    liger-kernel is installed; the kernels themselves need a GPU: Triton 3.9's interpreter
+    cannot run Liger 0.8.5's RMSNorm on the CPU.)"""
+    from transformers.models.llama import modeling_llama
+
+    from solotune.kernels import use_liger
+
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0)).eval()
+    batch = collate(varied_examples(tokenizer, n=3), tokenizer.pad_token_id)
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    own_rope = modeling_llama.apply_rotary_pos_emb
+    with torch.no_grad():
+        before = model(**batch.model_inputs()).logits
+    undo = use_liger(model)
+    assert all("forward" in vars(m) for m in norms) and modeling_llama.apply_rotary_pos_emb is not own_rope
+    undo()
+    assert not any("forward" in vars(m) for m in norms) and modeling_llama.apply_rotary_pos_emb is own_rope
+    with torch.no_grad():
+        assert torch.equal(model(**batch.model_inputs()).logits, before)

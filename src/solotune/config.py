@@ -140,6 +140,9 @@ class TrainConfig:
     # peak (the first, any larger than all before, any after the optimizer state grew); always:
     # every step; off: the measured peak only.
     track_memory: str = field(default="peak", metadata=switch("peak", "always", "off", on="peak"))
+    # Fused GPU kernels from Liger-Kernel (RMSNorm, RoPE; kernels.py): auto = on a CUDA GPU
+    # where the liger-kernel package is installed, each checked against the plain forward.
+    kernels: str = field(default="auto", metadata=choices("auto", "liger", "none"))
     epochs: int = 1
     max_steps: int | None = None  # stop early after this many optimizer steps
     shuffle: bool = True  # a new seeded record order every epoch

@@ -139,6 +139,9 @@ def check_device_support(cfg: TrainConfig, device: torch.device) -> None:
 
     Every device-dependent refusal lives here, so that a run fails on the first one in one line.
     """
+    from solotune.kernels import choose_kernels
+
+    choose_kernels(cfg.kernels, device)  # --train.kernels liger without a GPU or the package
     if device.type == "cuda":
         return
     if cfg.offload_activations:

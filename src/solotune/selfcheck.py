@@ -23,6 +23,7 @@ from solotune.attention import disable_padding_free, enable_padding_free
 from solotune.config import TrainConfig
 from solotune.data import Batch, Example, collate, collate_packed
 from solotune.errors import SolotuneError
+from solotune.kernels import choose_kernels, use_liger
 from solotune.loss import ResponseLoss, full_response_loss_sum, supports_chunked_head
 from solotune.memory import is_out_of_memory
 from solotune.precision import PrecisionPolicy
@@ -45,6 +46,7 @@ class FastPaths:
     fused_swiglu: bool
     padding_free: bool
     ce_chunk: int  # 0: full logits
+    kernels: str = "none"  # "liger": Liger's RMSNorm and RoPE (kernels.py)
     largest_difference: float = 0.0  # of the paths kept, relative (see TOLERANCE)
     notes: list[str] = field(default_factory=list)  # one line per fast path turned off, saying why
 
@@ -55,6 +57,7 @@ class FastPaths:
         kept = [
             name
             for name, on in (
+                ("Liger RMSNorm + RoPE", self.kernels == "liger"),
                 ("fused SwiGLU", self.fused_swiglu),
                 ("padding-free rows", self.padding_free),
                 ("chunked LM head + cross-entropy", self.ce_chunk > 0),
@@ -96,6 +99,11 @@ def choose_fast_paths(
     model.eval()  # no dropout: the paths must agree up to rounding
     try:
         with torch.no_grad(), policy.autocast():
+            liger, why = choose_kernels(cfg.kernels, policy.device)
+            if liger:
+                fast.kernels = "liger" if _check_liger(model, padded, fast, tolerance) else "none"
+            elif policy.device.type == "cuda" and cfg.kernels == "auto":
+                fast.notes.append(why)  # on a GPU, say what installing them would bring
             if cfg.fused_swiglu:
                 fast.fused_swiglu = _check_fused_swiglu(model, padded, fast, tolerance)
             if cfg.padding_free:
@@ -119,6 +127,17 @@ def _check_fused_swiglu(model, padded: Batch, fast: FastPaths, tolerance: float)
     use_fused_swiglu(model)
     return _keep(fast, "fused SwiGLU", tolerance, lambda: _largest_difference(_logits(model, padded), plain, padded),
                  undo=lambda: restore_swiglu(model))  # fmt: skip
+
+
+def _check_liger(model, padded: Batch, fast: FastPaths, tolerance: float) -> bool:
+    plain = _logits(model, padded)
+    undo = []
+
+    def difference() -> float:
+        undo.append(use_liger(model))
+        return _largest_difference(_logits(model, padded), plain, padded)
+
+    return _keep(fast, "Liger RMSNorm + RoPE", tolerance, difference, undo=lambda: [u() for u in undo])
 
 
 def _check_padding_free(

@@ -1,0 +1,70 @@
+"""Fused GPU kernels from Liger-Kernel (Triton), where installed: RMSNorm and RoPE.
+
+`--train.kernels auto` uses them on a CUDA GPU when the `liger-kernel` package is there, `liger`
+insists (and stops with one line where it cannot), `none` never does. solotune keeps its own
+fused SwiGLU and chunked LM head + cross-entropy: they hold what Liger's hold (the two SwiGLU
+inputs; never the full logits), and the set-up check compares each with the model's plain
+forward on every device. Liger's kernels go through the same check (`selfcheck`), and are
+undone where they disagree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+
+import torch
+
+from solotune.errors import SolotuneError
+
+# What Liger replaces: the norms and the rotary embedding. Its SwiGLU and cross-entropy stay off
+# (solotune's own do the same job and are checked on the CPU as well).
+LIGER_PARTS = dict(rope=True, rms_norm=True, swiglu=False, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def choose_kernels(requested: str, device: torch.device) -> tuple[bool, str]:
+    """Whether the run uses Liger's kernels, and the line that says why."""
+    if requested == "none":
+        return False, "kernels: none (requested)"
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if device.type != "cuda":
+        if requested == "liger":
+            raise SolotuneError(
+                "--train.kernels liger: Liger's Triton kernels need a CUDA GPU; use --train.kernels none"
+            )
+        return False, "kernels: none (auto: Liger's kernels run on CUDA GPUs)"
+    if not installed:
+        if requested == "liger":
+            raise SolotuneError("--train.kernels liger needs the liger-kernel package: pip install liger-kernel")
+        return False, "kernels: none (auto: pip install liger-kernel for fused RMSNorm and RoPE)"
+    return True, f"kernels: liger ({'requested' if requested == 'liger' else 'auto: installed, and a GPU'})"
+
+
+def use_liger(model: torch.nn.Module) -> Callable[[], None]:
+    """Put Liger's RMSNorm and RoPE into `model` (a transformers model, PEFT-wrapped or not);
+    returns the function that takes them out again.
+
+    Liger patches each norm module's `forward` on the instance, and the modeling module's
+    `apply_rotary_pos_emb` for the whole model class.
+    """
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modeling = sys.modules[type(base).__module__]
+    rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    patched_before = {id(m) for m in base.modules() if "forward" in vars(m)}
+    try:
+        _apply_liger_kernel_to_instance(model=base, **LIGER_PARTS)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise SolotuneError(f"Liger has no kernels for {type(base).__name__}: {e}") from None
+
+    def undo() -> None:
+        if rope is not None:
+            modeling.apply_rotary_pos_emb = rope
+        for m in base.modules():
+            if "forward" in vars(m) and id(m) not in patched_before:
+                del m.forward  # the class's own forward again
+                vars(m).pop("extra_repr", None)
+
+    return undo
