@@ -43,6 +43,7 @@ ALIASES = {
     "train.max_steps": ["--max-steps"],
     "train.lr": ["--lr"],
     "train.seed": ["--seed"],
+    "nproc": ["--nproc", "--processes"],
 }
 
 
@@ -272,9 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if argv is None and args.func is cmd_train:
+            from solotune import dist
             from solotune.allocator import reexec_with
 
-            reexec_with(config_from_args(args).cpu_allocator, sys.argv[1:])
+            cfg = config_from_args(args)
+            if cfg.nproc > 1 and not dist.launched_by_torchrun():
+                from solotune.config import validate
+
+                validate(cfg)  # one line here, not one per rank under torchrun
+                dist.launch(cfg.nproc, sys.argv[1:])  # torchrun starts this command on each rank
+            reexec_with(cfg.cpu_allocator, sys.argv[1:])
         quiet_libraries()
         args.func(args)
     except SolotuneError as e:

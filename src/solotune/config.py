@@ -194,6 +194,8 @@ class RunConfig:
     # The C allocator behind CPU tensors (solotune.allocator): auto = tcmalloc or jemalloc where
     # installed, which keep far less freed memory than glibc's malloc.
     cpu_allocator: str = field(default="auto", metadata=choices("auto", "glibc", "jemalloc", "tcmalloc"))
+    # Data parallel over this many local processes (GPUs), launched through torchrun (dist.py).
+    nproc: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +352,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "tracker's per-op hook); use --train.track-memory peak or off",
     )
     _require(t.ce_chunk >= 0, "train.ce_chunk", t.ce_chunk, "must be >= 0 (0: full logits)")
+    _validate_nproc(cfg)
     _require(d.max_len >= 8, "data.max_len", d.max_len, "must be at least 8 tokens")
     _require(d.samples is None or d.samples >= 1, "data.samples", d.samples, "must be at least 1")
     _require(lo.r >= 1, "lora.r", lo.r, "must be at least 1")
@@ -379,6 +382,24 @@ def parse_size(text: str, where: str = "mem_limit") -> int:
     if not m or m[2].lower() not in SIZE_UNITS:
         raise SolotuneError(f"{where}: {text!r} is not a size like 24GB, 512MiB or 1.5GiB")
     return int(float(m[1]) * SIZE_UNITS[m[2].lower()])
+
+
+def _validate_nproc(cfg: RunConfig) -> None:
+    n, t = cfg.nproc, cfg.train
+    _require(n >= 1, "nproc", n, "must be at least 1")
+    _require(
+        t.batch % (n * t.grad_accum) == 0,
+        "nproc",
+        n,
+        f"times --grad-accum ({t.grad_accum}) must divide the batch ({t.batch}): each rank takes equal micro-batches",
+    )
+    if n > 1:
+        _require(
+            cfg.lora.enabled, "nproc", n, "full fine-tuning across processes needs FSDP2, not supported yet; use --lora"
+        )
+        _require(
+            t.save_every == 0, "nproc", n, "checkpoints across processes are not supported yet; drop --train.save-every"
+        )
 
 
 def _require(ok: bool, path: str, value: Any, what: str) -> None:

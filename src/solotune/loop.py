@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from solotune import artifacts, checkpoint
+from solotune import artifacts, checkpoint, dist
 from solotune.attention import padding_free_attention
 from solotune.checkpoint import Checkpointer, StopRequests
 from solotune.config import TrainConfig
@@ -77,6 +77,7 @@ class LoopState:
     checkpoints: Checkpointer | None
     flop_model: FlopModel
     loss_fn: ResponseLoss
+    world: dist.World = field(default_factory=dist.World)
     result: LoopResult = field(default_factory=LoopResult)
     probe: PeakMemoryProbe | None = None
     peaks: list = field(default_factory=list)  # the probe's peaks before each checkpoint write
@@ -90,13 +91,18 @@ def train_loop(
     policy: PrecisionPolicy,
     cfg: TrainConfig,
     checkpoints: Checkpointer | None = None,
+    world: dist.World = dist.World(),
 ) -> LoopResult:
-    """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone."""
+    """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone.
+
+    Across ranks (`world`, dist.py) each runs its share of every step's micro-batches; the
+    counts and the memory are then the job's: tokens summed, each rank's peak listed.
+    """
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     run = LoopState(
-        model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), ResponseLoss(cfg.ce_chunk)
+        model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), ResponseLoss(cfg.ce_chunk), world
     )
     run.probe = PeakMemoryProbe(policy.device)
     breakdown = MemoryBreakdown(cfg.track_memory, model, optimizer, policy.device)
@@ -106,7 +112,15 @@ def train_loop(
     model.train()
     run.probe.reset()
     clock = LoopClock(run.result)
-    bar = tqdm(range(first, len(steps)), desc="train", unit="step", dynamic_ncols=True, initial=first, total=len(steps))
+    bar = tqdm(
+        range(first, len(steps)),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        initial=first,
+        total=len(steps),
+        disable=not world.main,
+    )
     longest = max(len(e.input_ids) for e in examples)
     with (
         padding_free_attention(model, longest) if cfg.padding_free else contextlib.nullcontext(),
@@ -115,18 +129,39 @@ def train_loop(
         StopRequests() if checkpoints else contextlib.nullcontext() as stop,
     ):
         for step in bar:
-            records = [[examples[i] for i in mb] for mb in split_micro_batches(steps[step], cfg.grad_accum)]
-            followed = breakdown.follows(step_size([[len(e.input_ids) for e in r] for r in records], cfg.padding_free))
+            split = split_micro_batches(steps[step], cfg.grad_accum * world.size)
+            records = world.shard([[examples[i] for i in mb] for mb in split])
+            lengths = [[len(e.input_ids) for e in r] for r in records] or [[0]]
+            followed = breakdown.follows(step_size(lengths, cfg.padding_free))
             eager = compiled.eager() if compiled and followed else contextlib.nullcontext()
             with breakdown.step(followed), eager:
                 micro = [make_batch(r, pad_id, cfg.padding_free) for r in records]
-                out = _run_step(run, micro, step, check_gradients=step == first)
+                n_loss_tokens = _step_loss_tokens(micro, split, examples, world)
+                out = _run_step(run, micro, step, n_loss_tokens, check_gradients=step == first)
             _show_progress(bar, run, out, clock)
             _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
     run.result.runtime_s = clock.runtime(run.result)
     peak = max(run.peaks + [run.probe.read()], key=lambda p: p.peak_mib)
     run.result.memory = {**memory_report(peak, breakdown.tracker()), "tracked_steps": breakdown.tracked_steps}
+    if world.size > 1:
+        _sum_over_ranks(run.result)
     return run.result
+
+
+def _step_loss_tokens(micro: list[Batch], split: list[list[int]], examples: list[Example], world: dist.World) -> int:
+    """The whole step's response tokens, where `micro` is this rank's share: every rank counts the
+    others' micro-batches on the host too, so no rank has to ask."""
+    if world.size == 1:
+        return sum(mb.n_loss_tokens for mb in micro)
+    return sum(make_batch([examples[i] for i in mb], 0, False).n_loss_tokens for mb in split)
+
+
+def _sum_over_ranks(result: LoopResult) -> None:
+    """The job's counts (tokens, positions, FLOPs summed) and every rank's peak memory."""
+    result.tokens, result.positions, result.flops = (
+        int(v) if i < 2 else v for i, v in enumerate(dist.sum_counts(result.tokens, result.positions, result.flops))
+    )
+    result.memory["per_rank_peak_mib"] = dist.gather(result.memory["peak_mib"])
 
 
 def _resume(run: LoopState, n_steps: int) -> int:
@@ -140,14 +175,14 @@ def _resume(run: LoopState, n_steps: int) -> int:
     return start.step
 
 
-def _run_step(run: LoopState, micro: list[Batch], step: int, check_gradients: bool) -> StepResult:
+def _run_step(run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, check_gradients: bool) -> StepResult:
     """One optimizer step, timed, with its records added to the loop's."""
     result = run.result
     result.flops += run.flop_model.step_flops(micro)  # on the host copies: no device sync
     micro = [mb.to(run.policy.device) for mb in micro]
     result.lrs.append(run.scheduler.get_last_lr()[0])
     start, compiled_before = time.perf_counter(), compile_seconds()
-    out = _guarded_step(run, micro, step, check_gradients)
+    out = _guarded_step(run, micro, step, n_loss_tokens, check_gradients)
     compile_s = compile_seconds() - compiled_before
     result.step_seconds.append(time.perf_counter() - start - compile_s)
     result.compile_s += compile_s
@@ -165,7 +200,9 @@ def _run_step(run: LoopState, micro: list[Batch], step: int, check_gradients: bo
     return out
 
 
-def _guarded_step(run: LoopState, micro: list[Batch], step: int, check_gradients: bool) -> StepResult:
+def _guarded_step(
+    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, check_gradients: bool
+) -> StepResult:
     """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
     scaler skips such steps) before it reaches the weights, naming the records of the step."""
     cfg = run.cfg
@@ -180,6 +217,8 @@ def _guarded_step(run: LoopState, micro: list[Batch], step: int, check_gradients
             run.loss_fn,
             offload=cfg.offload_activations,
             check_gradients=check_gradients,
+            n_loss_tokens=n_loss_tokens,
+            world=run.world,
         )
     except NonFiniteStep as e:
         records = [i for mb in micro for i in mb.record_indices]

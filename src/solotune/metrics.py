@@ -117,6 +117,8 @@ def print_summary(m: dict, out_dir: Path) -> None:
     where = "CUDA allocator peak" if mem["kind"] == "cuda_allocator" else "peak RSS of the loop"
     compiled = f" + compilation {t['compile_s']:.1f} s" if t.get("compile_s") else ""
     reserved = f", reserved {mem['reserved_mib']:,.0f} MiB" if mem["reserved_mib"] is not None else ""
+    if mem.get("per_rank_peak_mib"):
+        reserved += " (rank 0; each rank: " + " / ".join(f"{p:,.0f}" for p in mem["per_rank_peak_mib"]) + " MiB)"
     print(
         f"\n== run summary ==\n{m['params']['line']}\n"
         f"steps: {t['steps']}  average loss: {t['avg_loss']:.4f}  final loss: {t['final_loss']:.4f}\n"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from solotune import selfcheck
+from solotune import dist, selfcheck
 from solotune.adapters import release_dropout_caches
 from solotune.data import Batch, Example, collate, collate_packed
 from solotune.loss import ResponseLoss
@@ -42,13 +42,16 @@ def accumulate_gradients(
     policy: PrecisionPolicy,
     loss_fn: ResponseLoss = ResponseLoss(),
     offload: bool = False,
+    n_loss_tokens: int | None = None,
 ) -> torch.Tensor:
     """Forward and backward over the effective batch's micro-batches; returns the step's loss.
 
     `offload` keeps the activations saved for backward in pinned CPU memory (CUDA), trading
-    transfer time for GPU memory.
+    transfer time for GPU memory. `n_loss_tokens`: the whole step's response tokens, where
+    `micro_batches` are one rank's share of it (default: theirs).
     """
-    n_loss_tokens = sum(mb.n_loss_tokens for mb in micro_batches)
+    if n_loss_tokens is None:
+        n_loss_tokens = sum(mb.n_loss_tokens for mb in micro_batches)
     step_loss = torch.zeros((), device=policy.device)
     saved_tensors = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
     for mb in micro_batches:
@@ -71,6 +74,8 @@ def train_step(
     loss_fn: ResponseLoss = ResponseLoss(),
     offload: bool = False,
     check_gradients: bool = False,
+    n_loss_tokens: int | None = None,
+    world: dist.World = dist.World(),
 ) -> StepResult:
     """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero.
 
@@ -79,10 +84,16 @@ def train_step(
     gradient norm is non-finite exactly when some gradient is, which is what the gradient scaler
     checks before it skips a step. `check_gradients`: before the update, stop unless every
     trainable parameter got a gradient (selfcheck.check_gradients, one more sync; the loop asks
-    on its first step only).
+    on its first step only). Across ranks (`world`), `micro_batches` are this rank's share of a
+    step of `n_loss_tokens` response tokens, and one all-reduce sums gradients and loss (dist.py).
     """
-    loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload)
+    loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload, n_loss_tokens)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if world.size > 1:
+        for p in params:
+            if p.grad is None:  # a rank with no micro-batch in a short last step
+                p.grad = torch.zeros_like(p)
+        loss = dist.sum_step([p.grad for p in params], loss)
     policy.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     loss_value, norm_value = torch.stack([loss.float(), grad_norm.float().to(loss.device)]).tolist()

@@ -9,12 +9,15 @@ generations after -> metrics.json and the summary (metrics).
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import transformers
 
-from solotune import allocator, artifacts, checkpoint, selfcheck
+from solotune import allocator, artifacts, checkpoint, dist, selfcheck
 from solotune.adapters import count_parameters, save_trained
 from solotune.checkpoint import Checkpointer
 from solotune.config import RunConfig, parse_size, to_dict, validate
@@ -41,23 +44,33 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
     validate(cfg)
     transformers.set_seed(cfg.train.seed)
     policy = resolve_policy(cfg.precision, cfg.device, frozen_base=cfg.lora.enabled)
+    world = dist.init(cfg.nproc, policy.device)
+    if not world.main:
+        sys.stdout = open(os.devnull, "w")  # for the process's life: rank 0 speaks for the job
     print(policy.describe())
     check_device_support(cfg.train, policy.device)
     print(allocator.describe(cfg.cpu_allocator))
     if cfg.mem_limit:
         print(apply_memory_limit(parse_size(cfg.mem_limit), policy.device))
-    with artifacts.run_folder(cfg.output_dir) as out_dir:
-        artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
-        return _run(cfg, policy, out_dir, resume)
+    if resume and world.size > 1:
+        raise SolotuneError("--resume with --nproc: checkpoints across processes are not supported yet")
+    folder = artifacts.run_folder(cfg.output_dir) if world.main else tempfile.TemporaryDirectory()
+    try:
+        with folder as out_dir:
+            if world.main:
+                artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
+            return _run(cfg, policy, Path(out_dir), resume, world)
+    finally:
+        dist.finish()
 
 
-def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -> dict:
+def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, world: dist.World) -> dict:
     records = read_records(cfg.data)  # a missing or unreadable data file fails before any model work
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
     examples, data_stats, data_format = tokenize_records(records, tokenizer, cfg.data)
     _print_data(examples, data_stats, data_format, cfg)
-    checkpoints = _checkpointer(cfg, examples, out_dir, resume)
+    checkpoints = _checkpointer(cfg, examples, out_dir, resume) if world.size == 1 else None
 
     start = time.perf_counter()
     model = build_model(source, cfg, policy)
@@ -74,8 +87,10 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool) -
         cfg.train, fused_swiglu=fast.fused_swiglu, padding_free=fast.padding_free, ce_chunk=fast.ce_chunk
     )
 
-    before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume)
-    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints)
+    before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume) if world.main else []
+    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints, world)
+    if not world.main:
+        return {}
     # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
     saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
     save_trained(model, tokenizer, saved)
