@@ -97,7 +97,8 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
     if quantized:
         save_record(saved, cfg.quant, policy.compute_dtype)
     after = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
-    peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype)  # measured after the loop, cached
+    # Measured after the loop (and cached) on this rank's device and threads; the job has N of them.
+    peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype) * world.size
 
     outcome = RunOutcome(
         cfg,
