@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -54,7 +56,6 @@ def test_two_processes_train_exactly_as_one_with_accumulation(tiny_model_dir, da
     ("extra", "message"),
     [
         (["--no-lora"], "full fine-tuning across processes needs FSDP2"),
-        (["--train.save-every", "1"], "checkpoints across processes are not supported yet"),
         (["--grad-accum", "4"], "times --grad-accum (4) must divide the batch (4)"),
     ],
 )
@@ -64,3 +65,42 @@ def test_what_two_processes_cannot_do_is_refused_in_one_line(
     assert main(run_args(tiny_model_dir, data_file, tmp_path / "o", "--nproc", "2", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """Two processes, LoRA dropout on (each rank draws its own masks), a checkpoint every 2 steps.
+    One rank is killed with SIGKILL after the step-4 checkpoint: the job stops without a finished
+    run; `--resume` then ends bitwise where an uninterrupted two-process run ends."""
+    from solotune.testing import save_model_folder
+
+    model = save_model_folder(tmp_path / "m", hidden_size=256, num_hidden_layers=4)  # tens of ms a step
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "solotune.cli", "train", "--model", str(model), "--samples", "48", "--batch",
+                "4", "--mp", "off", "--lora.dropout", "0.1", "--no-generate.enabled", "--train.save-every", "2",
+                "--nproc", "2", "--output-dir", str(out), *extra]  # fmt: skip
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    reference = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "run"
+    job = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "step-000004").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "no step-4 checkpoint"
+        time.sleep(0.005)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    job.wait(timeout=120)
+    assert job.returncode != 0 and not (out / "metrics.json").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "solotune.cli", "train", "--resume", str(out)], capture_output=True, text=True, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    curves = [json.loads((run / "metrics.json").read_text())["train"]["loss_curve"] for run in (tmp_path / "ref", out)]
+    assert curves[0] == curves[1]
+    ref, mine = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (tmp_path / "ref", out))
+    assert all(torch.equal(ref[k], mine[k]) for k in ref)

@@ -92,9 +92,23 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
 
 
 def save(
-    run_dir: Path, step: int, model, optimizer, scheduler, scaler, records: dict, run_fingerprint: dict, keep: int
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    records: dict,
+    run_fingerprint: dict,
+    keep: int,
+    rank_rngs: list[dict] | None = None,
 ) -> Path:
-    """Write the checkpoint of `step` atomically; keep only the newest `keep`. Returns its folder."""
+    """Write the checkpoint of `step` atomically; keep only the newest `keep`. Returns its folder.
+
+    `rank_rngs`: every rank's `rng_state()` in a run of several processes (rank 0 writes them
+    all: each rank's dropout has drawn its own numbers); default this process's alone.
+    """
+    rank_rngs = rank_rngs or [rng_state()]
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -104,14 +118,21 @@ def save(
     save_file(trainable, tmp / "trainable.safetensors")
     opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file(_torch_rng_tensors(), tmp / "rng.safetensors")
+    # Rank 0's generators under their plain names, the other ranks' prefixed "rank<r>.".
+    rng_tensors = {
+        (name if r == 0 else f"rank{r}.{name}"): t
+        for r, rng in enumerate(rank_rngs)
+        for name, t in rng["torch"].items()
+    }
+    save_file(rng_tensors, tmp / "rng.safetensors")
     state = {
         "step": step,
         "optimizer": opt_rest,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "python_rng": _python_rng_state(),
-        "numpy_rng": _numpy_rng_state(),
+        "python_rng": rank_rngs[0]["python"],
+        "numpy_rng": rank_rngs[0]["numpy"],
+        "other_ranks_rng": [{"python": rng["python"], "numpy": rng["numpy"]} for rng in rank_rngs[1:]],
         "records": records,
         "fingerprint": run_fingerprint,
     }
@@ -145,6 +166,11 @@ def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     for index, per_param in sd["state"].items():
         split(f"{index}.", per_param)
     return tensors, rest
+
+
+def rng_state() -> dict:
+    """This process's random generators: torch's (CPU and CUDA), Python's and NumPy's."""
+    return {"torch": _torch_rng_tensors(), "python": _python_rng_state(), "numpy": _numpy_rng_state()}
 
 
 def _torch_rng_tensors() -> dict[str, torch.Tensor]:
@@ -194,8 +220,11 @@ def latest(run_dir: Path) -> Checkpoint | None:
     return None
 
 
-def restore(ckpt: Checkpoint, model, optimizer, scheduler, scaler) -> dict:
-    """Load weights, optimizer, scheduler, scaler and every RNG from `ckpt`; returns its records."""
+def restore(ckpt: Checkpoint, model, optimizer, scheduler, scaler, rank: int = 0) -> dict:
+    """Load weights, optimizer, scheduler, scaler and every RNG from `ckpt`; returns its records.
+
+    `rank`: the process whose generators to take, in a run of several (dist.py).
+    """
     try:
         trainable = load_file(ckpt.path / "trainable.safetensors")
         opt_tensors = load_file(ckpt.path / "optimizer.safetensors")
@@ -215,7 +244,16 @@ def restore(ckpt: Checkpoint, model, optimizer, scheduler, scaler) -> dict:
     scheduler.load_state_dict(ckpt.state["scheduler"])
     if ckpt.state["scaler"]:
         scaler.load_state_dict(ckpt.state["scaler"])
-    _restore_rng(rng, ckpt.state)
+    if rank == 0:
+        _restore_rng(rng, ckpt.state)
+    else:
+        prefix = f"rank{rank}."
+        others = ckpt.state.get("other_ranks_rng", [])
+        if len(others) < rank:
+            raise SolotuneError(f"cannot resume from {ckpt.path} as rank {rank}: it holds {len(others) + 1} ranks")
+        mine = others[rank - 1]
+        own_state = {"python_rng": mine["python"], "numpy_rng": mine["numpy"]}
+        _restore_rng({k[len(prefix) :]: t for k, t in rng.items() if k.startswith(prefix)}, own_state)
     return ckpt.state["records"]
 
 

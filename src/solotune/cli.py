@@ -81,21 +81,25 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from solotune.train import run_training
-
+def train_config(args: argparse.Namespace) -> RunConfig:
+    """The configuration `solotune train` runs: with --resume, the stopped run's own config with
+    any options given now on top (checked against the checkpoint's before training goes on)."""
     if not args.resume:
-        return run_training(config_from_args(args))
+        return config_from_args(args)
     from solotune.artifacts import CONFIG_FILE
     from solotune.checkpoint import find_run
 
-    # The stopped run's own config, with any options given now on top (checked against the
-    # checkpoint's before training goes on).
     run_dir = find_run(args.resume)
     args.config = args.config or str(run_dir / CONFIG_FILE)
     cfg = config_from_args(args)
     cfg.output_dir = str(run_dir)
-    run_training(cfg, resume=True)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from solotune.train import run_training
+
+    run_training(train_config(args), resume=bool(args.resume))
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             from solotune import dist
             from solotune.allocator import reexec_with
 
-            cfg = config_from_args(args)
+            cfg = train_config(args)
             if cfg.nproc > 1 and not dist.launched_by_torchrun():
                 from solotune.config import validate
 

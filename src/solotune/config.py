@@ -397,9 +397,6 @@ def _validate_nproc(cfg: RunConfig) -> None:
         _require(
             cfg.lora.enabled, "nproc", n, "full fine-tuning across processes needs FSDP2, not supported yet; use --lora"
         )
-        _require(
-            t.save_every == 0, "nproc", n, "checkpoints across processes are not supported yet; drop --train.save-every"
-        )
 
 
 def _require(ok: bool, path: str, value: Any, what: str) -> None:

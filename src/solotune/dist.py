@@ -108,6 +108,15 @@ def gather(value) -> list:
     return out
 
 
+def broadcast(value):
+    """Rank 0's `value` on every rank."""
+    if not torch_dist.is_initialized():
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def finish() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()

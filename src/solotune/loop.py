@@ -126,7 +126,9 @@ def train_loop(
         padding_free_attention(model, longest) if cfg.padding_free else contextlib.nullcontext(),
         CompiledLayers(model) if compile_layers else contextlib.nullcontext() as compiled,
         breakdown,
-        StopRequests() if checkpoints else contextlib.nullcontext() as stop,
+        # Under several processes a signal stops the job (torchrun passes it on); it resumes from
+        # the last periodic checkpoint, since the ranks could not agree on the step to save at.
+        StopRequests() if checkpoints and world.size == 1 else contextlib.nullcontext() as stop,
     ):
         for step in bar:
             split = split_micro_batches(steps[step], cfg.grad_accum * world.size)
@@ -169,7 +171,7 @@ def _resume(run: LoopState, n_steps: int) -> int:
     start = run.checkpoints.resume_from if run.checkpoints else None
     if start is None:
         return 0
-    restored = checkpoint.restore(start, run.model, run.optimizer, run.scheduler, run.policy.scaler)
+    restored = checkpoint.restore(start, run.model, run.optimizer, run.scheduler, run.policy.scaler, run.world.rank)
     run.result = LoopResult(**restored)
     print(f"resumed from {start.path}: step {start.step} of {n_steps}")
     return start.step
@@ -223,7 +225,7 @@ def _guarded_step(
     except NonFiniteStep as e:
         records = [i for mb in micro for i in mb.record_indices]
         where = f"step {step + 1}, records {records} (0-based indices in the data file)"
-        if run.checkpoints:
+        if run.checkpoints and run.world.main:
             run_dir = run.checkpoints.run_dir
             artifacts.write_json(run_dir / NONFINITE_FILE, {"step": step + 1, "records": records, "what": str(e)})
             last = checkpoint.latest(run_dir)
@@ -267,17 +269,21 @@ def _save_checkpoint(run: LoopState, step: int, clock: LoopClock) -> Path:
     run.peaks.append(run.probe.read())
     start = time.perf_counter()
     ckpt = run.checkpoints
-    saved = checkpoint.save(
-        ckpt.run_dir,
-        step,
-        run.model,
-        run.optimizer,
-        run.scheduler,
-        run.policy.scaler,
-        _records(run.result),
-        ckpt.fingerprint,
-        run.cfg.keep,
-    )
+    rank_rngs = dist.gather(checkpoint.rng_state()) if run.world.size > 1 else None
+    saved = ckpt.run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:06d}"
+    if run.world.main:  # the trained state is the same on every rank: rank 0 writes it
+        saved = checkpoint.save(
+            ckpt.run_dir,
+            step,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.policy.scaler,
+            _records(run.result),
+            ckpt.fingerprint,
+            run.cfg.keep,
+            rank_rngs,
+        )
     clock.saving_s += time.perf_counter() - start
     run.probe.reset()
     return saved

@@ -8,10 +8,10 @@ generations after -> metrics.json and the summary (metrics).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,14 +52,13 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
     print(allocator.describe(cfg.cpu_allocator))
     if cfg.mem_limit:
         print(apply_memory_limit(parse_size(cfg.mem_limit), policy.device))
-    if resume and world.size > 1:
-        raise SolotuneError("--resume with --nproc: checkpoints across processes are not supported yet")
-    folder = artifacts.run_folder(cfg.output_dir) if world.main else tempfile.TemporaryDirectory()
+    # Rank 0 makes the run folder and writes in it; the others read its checkpoints.
     try:
-        with folder as out_dir:
+        with artifacts.run_folder(cfg.output_dir) if world.main else contextlib.nullcontext() as out_dir:
+            out_dir = Path(dist.broadcast(str(out_dir) if world.main else None))
             if world.main:
                 artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
-            return _run(cfg, policy, Path(out_dir), resume, world)
+            return _run(cfg, policy, out_dir, resume, world)
     finally:
         dist.finish()
 
@@ -70,7 +69,7 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
     tokenizer = load_tokenizer(source, cfg.model)
     examples, data_stats, data_format = tokenize_records(records, tokenizer, cfg.data)
     _print_data(examples, data_stats, data_format, cfg)
-    checkpoints = _checkpointer(cfg, examples, out_dir, resume) if world.size == 1 else None
+    checkpoints = _checkpointer(cfg, examples, out_dir, resume)
 
     start = time.perf_counter()
     model = build_model(source, cfg, policy)
