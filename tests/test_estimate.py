@@ -123,3 +123,26 @@ def test_estimate_command_prints_the_breakdown_and_the_verdict(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "parameters" in out and "optimizer state" in out and "fits in 7,629 MiB" in out
+
+
+def test_a_process_of_two_is_estimated_as_it_runs(model_dir):
+    """`--nproc 2` with batch 4: each rank runs micro-batches of 2, as one process does with
+    `--grad-accum 2` (whose measured breakdown the estimate meets, 10% or 5 MiB a part); the
+    rank adds only the fp32 buffer of the step's all-reduce."""
+    two = run_config(model_dir, True, "off", False, 4, 1)
+    two.nproc = 2
+    one = run_config(model_dir, True, "off", False, 4, 2)
+    real = measured(one)
+    est_two, est_one = (estimate_memory(model_config(str(model_dir)), c, SEQ) for c in (two, one))
+    for part in PARTS:
+        assert abs(est_two.parts_mib[f"{part}_mib"] - real[f"{part}_mib"]) <= max(0.10 * real[f"{part}_mib"], 5.0), part
+    buffer_mib = (est_two.trainable + 1) * 4 / 2**20
+    assert est_two.parts_mib["tracked_peak_mib"] <= est_one.parts_mib["tracked_peak_mib"] + buffer_mib + 1e-9
+
+
+def test_estimate_takes_gpus_for_processes(capsys):
+    from solotune.cli import main
+
+    assert main(["estimate", "--model", "smollm2-135m", "--gpus", "2", "--batch", "8", "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 4 x 64 tokens" in out and "per process of 2" in out

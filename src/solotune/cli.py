@@ -43,7 +43,7 @@ ALIASES = {
     "train.max_steps": ["--max-steps"],
     "train.lr": ["--lr"],
     "train.seed": ["--seed"],
-    "nproc": ["--nproc", "--processes"],
+    "nproc": ["--nproc", "--processes", "--gpus"],
 }
 
 

@@ -23,6 +23,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from solotune import dist
 from solotune.adapters import count_parameters
 from solotune.attention import enable_padding_free
 from solotune.config import QuantConfig, RunConfig
@@ -175,7 +176,7 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
     counts = count_parameters(model)
     _make_parameters_fake(model, fake_mode)
     model.train()
-    micro = cfg.train.batch // cfg.train.grad_accum
+    micro = cfg.train.batch // (cfg.train.grad_accum * cfg.nproc)  # one rank's (dist.py)
     # Every record at full length, every position a target: the worst case of a step.
     records = [Example([0] * seq_len, [0] * seq_len, i) for i in range(micro)]
     batch = make_batch(records, pad_id=0, padding_free=cfg.train.padding_free)
@@ -189,7 +190,9 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
         tracker = TensorMemoryTracker(model, optimizer, torch.device("cpu"))
         with tracker:
             for _ in range(2):  # the second step holds the optimizer state the first created
-                accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy, loss_fn)
+                loss = accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy, loss_fn)
+                if cfg.nproc > 1:  # the buffer of the step's all-reduce, alive beside the gradients
+                    dist.step_buffer([p.grad for p in model.parameters() if p.grad is not None], loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     return Estimate(tracker.parts_mib(), counts.trainable, counts.total, time.perf_counter() - start)
@@ -220,13 +223,14 @@ def _make_parameters_fake(model: torch.nn.Module, fake_mode: FakeTensorMode) -> 
 def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: float, gpu_mib: float | None) -> None:
     """The breakdown, the total with the CUDA overhead, and whether it fits."""
     p = est.parts_mib
-    micro = cfg.train.batch // cfg.train.grad_accum
+    micro = cfg.train.batch // (cfg.train.grad_accum * cfg.nproc)
     total = est.total_mib(overhead_mib)
+    ranks = f"; per process of {cfg.nproc}" if cfg.nproc > 1 else ""
     print(
         f"model {cfg.model.name or 'smollm2-135m'}: {est.total:,} parameters, {est.trainable:,} trainable "
         f"({f'LoRA r={cfg.lora.r}' if cfg.lora.enabled else 'full fine-tuning'}); "
         f"micro-batch {micro} x {seq_len} tokens, {cfg.train.grad_accum} per step; mp {cfg.precision.mp}; "
-        f"checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}"
+        f"checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}{ranks}"
     )
     print(
         f"  parameters       {p['parameters_mib']:>12,.1f} MiB\n  gradients        {p['gradients_mib']:>12,.1f} MiB\n"
