@@ -3,9 +3,9 @@
 `solotune train --nproc N` re-executes itself under `torchrun --standalone --nproc-per-node N`
 (several nodes: call torchrun yourself with its rendezvous flags and `-m solotune.cli train`).
 Each rank takes its share of every step's micro-batches: N ranks with `--grad-accum K` run the
-micro-batches one process would run with `--grad-accum N*K`. Every rank builds the whole step's
-batches on the host, so each knows the step's global count of response tokens and divides its
-loss by it without asking the others: the summed gradients and the loss are then exactly the
+micro-batches one process would run with `--grad-accum N*K`. Every rank counts the whole step's
+response tokens from its records on the host, so each divides its loss by that global count
+without asking the others: the summed gradients and the loss are then exactly the
 single process's.
 
 After backward, one fp32 all-reduce per step sums the gradients and the step's loss together.

@@ -21,7 +21,7 @@ from solotune import artifacts, checkpoint, dist
 from solotune.attention import padding_free_attention
 from solotune.checkpoint import Checkpointer, StopRequests
 from solotune.config import TrainConfig
-from solotune.data import Batch, Example, plan_steps, split_micro_batches
+from solotune.data import Batch, Example, count_loss_tokens, plan_steps, split_micro_batches
 from solotune.errors import RunStopped, SolotuneError
 from solotune.flops import FlopModel
 from solotune.loss import ResponseLoss
@@ -112,15 +112,7 @@ def train_loop(
     model.train()
     run.probe.reset()
     clock = LoopClock(run.result)
-    bar = tqdm(
-        range(first, len(steps)),
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        initial=first,
-        total=len(steps),
-        disable=not world.main,
-    )
+    bar = _progress_bar(first, len(steps), world)
     longest = max(len(e.input_ids) for e in examples)
     with (
         padding_free_attention(model, longest) if cfg.padding_free else contextlib.nullcontext(),
@@ -138,7 +130,7 @@ def train_loop(
             eager = compiled.eager() if compiled and followed else contextlib.nullcontext()
             with breakdown.step(followed), eager:
                 micro = [make_batch(r, pad_id, cfg.padding_free) for r in records]
-                n_loss_tokens = _step_loss_tokens(micro, split, examples, world)
+                n_loss_tokens = _step_loss_tokens(micro, steps[step], examples, world)
                 out = _run_step(run, micro, step, n_loss_tokens, check_gradients=step == first)
             _show_progress(bar, run, out, clock)
             _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
@@ -150,12 +142,24 @@ def train_loop(
     return run.result
 
 
-def _step_loss_tokens(micro: list[Batch], split: list[list[int]], examples: list[Example], world: dist.World) -> int:
+def _progress_bar(first: int, n_steps: int, world: dist.World) -> tqdm:
+    return tqdm(
+        range(first, n_steps),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        initial=first,
+        total=n_steps,
+        disable=not world.main,  # rank 0 shows the job's progress
+    )
+
+
+def _step_loss_tokens(micro: list[Batch], step_indices: list[int], examples: list[Example], world: dist.World) -> int:
     """The whole step's response tokens, where `micro` is this rank's share: every rank counts the
-    others' micro-batches on the host too, so no rank has to ask."""
+    others' records on the host too, so no rank has to ask."""
     if world.size == 1:
         return sum(mb.n_loss_tokens for mb in micro)
-    return sum(make_batch([examples[i] for i in mb], 0, False).n_loss_tokens for mb in split)
+    return count_loss_tokens([examples[i] for i in step_indices])
 
 
 def _sum_over_ranks(result: LoopResult) -> None:
