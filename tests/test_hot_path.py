@@ -217,12 +217,13 @@ def test_liger_kernels_go_in_and_come_out_again(tokenizer):
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0)).eval()
     batch = collate(varied_examples(tokenizer, n=3), tokenizer.pad_token_id)
     norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
-    own_rope = modeling_llama.apply_rotary_pos_emb
+    own_rope, own_norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
     with torch.no_grad():
         before = model(**batch.model_inputs()).logits
     undo = use_liger(model)
     assert all("forward" in vars(m) for m in norms) and modeling_llama.apply_rotary_pos_emb is not own_rope
     undo()
     assert not any("forward" in vars(m) for m in norms) and modeling_llama.apply_rotary_pos_emb is own_rope
+    assert modeling_llama.LlamaRMSNorm is own_norm  # models built later get the model's own norm
     with torch.no_grad():
         assert torch.equal(model(**batch.model_inputs()).logits, before)

@@ -45,14 +45,15 @@ def use_liger(model: torch.nn.Module) -> Callable[[], None]:
     """Put Liger's RMSNorm and RoPE into `model` (a transformers model, PEFT-wrapped or not);
     returns the function that takes them out again.
 
-    Liger patches each norm module's `forward` on the instance, and the modeling module's
-    `apply_rotary_pos_emb` for the whole model class.
+    Liger patches each norm module's `forward` on the instance, and names of the modeling module
+    (`apply_rotary_pos_emb`, the RMSNorm class) for every model of that family built later in the
+    process: the undo puts back every module name it changed.
     """
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     modeling = sys.modules[type(base).__module__]
-    rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    module_names = dict(vars(modeling))
     patched_before = {id(m) for m in base.modules() if "forward" in vars(m)}
     try:
         _apply_liger_kernel_to_instance(model=base, **LIGER_PARTS)
@@ -60,8 +61,9 @@ def use_liger(model: torch.nn.Module) -> Callable[[], None]:
         raise SolotuneError(f"Liger has no kernels for {type(base).__name__}: {e}") from None
 
     def undo() -> None:
-        if rope is not None:
-            modeling.apply_rotary_pos_emb = rope
+        for name, value in module_names.items():
+            if getattr(modeling, name, None) is not value:
+                setattr(modeling, name, value)
         for m in base.modules():
             if "forward" in vars(m) and id(m) not in patched_before:
                 del m.forward  # the class's own forward again
