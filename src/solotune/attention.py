@@ -3,9 +3,10 @@
 A padding-free micro-batch is one row holding its records back to back (data.collate_packed).
 The model gets the row's `segment_lengths` as a keyword argument, which transformers passes
 down to the attention function of every layer. On CUDA in bf16/fp16 that is one call of
-PyTorch's variable-length flash attention (torch.nn.attention.varlen) over the whole row;
-elsewhere it runs SDPA's causal kernel on each record's slice. Either way no B x H x T x T
-mask is built, and no attention is computed across records or on padding. Without
+PyTorch's variable-length flash attention (torch.nn.attention.varlen) over the whole row.
+Elsewhere SDPA's causal kernel runs once over the records set out as a right-padded batch when
+their lengths are close (little work on padding), else once on each record's slice. Either way
+no B x H x T x T mask is built, and no attention is computed across records. Without
 `segment_lengths` it is SDPA with transformers' causal mask.
 
 No mask builder is registered for the padding-free implementation, so transformers builds no
@@ -45,6 +46,8 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_len
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if _flash_varlen_applies(query, kwargs):
         return _flash_varlen(query, key, value, segment_lengths, kwargs.get("scaling")), None
+    if _padding_pays(segment_lengths):
+        return _segments_as_batch(module, query, key, value, segment_lengths, kwargs), None
     outputs, start = [], 0
     for n in segment_lengths:
         end = start + n
@@ -54,6 +57,46 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_len
         outputs.append(out)  # (B, n, H, D)
         start = end
     return torch.cat(outputs, dim=1), None
+
+
+# Padding the segments into one batch costs attention work on the padding; one call per segment
+# costs a kernel launch and a few autograd nodes each, forward and backward, in every layer. For
+# records of similar lengths, the batch is much faster (benchmarks/overhead_proxy.py); the loop
+# stays for rows whose padded work would exceed the real work by more than this factor.
+PADDED_WORK_LIMIT = 1.5
+
+
+def _padding_pays(segment_lengths: tuple[int, ...]) -> bool:
+    """Whether one padded causal call beats one call per segment: causal work grows as length squared."""
+    longest = max(segment_lengths)
+    real = sum(n * n for n in segment_lengths)
+    return len(segment_lengths) > 1 and len(segment_lengths) * longest * longest <= PADDED_WORK_LIMIT * real
+
+
+def _segments_as_batch(module, query, key, value, segment_lengths: tuple[int, ...], kwargs: dict) -> torch.Tensor:
+    """Causal SDPA over the row's segments as one right-padded batch: (1, H, T, D) in, (1, T, H, D) out.
+
+    Right padding needs no mask: a real position attends only to earlier positions, all of its
+    own segment. The padded positions' outputs are never gathered back, so they get no gradient.
+    """
+    slots = _padded_slots(segment_lengths, query.device)  # (T,) slot of each position in n x longest
+    n, longest = len(segment_lengths), max(segment_lengths)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (n, H, longest, D)
+        rows = t[0].transpose(0, 1)  # (T, H, D)
+        batch = rows.new_zeros(n * longest, *rows.shape[1:]).index_copy(0, slots, rows)
+        return batch.view(n, longest, *rows.shape[1:]).transpose(1, 2)
+
+    out, _ = sdpa_attention_forward(module, padded(query), padded(key), padded(value), None, **kwargs)
+    return out.reshape(n * longest, *out.shape[2:]).index_select(0, slots).unsqueeze(0)  # (1, T, H, D)
+
+
+@functools.lru_cache(maxsize=8)
+def _padded_slots(segment_lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Position t of segment i, offset j -> i * longest + j; made once per row, reused by every layer."""
+    longest = max(segment_lengths)
+    slots = [i * longest + j for i, n in enumerate(segment_lengths) for j in range(n)]
+    return torch.tensor(slots, dtype=torch.long, device=device)
 
 
 def _flash_varlen_applies(query: torch.Tensor, kwargs: dict) -> bool:
