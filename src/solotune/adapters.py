@@ -211,9 +211,10 @@ def prepare_full_finetune(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_trained(model: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """LoRA: the adapter in PEFT format; full fine-tune: a complete HF model. Safetensors both."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_trained(model: torch.nn.Module, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """LoRA: the adapter in PEFT format; full fine-tune: a complete HF model. Safetensors both.
+    `state_dict`: the weights to write, where the model holds only a shard of them (FSDP2)."""
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
 

@@ -79,7 +79,9 @@ def _segments_as_batch(module, query, key, value, segment_lengths: tuple[int, ..
     Right padding needs no mask: a real position attends only to earlier positions, all of its
     own segment. The padded positions' outputs are never gathered back, so they get no gradient.
     """
-    slots = _padded_slots(segment_lengths, query.device)  # (T,) slot of each position in n x longest
+    # (T,) slot of each position in n x longest. Made anew in each layer: a tensor kept across
+    # steps would be memory that only the steps it was made in account for (memory.py).
+    slots = torch.tensor(_padded_slots(segment_lengths), device=query.device)
     n, longest = len(segment_lengths), max(segment_lengths)
 
     def padded(t: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (n, H, longest, D)
@@ -92,11 +94,10 @@ def _segments_as_batch(module, query, key, value, segment_lengths: tuple[int, ..
 
 
 @functools.lru_cache(maxsize=8)
-def _padded_slots(segment_lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Position t of segment i, offset j -> i * longest + j; made once per row, reused by every layer."""
+def _padded_slots(segment_lengths: tuple[int, ...]) -> tuple[int, ...]:
+    """Position t of segment i, offset j -> i * longest + j; worked out once per row."""
     longest = max(segment_lengths)
-    slots = [i * longest + j for i, n in enumerate(segment_lengths) for j in range(n)]
-    return torch.tensor(slots, dtype=torch.long, device=device)
+    return tuple(i * longest + j for i, n in enumerate(segment_lengths) for j in range(n))
 
 
 def _flash_varlen_applies(query: torch.Tensor, kwargs: dict) -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from solotune import sharding
 from solotune.artifacts import METRICS_FILE
 from solotune.errors import SolotuneError
 
@@ -102,21 +103,23 @@ def save(
     run_fingerprint: dict,
     keep: int,
     rank_rngs: list[dict] | None = None,
+    trained: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` atomically; keep only the newest `keep`. Returns its folder.
 
     `rank_rngs`: every rank's `rng_state()` in a run of several processes (rank 0 writes them
     all: each rank's dropout has drawn its own numbers); default this process's alone.
+    `trained`: `trained_state(model, optimizer)`, where it was gathered already (FSDP2).
     """
     rank_rngs = rank_rngs or [rng_state()]
+    trainable, optimizer_state = trained or trained_state(model, optimizer)
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, tmp / "trainable.safetensors")
-    opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
+    opt_tensors, opt_rest = _split_optimizer_state(optimizer_state)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     # Rank 0's generators under their plain names, the other ranks' prefixed "rank<r>.".
     rng_tensors = {
@@ -145,6 +148,27 @@ def save(
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def trained_state(model, optimizer, keep: bool = True) -> tuple[dict, dict]:
+    """The trainable weights by name (on the CPU) and the optimizer's state dict, each tensor whole.
+
+    Under FSDP2 each rank holds a shard of every tensor: every rank must call, each tensor is
+    gathered in turn, and only where `keep` (rank 0) is it kept, one tensor at a time in memory.
+    """
+    trainable = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            whole = sharding.full_tensor(p.detach())
+            if keep:
+                trainable[name] = whole.contiguous().cpu()
+    sd = optimizer.state_dict()
+    state = {}
+    for index, per_param in sd["state"].items():
+        whole = {k: sharding.full_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in per_param.items()}
+        if keep:
+            state[index] = whole
+    return trainable, {**sd, "state": state}
 
 
 def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -239,8 +263,10 @@ def restore(ckpt: Checkpoint, model, optimizer, scheduler, scaler, rank: int = 0
         raise SolotuneError(f"checkpoint {ckpt.path} lacks trainable weights such as {missing[0]}")
     with torch.no_grad():
         for name, value in trainable.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(_join_optimizer_state(opt_tensors, ckpt.state["optimizer"]))
+            params[name].copy_(sharding.shard_like(value, params[name]))
+    optimizer.load_state_dict(
+        _as_optimizer_params(_join_optimizer_state(opt_tensors, ckpt.state["optimizer"]), optimizer)
+    )
     scheduler.load_state_dict(ckpt.state["scheduler"])
     if ckpt.state["scaler"]:
         scaler.load_state_dict(ckpt.state["scaler"])
@@ -255,6 +281,19 @@ def restore(ckpt: Checkpoint, model, optimizer, scheduler, scaler, rank: int = 0
         own_state = {"python_rng": mine["python"], "numpy_rng": mine["numpy"]}
         _restore_rng({k[len(prefix) :]: t for k, t in rng.items() if k.startswith(prefix)}, own_state)
     return ckpt.state["records"]
+
+
+def _as_optimizer_params(sd: dict, optimizer) -> dict:
+    """`sd` with each state tensor laid out as its parameter (under FSDP2: this rank's shard)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sd["state"] = {
+        index: {
+            k: sharding.shard_like(v, params[int(index)]) if isinstance(v, torch.Tensor) else v
+            for k, v in entry.items()
+        }
+        for index, entry in sd["state"].items()
+    }
+    return sd
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:

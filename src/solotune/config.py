@@ -196,6 +196,18 @@ class RunConfig:
     cpu_allocator: str = field(default="auto", metadata=choices("auto", "glibc", "jemalloc", "tcmalloc"))
     # Data parallel over this many local processes (GPUs), launched through torchrun (dist.py).
     nproc: int = 1
+    # How the processes share the work: ddp = every rank holds the whole model and one all-reduce
+    # sums the gradients (dist.py); fsdp = each rank holds 1/N of the weights, gradients and
+    # optimizer state (sharding.py). auto: ddp under LoRA, fsdp for full fine-tuning.
+    dist: str = field(default="auto", metadata=choices("auto", "ddp", "fsdp"))
+
+    def dist_mode(self) -> str:
+        """What `dist` resolves to: "single" for one process, else "ddp" or "fsdp"."""
+        if self.nproc == 1:
+            return "single"
+        if self.dist == "auto":
+            return "ddp" if self.lora.enabled else "fsdp"
+        return self.dist
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +405,12 @@ def _validate_nproc(cfg: RunConfig) -> None:
         n,
         f"times --grad-accum ({t.grad_accum}) must divide the batch ({t.batch}): each rank takes equal micro-batches",
     )
-    if n > 1:
+    if cfg.dist_mode() == "fsdp":
         _require(
-            cfg.lora.enabled, "nproc", n, "full fine-tuning across processes needs FSDP2, not supported yet; use --lora"
+            not cfg.lora.enabled,
+            "dist",
+            cfg.dist,
+            "FSDP2 shards full fine-tuning; LoRA's trainable part is a few MB and its base is frozen: use --dist ddp",
         )
 
 

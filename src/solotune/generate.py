@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from solotune import sharding
 from solotune.adapters import adapter_base_model, load_adapter
 from solotune.config import GenerateConfig, ModelConfig, PrecisionConfig
 from solotune.data import format_instruction
@@ -40,9 +41,21 @@ def eval_inputs(cfg: GenerateConfig) -> list[tuple[str, str]]:
     return [(p, p) for p in cfg.prompts] + [(i, format_instruction(i)) for i in cfg.instructions]
 
 
-@torch.inference_mode()
 def generate(model, tokenizer, cfg: GenerateConfig, policy: PrecisionPolicy) -> list[Generation]:
-    """Generate a continuation for every evaluation prompt, one at a time (so each is timed alone)."""
+    """Generate a continuation for every evaluation prompt, one at a time (so each is timed alone).
+
+    In inference mode, except under FSDP2: the weights it gathers for the forward are tensors it
+    keeps and trains later, and a tensor made in inference mode cannot take part in training.
+    """
+    sharded = sharding.is_sharded(model)
+    with torch.no_grad(), torch.inference_mode(not sharded):
+        results = _generate(model, tokenizer, cfg, policy)
+    if sharded:  # a forward without backward leaves the whole-model unit's weights gathered
+        sharding.reshard(model)
+    return results
+
+
+def _generate(model, tokenizer, cfg: GenerateConfig, policy: PrecisionPolicy) -> list[Generation]:
     was_training = model.training
     model.eval()
     results = []

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from solotune import artifacts, checkpoint, dist
+from solotune import artifacts, checkpoint, dist, sharding
 from solotune.attention import padding_free_attention
 from solotune.checkpoint import Checkpointer, StopRequests
 from solotune.config import TrainConfig
@@ -101,9 +101,8 @@ def train_loop(
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
-    run = LoopState(
-        model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), ResponseLoss(cfg.ce_chunk), world
-    )
+    loss_fn = ResponseLoss(cfg.ce_chunk, through_forward=sharding.is_sharded(model))
+    run = LoopState(model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), loss_fn, world)
     run.probe = PeakMemoryProbe(policy.device)
     breakdown = MemoryBreakdown(cfg.track_memory, model, optimizer, policy.device)
     compile_layers, why = choose_compile(cfg.compile, cfg.track_memory, policy.device, len(steps))
@@ -114,6 +113,7 @@ def train_loop(
     clock = LoopClock(run.result)
     bar = _progress_bar(first, len(steps), world)
     longest = max(len(e.input_ids) for e in examples)
+    sharded = sharding.is_sharded(model)
     with (
         padding_free_attention(model, longest) if cfg.padding_free else contextlib.nullcontext(),
         CompiledLayers(model) if compile_layers else contextlib.nullcontext() as compiled,
@@ -124,14 +124,16 @@ def train_loop(
     ):
         for step in bar:
             split = split_micro_batches(steps[step], cfg.grad_accum * world.size)
-            records = world.shard([[examples[i] for i in mb] for mb in split])
+            step_records = [[examples[i] for i in mb] for mb in split]
+            records = world.shard(step_records)
             lengths = [[len(e.input_ids) for e in r] for r in records] or [[0]]
             followed = breakdown.follows(step_size(lengths, cfg.padding_free))
             eager = compiled.eager() if compiled and followed else contextlib.nullcontext()
             with breakdown.step(followed), eager:
                 micro = [make_batch(r, pad_id, cfg.padding_free) for r in records]
                 n_loss_tokens = _step_loss_tokens(micro, steps[step], examples, world)
-                out = _run_step(run, micro, step, n_loss_tokens, check_gradients=step == first)
+                idle = make_batch(step_records[0], pad_id, cfg.padding_free) if not micro and sharded else None
+                out = _run_step(run, micro, step, n_loss_tokens, check_gradients=step == first, idle_batch=idle)
             _show_progress(bar, run, out, clock)
             _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
     run.result.runtime_s = clock.runtime(run.result)
@@ -181,14 +183,17 @@ def _resume(run: LoopState, n_steps: int) -> int:
     return start.step
 
 
-def _run_step(run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, check_gradients: bool) -> StepResult:
-    """One optimizer step, timed, with its records added to the loop's."""
+def _run_step(
+    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, check_gradients: bool, idle_batch: Batch | None
+) -> StepResult:
+    """One optimizer step, timed, with its records added to the loop's (`idle_batch`: train_step's)."""
     result = run.result
     result.flops += run.flop_model.step_flops(micro)  # on the host copies: no device sync
     micro = [mb.to(run.policy.device) for mb in micro]
     result.lrs.append(run.scheduler.get_last_lr()[0])
     start, compiled_before = time.perf_counter(), compile_seconds()
-    out = _guarded_step(run, micro, step, n_loss_tokens, check_gradients)
+    idle_batch = idle_batch.to(run.policy.device) if idle_batch is not None else None
+    out = _guarded_step(run, micro, step, n_loss_tokens, check_gradients, idle_batch)
     compile_s = compile_seconds() - compiled_before
     result.step_seconds.append(time.perf_counter() - start - compile_s)
     result.compile_s += compile_s
@@ -207,7 +212,7 @@ def _run_step(run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int,
 
 
 def _guarded_step(
-    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, check_gradients: bool
+    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, check_gradients: bool, idle_batch: Batch | None
 ) -> StepResult:
     """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
     scaler skips such steps) before it reaches the weights, naming the records of the step."""
@@ -225,6 +230,7 @@ def _guarded_step(
             check_gradients=check_gradients,
             n_loss_tokens=n_loss_tokens,
             world=run.world,
+            idle_batch=idle_batch,
         )
     except NonFiniteStep as e:
         records = [i for mb in micro for i in mb.record_indices]
@@ -275,7 +281,12 @@ def _save_checkpoint(run: LoopState, step: int, clock: LoopClock) -> Path:
     ckpt = run.checkpoints
     rank_rngs = dist.gather(checkpoint.rng_state()) if run.world.size > 1 else None
     saved = ckpt.run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:06d}"
-    if run.world.main:  # the trained state is the same on every rank: rank 0 writes it
+    # The trained state is the same on every rank, or (FSDP2) gathered from their shards by
+    # every rank together: rank 0 writes it.
+    trained = None
+    if sharding.is_sharded(run.model):
+        trained = checkpoint.trained_state(run.model, run.optimizer, keep=run.world.main)
+    if run.world.main:
         saved = checkpoint.save(
             ckpt.run_dir,
             step,
@@ -287,6 +298,7 @@ def _save_checkpoint(run: LoopState, step: int, clock: LoopClock) -> Path:
             ckpt.fingerprint,
             run.cfg.keep,
             rank_rngs,
+            trained,
         )
     clock.saving_s += time.perf_counter() - start
     run.probe.reset()

@@ -106,18 +106,45 @@ def _head_cross_entropy(lm_head: torch.nn.Module, h: torch.Tensor, targets: torc
 
 @dataclass(frozen=True)
 class ResponseLoss:
-    """How the loop computes a micro-batch's summed loss; `chunk` = 0 means full logits."""
+    """How the loop computes a micro-batch's summed loss; `chunk` = 0 means full logits.
+
+    `through_forward`: take the hidden states from the model's own forward rather than from its
+    decoder called alone (FSDP2: the forward gathers the weights, sharding.py).
+    """
 
     chunk: int = 1024
+    through_forward: bool = False
 
     def __call__(self, model, batch: Batch) -> torch.Tensor:
         inputs = batch.model_inputs()
         if not self.chunk or not supports_chunked_head(model):
             return full_response_loss_sum(model(**inputs).logits, batch.labels)
-        hidden = model.get_decoder()(**inputs).last_hidden_state
-        return chunked_response_loss_sum(
-            hidden, model.get_output_embeddings(), batch.labels, batch.loss_positions, self.chunk
-        )
+        head = model.get_output_embeddings()
+        if self.through_forward:
+            hidden = final_hidden_states(model, inputs)
+        else:
+            hidden = model.get_decoder()(**inputs).last_hidden_state
+        return chunked_response_loss_sum(hidden, head, batch.labels, batch.loss_positions, self.chunk)
+
+
+def final_hidden_states(model, inputs: dict) -> torch.Tensor:
+    """The decoder's last hidden states from the model's own forward, with the identity standing
+    in for its LM head. Where the forward changes the head's output (soft-capping, scaling), the
+    set-up check has already turned the chunked head off (selfcheck.py)."""
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(_HiddenStates())
+    try:
+        return model(**inputs).logits
+    finally:
+        model.set_output_embeddings(head)
+
+
+class _HiddenStates(torch.nn.Module):
+    """An LM head that returns its input. A copy, not the model's slice of it: FSDP2 hooks the
+    forward's outputs for backward, and warns of a view, whose in-place change would lose it."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.clone()
 
 
 def supports_chunked_head(model) -> bool:

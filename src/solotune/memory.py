@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -117,6 +118,12 @@ class TensorMemoryTracker(TorchDispatchMode):
     by construction. On CUDA the tracked peak sits below the allocator's `max_memory_allocated`
     by what no tensor op creates (cuBLAS workspaces, kernels' scratch space; see memory_report)
     and by the allocator's 512-byte rounding of each block.
+
+    Under FSDP2 (sharding.py) a sharded tensor counts its rank's shard. FSDP2 gathers a layer's
+    weights into storage it grows and shrinks in place (`resize_`, which is no tensor op): the
+    tracker follows those resizes through FSDP2's two helpers, and counts them as parameters.
+    Its sharded gradients are set, not accumulated by autograd: they are recognised when the
+    optimizer step begins.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
@@ -127,10 +134,13 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.current_bytes = 0  # sum of totals, kept as it changes: this runs on every op
         self.peak_bytes, self.peak_parts = 0, dict(self.totals)
         self._phase = "activations"
+        self.after_update: dict[str, int] | None = None  # see state_after_update_mib
         self._finalizers: dict[int, weakref.finalize] = {}  # of the live storages
+        self._params = [p for p in model.parameters() if p.requires_grad]
         self._hooks = [
-            optimizer.register_step_pre_hook(lambda *_: self._set_phase("optimizer_state")),
-            optimizer.register_step_post_hook(lambda *_: self._set_phase("activations")),
+            optimizer.register_step_pre_hook(lambda *_: self._enter_optimizer_step()),
+            optimizer.register_step_post_hook(lambda *_: self._leave_optimizer_step()),
+            *_follow_fsdp_storage(self._resized),
         ]
         for t in [*model.parameters(), *quant_state_tensors(model)]:  # a quantized weight's scales are part of it
             self._track(t, "parameters")
@@ -168,10 +178,29 @@ class TensorMemoryTracker(TorchDispatchMode):
         """The peak and its parts, in MiB."""
         return {"tracked_peak_mib": self.peak_bytes / MIB, **{f"{k}_mib": v / MIB for k, v in self.peak_parts.items()}}
 
+    def state_after_update_mib(self) -> dict[str, float] | None:
+        """Parameters, gradients and optimizer state right after the last optimizer update: what the
+        training state holds from step to step (what FSDP2 divides among the ranks); None before
+        any update."""
+        if self.after_update is None:
+            return None
+        return {f"{k}_mib": v / MIB for k, v in self.after_update.items()}
+
     def _set_phase(self, phase: str) -> None:
         self._phase = phase
 
+    def _leave_optimizer_step(self) -> None:
+        self.after_update = {k: self.totals[k] for k in ("parameters", "gradients", "optimizer_state")}
+        self._set_phase("activations")
+
+    def _enter_optimizer_step(self) -> None:
+        for p in self._params:  # FSDP2's gradients were set, not accumulated: no hook saw them
+            self._on_grad(p)
+        self._set_phase("optimizer_state")
+
     def _track(self, t, category: str) -> None:
+        if isinstance(t, DTensor):
+            t = t.to_local()
         if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
             return
         storage = t.untyped_storage()
@@ -193,14 +222,60 @@ class TensorMemoryTracker(TorchDispatchMode):
             self.totals[entry[1]] -= entry[0]
             self.current_bytes -= entry[0]
 
+    def _resized(self, t: torch.Tensor) -> None:
+        """FSDP2 grew or shrank `t`'s storage in place: its bytes now, counted as parameters."""
+        key = t.untyped_storage()._cdata
+        if key not in self.live:
+            self._track(t, "parameters")
+            return
+        entry = self.live[key]
+        n = t.untyped_storage().nbytes()
+        self.totals[entry[1]] -= entry[0]
+        self.totals["parameters"] += n
+        self.current_bytes += n - entry[0]
+        entry[:] = [n, "parameters"]
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes, self.peak_parts = self.current_bytes, dict(self.totals)
+
     def _on_grad(self, p: torch.Tensor) -> None:
         if p.grad is None:  # backward reached the parameter with nothing to add (selfcheck reports it)
             return
-        entry = self.live.get(p.grad.untyped_storage()._cdata)
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        entry = self.live.get(grad.untyped_storage()._cdata)
         if entry and entry[1] != "gradients":
             self.totals[entry[1]] -= entry[0]
             self.totals["gradients"] += entry[0]
             entry[1] = "gradients"
+
+
+class _Hook:
+    """A removable hook that undoes a patch (what `register_*_hook` returns, for the tracker's list)."""
+
+    def __init__(self, undo):
+        self.remove = undo
+
+
+def _follow_fsdp_storage(on_resize) -> list[_Hook]:
+    """Call `on_resize(tensor)` after FSDP2 grows or frees a tensor's storage in place, until the
+    returned hooks are removed. FSDP2 does it through two module-level helpers, which it imports
+    by name into two modules: each name is patched where it is looked up."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param as fsdp_param
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_group
+
+    hooks = []
+    for module in (fsdp_param, fsdp_group):
+        for name in ("alloc_storage", "free_storage"):
+            original = getattr(module, name, None)
+            if original is None:
+                continue
+
+            def patched(tensor, _original=original):
+                _original(tensor)
+                on_resize(tensor)
+
+            setattr(module, name, patched)
+            hooks.append(_Hook(lambda m=module, n=name, o=original: setattr(m, n, o)))
+    return hooks
 
 
 def step_size(record_lengths: list[list[int]], padding_free: bool) -> tuple[int, int]:
@@ -304,8 +379,11 @@ def memory_report(peak: PeakMemory, tracker: TensorMemoryTracker | None) -> dict
     are None: only the measured peak is known.
     """
     if tracker is None:
-        parts = dict.fromkeys(["tracked_peak_mib", *(f"{c}_mib" for c in CATEGORIES), "untracked_mib"])
+        parts = dict.fromkeys(
+            ["tracked_peak_mib", *(f"{c}_mib" for c in CATEGORIES), "untracked_mib", "state_after_update"]
+        )
     else:
         parts = tracker.parts_mib()
         parts["untracked_mib"] = max(peak.peak_mib - parts["tracked_peak_mib"], 0.0)
+        parts["state_after_update"] = tracker.state_after_update_mib()
     return {"kind": peak.kind, "peak_mib": peak.peak_mib, "reserved_mib": peak.reserved_mib, **parts}

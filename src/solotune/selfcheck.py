@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from solotune import sharding
 from solotune.attention import disable_padding_free, enable_padding_free
 from solotune.config import TrainConfig
 from solotune.data import Batch, Example, collate, collate_packed
@@ -232,6 +233,13 @@ def _first_line(e: Exception) -> str:
 _LORA_PAIRS = ((".lora_A.", ".lora_B."), (".lora_embedding_A.", ".lora_embedding_B."))
 
 
+def _gradient_flags(p: torch.Tensor) -> torch.Tensor:
+    """(finite, not all zero, the weight itself all zero) for a parameter's gradient, over the
+    whole parameter (under FSDP2 each rank holds a shard: gathered, every rank calling)."""
+    grad = sharding.full_tensor(p.grad)
+    return torch.stack([grad.isfinite().all(), grad.ne(0).any(), sharding.full_tensor(p.detach()).eq(0).all()])
+
+
 def check_gradients(model: torch.nn.Module, gradients_may_overflow: bool = False) -> None:
     """Stop the run unless every trainable parameter got a finite gradient that is not all zero.
 
@@ -241,13 +249,7 @@ def check_gradients(model: torch.nn.Module, gradients_may_overflow: bool = False
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = [n for n, p in named.items() if p.grad is None]
     present = [(n, p) for n, p in named.items() if p.grad is not None]
-    flags = (
-        torch.stack(
-            [torch.stack([p.grad.isfinite().all(), p.grad.ne(0).any(), p.detach().eq(0).all()]) for _, p in present]
-        ).tolist()
-        if present
-        else []
-    )
+    flags = torch.stack([_gradient_flags(p) for _, p in present]).tolist() if present else []
     state = {n: f for (n, _), f in zip(present, flags)}
     nonfinite = [] if gradients_may_overflow else [n for n, (finite, _, _) in state.items() if not finite]
     zero = [n for n, (_, nonzero, _) in state.items() if not nonzero and not _zero_by_lora_init(n, state)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from solotune import dist, selfcheck
+from solotune import dist, selfcheck, sharding
 from solotune.adapters import release_dropout_caches
 from solotune.data import Batch, Example, collate, collate_packed
 from solotune.loss import ResponseLoss
@@ -43,16 +43,23 @@ def accumulate_gradients(
     loss_fn: ResponseLoss = ResponseLoss(),
     offload: bool = False,
     n_loss_tokens: int | None = None,
+    idle_batch: Batch | None = None,
 ) -> torch.Tensor:
     """Forward and backward over the effective batch's micro-batches; returns the step's loss.
 
     `offload` keeps the activations saved for backward in pinned CPU memory (CUDA), trading
     transfer time for GPU memory. `n_loss_tokens`: the whole step's response tokens, where
-    `micro_batches` are one rank's share of it (default: theirs).
+    `micro_batches` are one rank's share of it (default: theirs). `idle_batch`: under FSDP2, a
+    rank with no share of a short last step must still join every layer's gather and
+    reduce-scatter: it runs this micro-batch with its loss counted zero times.
     """
     if n_loss_tokens is None:
         n_loss_tokens = sum(mb.n_loss_tokens for mb in micro_batches)
     step_loss = torch.zeros((), device=policy.device)
+    if not micro_batches and idle_batch is not None:
+        with policy.autocast():
+            nothing = loss_fn(model, idle_batch) * 0.0
+        nothing.backward()
     saved_tensors = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
     for mb in micro_batches:
         with saved_tensors:
@@ -76,6 +83,7 @@ def train_step(
     check_gradients: bool = False,
     n_loss_tokens: int | None = None,
     world: dist.World = dist.World(),
+    idle_batch: Batch | None = None,
 ) -> StepResult:
     """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero.
 
@@ -85,17 +93,22 @@ def train_step(
     checks before it skips a step. `check_gradients`: before the update, stop unless every
     trainable parameter got a gradient (selfcheck.check_gradients, one more sync; the loop asks
     on its first step only). Across ranks (`world`), `micro_batches` are this rank's share of a
-    step of `n_loss_tokens` response tokens, and one all-reduce sums gradients and loss (dist.py).
+    step of `n_loss_tokens` response tokens, and one all-reduce sums gradients and loss (dist.py);
+    under FSDP2 backward has already summed each rank's shard of the gradients, and the
+    all-reduce carries the loss alone (sharding.py).
     """
-    loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload, n_loss_tokens)
+    loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload, n_loss_tokens, idle_batch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if world.size > 1:
+    if world.size > 1 and sharding.is_sharded(model):
+        loss = dist.sum_step([], loss)
+    elif world.size > 1:
         for p in params:
             if p.grad is None:  # a rank with no micro-batch in a short last step
                 p.grad = torch.zeros_like(p)
         loss = dist.sum_step([p.grad for p in params], loss)
     policy.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    grad_norm = sharding.full_tensor(grad_norm)  # sharded gradients give a sharded norm
     loss_value, norm_value = torch.stack([loss.float(), grad_norm.float().to(loss.device)]).tolist()
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     if not finite and not policy.scaler.is_enabled():

@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import transformers
 
-from solotune import allocator, artifacts, checkpoint, dist, selfcheck
+from solotune import allocator, artifacts, checkpoint, dist, selfcheck, sharding
 from solotune.adapters import count_parameters, save_trained
 from solotune.checkpoint import Checkpointer
 from solotune.config import RunConfig, parse_size, to_dict, validate
@@ -85,17 +86,28 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
     train_cfg = dataclasses.replace(
         cfg.train, fused_swiglu=fast.fused_swiglu, padding_free=fast.padding_free, ce_chunk=fast.ce_chunk
     )
+    sharded = cfg.dist_mode() == "fsdp"
+    if world.size > 1:
+        print(_describe_dist(cfg.dist_mode(), world))
+    if sharded:  # after the set-up check, which compares paths on the whole model
+        sharding.shard_model(model)
 
-    before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume) if world.main else []
+    # Under FSDP2 every rank takes part in each forward (it holds a shard of every layer), so
+    # every rank generates, in step; rank 0 keeps what they generated.
+    generates = world.main or sharded
+    before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume, world) if generates else []
     loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints, world)
-    if not world.main:
-        return {}
     # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
     saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
-    save_trained(model, tokenizer, saved)
+    if sharded:
+        sharding.save_whole(model, tokenizer, saved, world.main)
+    elif world.main:
+        save_trained(model, tokenizer, saved)
+    after = _generate(model, tokenizer, cfg, policy) if generates and cfg.generate.enabled else []
+    if not world.main:
+        return {}
     if quantized:
         save_record(saved, cfg.quant, policy.compute_dtype)
-    after = generate(model, tokenizer, cfg.generate, policy) if cfg.generate.enabled else []
     # Measured after the loop (and cached) on this rank's device and threads; the job has N of them.
     peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype) * world.size
 
@@ -146,13 +158,30 @@ def _checkpointer(cfg: RunConfig, examples: list[Example], out_dir: Path, resume
     return Checkpointer(out_dir, cfg.train.save_every, cfg.train.keep, run_fingerprint, start)
 
 
-def _generations_before(model, tokenizer, cfg: RunConfig, policy, out_dir: Path, resume: bool) -> list[Generation]:
+def _describe_dist(mode: str, world: dist.World) -> str:
+    if mode == "fsdp":
+        return f"dist: fsdp over {world.size} processes (each holds 1/{world.size} of the weights, gradients and optimizer state)"
+    return f"dist: ddp over {world.size} processes (each holds the whole model; one all-reduce a step)"
+
+
+def _generate(model, tokenizer, cfg: RunConfig, policy) -> list[Generation]:
+    """`generate`, drawing from a generator seeded by the run's seed: ranks generating in step
+    (FSDP2) draw the same tokens, so they stop after the same number of forwards."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if policy.device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)
+        return generate(model, tokenizer, cfg.generate, policy)
+
+
+def _generations_before(
+    model, tokenizer, cfg: RunConfig, policy, out_dir: Path, resume: bool, world: dist.World
+) -> list[Generation]:
     """The generations before training; a resumed run reuses those its first part recorded."""
     saved = out_dir / GENERATIONS_BEFORE_FILE
     if not cfg.generate.enabled:
         return []
     if resume and saved.is_file():
         return [Generation.from_dict(g) for g in artifacts.read_json(saved)["generations"]]
-    before = generate(model, tokenizer, cfg.generate, policy)
-    artifacts.write_json(saved, {"generations": [g.as_dict() for g in before]})
+    before = _generate(model, tokenizer, cfg, policy)
+    if world.main:
+        artifacts.write_json(saved, {"generations": [g.as_dict() for g in before]})
     return before
