@@ -146,3 +146,36 @@ def test_estimate_takes_gpus_for_processes(capsys):
     assert main(["estimate", "--model", "smollm2-135m", "--gpus", "2", "--batch", "8", "--seq-len", "64"]) == 0
     out = capsys.readouterr().out
     assert "micro-batch 4 x 64 tokens" in out and "per process of 2" in out
+
+
+def test_an_fsdp_rank_is_estimated_as_it_runs(model_dir, tmp_path):
+    """Full fine-tuning over two FSDP2 processes (torchrun, gloo), every record SEQ tokens: rank
+    0's measured breakdown against the estimate, which shards the model over a fake process
+    group: the tensor peak within 10%, each part within 10% or 5 MiB, and the training state
+    after an update (what FSDP2 divides by the ranks) within 10%."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"prompt": "p" * 100, "response": "r" * 27}] * 16))
+    cmd = [sys.executable, "-m", "solotune.cli", "train", "--model", str(model_dir), "--data", str(data),
+           "--no-lora", "--mp", "off", "--batch", "4", "--max-steps", "2", "--nproc", "2", "--no-generate.enabled",
+           "--train.track-memory", "always", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    real = json.loads((tmp_path / "run" / "metrics.json").read_text())["memory"]
+
+    cfg = run_config(model_dir, False, "off", False, 4, 1)
+    cfg.nproc = 2
+    est = estimate_memory(model_config(str(model_dir)), cfg, SEQ).parts_mib
+    assert est["tracked_peak_mib"] == pytest.approx(real["tracked_peak_mib"], rel=0.10)
+    for part in PARTS:
+        assert abs(est[f"{part}_mib"] - real[f"{part}_mib"]) <= max(0.10 * real[f"{part}_mib"], 5.0), part
+    for part, mib in real["state_after_update"].items():
+        assert est["state_after_update"][part] == pytest.approx(mib, rel=0.10), part
+    single = estimate_memory(model_config(str(model_dir)), run_config(model_dir, False, "off", False, 4, 2), SEQ)
+    held = sum(single.parts_mib["state_after_update"].values())
+    assert sum(est["state_after_update"].values()) == pytest.approx(held / 2, rel=0.10)

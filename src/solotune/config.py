@@ -412,6 +412,12 @@ def _validate_nproc(cfg: RunConfig) -> None:
             cfg.dist,
             "FSDP2 shards full fine-tuning; LoRA's trainable part is a few MB and its base is frozen: use --dist ddp",
         )
+        _require(
+            cfg.precision.mp != "fp16",
+            "dist",
+            cfg.dist,
+            "FSDP2 runs in bf16 or fp32 here: fp16's gradient scaler does not take sharded gradients; use --mp bf16",
+        )
 
 
 def _require(ok: bool, path: str, value: Any, what: str) -> None:

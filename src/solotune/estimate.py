@@ -8,10 +8,16 @@ covers any architecture transformers knows, with no formula per family.
 
 The CPU stands in for CUDA here: a fake `cuda` device aborts a CPU-only PyTorch, and CPU autocast
 casts the same matmuls to 16 bits (its op lists are close to CUDA's, not identical).
+
+One rank of several: under DDP it runs its share of the micro-batches and holds the all-reduce's
+buffer. Under FSDP2 the model is sharded for real, by `sharding.shard_model`, over PyTorch's fake
+process group (collectives that move no data): the simulated rank holds its shards, gathers each
+layer's weights and reduce-scatters its gradients as a real rank does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -20,10 +26,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as torch_dist
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from solotune import dist
+from solotune import dist, sharding
 from solotune.adapters import count_parameters
 from solotune.attention import enable_padding_free
 from solotune.config import QuantConfig, RunConfig
@@ -175,12 +183,38 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
         enable_padding_free(model, seq_len)
     counts = count_parameters(model)
     _make_parameters_fake(model, fake_mode)
+    sharded = cfg.dist_mode() == "fsdp"
+    with _fake_ranks(cfg.nproc) if sharded else contextlib.nullcontext() as mesh:
+        if sharded:
+            with fake_mode:
+                sharding.shard_model(model, policy.compute_dtype, mesh)
+        parts = _simulate_steps(model, cfg, policy, seq_len, fake_mode, sharded)
+    return Estimate(parts, counts.trainable, counts.total, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _fake_ranks(n: int):
+    """A process group of `n` ranks in this process, whose collectives move no data; yields the
+    ranks' DeviceMesh (made outside fake mode, where it reads its rank list)."""
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401  (registers the "fake" backend)
+
+    if torch_dist.is_initialized():
+        raise SolotuneError("estimate: --dist fsdp is simulated in a process of its own, not inside a running job")
+    torch_dist.init_process_group("fake", store=torch_dist.HashStore(), rank=0, world_size=n)
+    try:
+        yield init_device_mesh("cpu", (n,))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _simulate_steps(model, cfg: RunConfig, policy, seq_len: int, fake_mode: FakeTensorMode, sharded: bool) -> dict:
+    """Two optimizer steps of one rank, under the tracker: its breakdown (`Estimate.parts_mib`)."""
     model.train()
     micro = cfg.train.batch // (cfg.train.grad_accum * cfg.nproc)  # one rank's (dist.py)
     # Every record at full length, every position a target: the worst case of a step.
     records = [Example([0] * seq_len, [0] * seq_len, i) for i in range(micro)]
     batch = make_batch(records, pad_id=0, padding_free=cfg.train.padding_free)
-    loss_fn = ResponseLoss(cfg.train.ce_chunk)
+    loss_fn = ResponseLoss(cfg.train.ce_chunk, through_forward=sharded)
     # A paged optimizer's state has the size of the unpaged one's; paging changes where it lives.
     # Made outside fake mode: bitsandbytes computes its code books from data when it is created.
     train_cfg = dataclasses.replace(cfg.train, optim=cfg.train.optim.removeprefix("paged_"))
@@ -191,11 +225,11 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
         with tracker:
             for _ in range(2):  # the second step holds the optimizer state the first created
                 loss = accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy, loss_fn)
-                if cfg.nproc > 1:  # the buffer of the step's all-reduce, alive beside the gradients
+                if cfg.nproc > 1 and not sharded:  # DDP's all-reduce buffer, alive beside the gradients
                     dist.step_buffer([p.grad for p in model.parameters() if p.grad is not None], loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-    return Estimate(tracker.parts_mib(), counts.trainable, counts.total, time.perf_counter() - start)
+    return {**tracker.parts_mib(), "state_after_update": tracker.state_after_update_mib()}
 
 
 def _make_parameters_fake(model: torch.nn.Module, fake_mode: FakeTensorMode) -> None:
@@ -225,7 +259,7 @@ def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: fl
     p = est.parts_mib
     micro = cfg.train.batch // (cfg.train.grad_accum * cfg.nproc)
     total = est.total_mib(overhead_mib)
-    ranks = f"; per process of {cfg.nproc}" if cfg.nproc > 1 else ""
+    ranks = f"; per process of {cfg.nproc} ({cfg.dist_mode()})" if cfg.nproc > 1 else ""
     print(
         f"model {cfg.model.name or 'smollm2-135m'}: {est.total:,} parameters, {est.trainable:,} trainable "
         f"({f'LoRA r={cfg.lora.r}' if cfg.lora.enabled else 'full fine-tuning'}); "

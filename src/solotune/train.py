@@ -50,6 +50,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
         sys.stdout = open(os.devnull, "w")  # for the process's life: rank 0 speaks for the job
     print(policy.describe())
     check_device_support(cfg.train, policy.device)
+    if cfg.dist_mode() == "fsdp" and policy.scaler.is_enabled():  # --mp auto chose fp16 (no bf16 here)
+        raise SolotuneError("--dist fsdp: this GPU has no bf16 and FSDP2 does not run fp16 here; use --mp off")
     print(allocator.describe(cfg.cpu_allocator))
     if cfg.mem_limit:
         print(apply_memory_limit(parse_size(cfg.mem_limit), policy.device))
@@ -90,7 +92,7 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
     if world.size > 1:
         print(_describe_dist(cfg.dist_mode(), world))
     if sharded:  # after the set-up check, which compares paths on the whole model
-        sharding.shard_model(model)
+        sharding.shard_model(model, policy.compute_dtype)
 
     # Under FSDP2 every rank takes part in each forward (it holds a shard of every layer), so
     # every rank generates, in step; rank 0 keeps what they generated.
