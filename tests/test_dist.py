@@ -90,10 +90,15 @@ def test_a_killed_rank_stops_the_job_and_resume_ends_where_an_uninterrupted_run_
     while not (out / "checkpoints" / "step-000004").exists():
         assert job.poll() is None and time.monotonic() < deadline, "no step-4 checkpoint"
         time.sleep(0.005)
-    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    job.wait(timeout=120)
+    # solotune -> torchrun -> the two ranks
+    (torchrun,) = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    ranks = subprocess.run(["pgrep", "-P", torchrun], capture_output=True, text=True).stdout.split()
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    _, stderr = job.communicate(timeout=120)
     assert job.returncode != 0 and not (out / "metrics.json").exists()
+    errors = [line for line in stderr.replace("\r", "\n").splitlines() if not line.startswith("train:")]
+    assert "Traceback" not in "\n".join(errors)  # neither a rank's nor torchrun's
+    assert any(line.startswith("solotune: error: the job stopped: rank") and "SIGKILL" in line for line in errors)
 
     resumed = subprocess.run(
         [sys.executable, "-m", "solotune.cli", "train", "--resume", str(out)], capture_output=True, text=True, env=env
@@ -200,3 +205,35 @@ def test_fsdp_resume_ends_bitwise_where_the_uninterrupted_run_ends(fsdp_runs, tm
     assert curves[0] == curves[1]
     ref, mine = (load_file(run / "model" / "model.safetensors") for run in (root / "two", cut))
     assert all(torch.equal(ref[k], mine[k]) for k in ref)
+
+
+def test_the_launcher_passes_the_ranks_output_and_keeps_torchruns_report_apart():
+    """What torchrun writes on a failed job (log lines, its traceback, its table) is returned, not
+    shown; the ranks' lines and progress redraws pass, each error line once."""
+    import io
+
+    from solotune.launch import first_failure, relay
+
+    stream = (
+        b"train:  50%|#####     | 1/2\rtrain: 100%|##########| 2/2\n"
+        b"solotune: error: rank 0: another rank of the job is gone (Connection closed by peer)\n"
+        b"solotune: error: rank 0: another rank of the job is gone (Connection closed by peer)\n"
+        b"W1202 04:45:27.375000 12055 api.py:1028] Sending process 12060 closing signal SIGTERM\n"
+        b'Traceback (most recent call last):\n  File "run.py", line 1\n'
+        b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        b"Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-02_04:45:07\n"
+        b"  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 11983)\n"
+    )
+    read, write = os.pipe()
+    os.write(write, stream)
+    os.close(write)
+    shown = io.BytesIO()
+    report = relay(read, shown)
+    os.close(read)
+    assert shown.getvalue() == (
+        b"train:  50%|#####     | 1/2\rtrain: 100%|##########| 2/2\n"
+        b"solotune: error: rank 0: another rank of the job is gone (Connection closed by peer)\n"
+    )
+    assert report.startswith(b"W1202") and b"ChildFailedError" in report
+    assert first_failure(report) == "rank 1 was killed by SIGKILL"
+    assert first_failure(report.replace(b"-9 (pid", b"2 (pid")) == "rank 1 exited with status 2"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 import warnings
@@ -283,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = train_config(args)
             if cfg.nproc > 1 and not dist.launched_by_torchrun():
                 from solotune.config import validate
+                from solotune.launch import launch
 
                 validate(cfg)  # one line here, not one per rank under torchrun
-                dist.launch(cfg.nproc, sys.argv[1:])  # torchrun starts this command on each rank
+                return launch(cfg.nproc, sys.argv[1:])  # torchrun starts this command on each rank
             reexec_with(cfg.cpu_allocator, sys.argv[1:])
         quiet_libraries()
         args.func(args)
@@ -298,11 +300,31 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from solotune.memory import is_out_of_memory
 
+        lost = _lost_a_rank(e)
+        if lost:
+            print(f"solotune: error: {lost}", file=sys.stderr)
+            return 1
         if not is_out_of_memory(e):
             raise
         print(f"solotune: error: out of memory: {str(e).strip().splitlines()[0][:300]}", file=sys.stderr)
         return OUT_OF_MEMORY_EXIT
     return 0
+
+
+def _lost_a_rank(e: BaseException) -> str | None:
+    """Under torchrun, a collective that failed because another rank is gone: one line for it
+    (the launcher names the rank that failed first), not this rank's traceback."""
+    import torch.distributed as torch_dist
+
+    from solotune import dist
+
+    # Gloo reports a peer that died as a plain RuntimeError from its transport.
+    gloo_peer_gone = isinstance(e, RuntimeError) and any(m in str(e) for m in ("closed by peer", "reset by peer"))
+    if not (dist.launched_by_torchrun() and (isinstance(e, torch_dist.DistError) or gloo_peer_gone)):
+        return None
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:200]  # less gloo's source location
+    return f"rank {dist.current().rank}: another rank of the job is gone ({reason})"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Data parallel over N processes, launched by torchrun: the same run, its steps split across ranks.
 
-`solotune train --nproc N` re-executes itself under `torchrun --standalone --nproc-per-node N`
-(several nodes: call torchrun yourself with its rendezvous flags and `-m solotune.cli train`).
+`solotune train --nproc N` runs itself under `torchrun --standalone --nproc-per-node N` (launch.py;
+several nodes: call torchrun yourself with its rendezvous flags and `-m solotune.cli train`).
 Each rank takes its share of every step's micro-batches: N ranks with `--grad-accum K` run the
 micro-batches one process would run with `--grad-accum N*K`. Every rank counts the whole step's
 response tokens from its records on the host, so each divides its loss by that global count
@@ -17,7 +17,6 @@ bf16). Rank 0 writes everything; the others only train.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -50,16 +49,6 @@ def current() -> World:
 
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
-
-
-def launch(nproc: int, argv: list[str]) -> None:
-    """Replace this process by torchrun running `solotune <argv>` on `nproc` local ranks."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    # torchrun's own parser takes `--nproc` for an abbreviation of its `--nproc-per-node`, even
-    # among the script's arguments: the ranks get the option under its other name.
-    argv = [a.replace("--nproc", "--processes", 1) if a.split("=")[0] == "--nproc" else a for a in argv]
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the cores, shared
-    os.execv(sys.executable, [*torchrun, "-m", "solotune.cli", *argv])
 
 
 def init(requested: int, device: torch.device) -> World:
