@@ -237,3 +237,15 @@ def test_the_launcher_passes_the_ranks_output_and_keeps_torchruns_report_apart()
     assert report.startswith(b"W1202") and b"ChildFailedError" in report
     assert first_failure(report) == "rank 1 was killed by SIGKILL"
     assert first_failure(report.replace(b"-9 (pid", b"2 (pid")) == "rank 1 exited with status 2"
+
+
+def test_more_processes_than_gpus_is_refused_before_any_starts(monkeypatch):
+    from solotune.errors import SolotuneError
+    from solotune.launch import check_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SolotuneError, match=r"--nproc 2 but this machine has 1 GPUs visible"):
+        check_devices(2, "auto")
+    check_devices(1, "auto")
+    check_devices(2, "cpu")  # processes on the CPU need no GPU each

@@ -284,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = train_config(args)
             if cfg.nproc > 1 and not dist.launched_by_torchrun():
                 from solotune.config import validate
-                from solotune.launch import launch
+                from solotune.launch import check_devices, launch
 
                 validate(cfg)  # one line here, not one per rank under torchrun
+                check_devices(cfg.nproc, cfg.device)
                 return launch(cfg.nproc, sys.argv[1:])  # torchrun starts this command on each rank
             reexec_with(cfg.cpu_allocator, sys.argv[1:])
         quiet_libraries()

@@ -17,10 +17,23 @@ import subprocess
 import sys
 import tempfile
 
+from solotune.errors import SolotuneError
+
 # torchrun's logger ("W1202 04:45:27.375000 12055 .../api.py:1028] Sending process ...")
 TORCHRUN_LOG_LINE = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ")
 TORCHRUN_TRACEBACK = b"Traceback (most recent call last):"  # the ranks' own are prefixed "[rankN]:"
 ERROR_PREFIX = b"solotune: error:"
+
+
+def check_devices(nproc: int, device: str) -> None:
+    """Refuse, before any process starts, more local ranks than GPUs (on a CUDA machine)."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+        raise SolotuneError(
+            f"--nproc {nproc} but this machine has {torch.cuda.device_count()} GPUs visible: one process a GPU "
+            "(CUDA_VISIBLE_DEVICES selects them); or --device cpu"
+        )
 
 
 def launch(nproc: int, argv: list[str]) -> int:
