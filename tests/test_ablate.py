@@ -102,8 +102,17 @@ def test_a_cell_out_of_memory_is_an_X_and_the_grid_completes(wide_model_dir, dat
 
 
 def test_resume_runs_only_the_missing_cells(tiny_model_dir, data_file, tmp_path):
+    """Also: cells with held-out records (--eval.split) get Table 2's eval rows and the report's
+    evaluation section; Table 1 gives each part's maximum, and the split at the peak after it."""
     grid = tmp_path / "grid"
-    assert main(ablate_args(tiny_model_dir, data_file, grid, "--axes", "gc")) == 0
+    evaluated = ("--eval.split", "0.25", "--eval.metric", "contains")
+    assert main(ablate_args(tiny_model_dir, data_file, grid, "--axes", "gc", *evaluated)) == 0
+    rows = [line.split()[0] for line in (grid / "table2.txt").read_text().splitlines()]
+    assert rows[-2:] == ["Eval", "Accuracy"]
+    html = (grid / "report.html").read_text()
+    assert "Held-out evaluation" in html and "accuracy (contains) before → after" in html
+    table1 = (grid / "table1.md").read_text()
+    assert "activations (max)" in table1 and "At the tensor peak" in table1
     results = json.loads((grid / "results.json").read_text())
     kept = (grid / "cells" / "gc-off" / "metrics.json").stat().st_mtime_ns
     del results["gc-on"]

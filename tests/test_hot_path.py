@@ -55,6 +55,24 @@ def test_tracking_only_the_steps_that_can_set_the_peak_gives_the_whole_breakdown
     assert always.memory["tracked_steps"] == 12
     assert 2 <= peak.memory["tracked_steps"] < 12
     assert {k: peak.memory[k] for k in PARTS} == {k: always.memory[k] for k in PARTS}
+    assert peak.memory["part_max"] == always.memory["part_max"]  # each part's maximum over the loop
+    for part, most in always.memory["part_max"].items():
+        assert most >= always.memory[part]  # at least its share of the peak
+
+
+def test_each_parts_maximum_shows_the_activations_a_full_finetune_peak_hides(tokenizer):
+    """A full fine-tune peaks in the optimizer step, after backward freed the activations: the
+    split at the peak shows few, their own maximum (reached in the forward) many more."""
+    torch.manual_seed(0)
+    model = prepare_full_finetune(make_model(tokenizer, hidden_size=256, num_hidden_layers=4))
+    rows = [{"prompt": "q" * (5 + i), "response": "a" * (3 + i)} for i in range(8)]
+    examples, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
+    policy = resolve_policy(FP32, "cpu", frozen_base=False)
+    cfg = TrainConfig(batch=4, epochs=1, track_memory="always")
+    memory = loop_module.train_loop(model, examples, tokenizer.pad_token_id, policy, cfg).memory
+    assert memory["optimizer_state_mib"] > 0  # the peak is in the optimizer step
+    assert memory["part_max"]["activations_mib"] > 2 * memory["activations_mib"]
+    assert memory["part_max"]["optimizer_state_mib"] == memory["optimizer_state_mib"]
 
 
 def test_a_step_is_followed_unless_an_earlier_one_was_at_least_as_large():

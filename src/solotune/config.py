@@ -176,6 +176,25 @@ class GenerateConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out records: their loss during training, the task accuracy on them before and after
+    (evaluate.py). On when `data` or `split` is given."""
+
+    data: str | None = None  # held-out records from this file (the training data's formats)
+    split: float = 0.0  # or hold out this fraction of the training records, picked by the seed
+    every: int = 0  # the eval loss also every N optimizer steps (0: before and after training only)
+    # How an answer is checked: exact (equal, whitespace stripped), contains, or none (loss only).
+    # auto: exact on the built-in data set, whose answers are computed; none on other data.
+    metric: str = field(default="auto", metadata=choices("auto", "exact", "contains", "none"))
+    max_records: int = 32  # the task accuracy on at most this many held-out records
+    keep_best: bool = False  # also save the adapter (or model) of the lowest eval loss, as best-adapter/
+
+    @property
+    def enabled(self) -> bool:
+        return self.data is not None or self.split > 0
+
+
+@dataclass
 class RunConfig:
     """Everything one `solotune train` run needs."""
 
@@ -186,6 +205,7 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = field(default="auto", metadata=choices("auto", "cpu", "cuda"))
     output_dir: str | None = None  # None: runs/<date>-<time>
     # Cap the run's memory as a smaller card would ("24GB", "512MiB"): CUDA: a per-process
@@ -380,9 +400,25 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(g.max_new_tokens >= 1, "generate.max_new_tokens", g.max_new_tokens, "must be at least 1")
     _require(g.temperature > 0, "generate.temperature", g.temperature, "must be positive")
     _require(0 < g.top_p <= 1, "generate.top_p", g.top_p, "must be in (0, 1]")
+    _validate_eval(cfg.eval)
     if cfg.mem_limit is not None:
         _require(parse_size(cfg.mem_limit) > 0, "mem_limit", cfg.mem_limit, "must be positive")
     return cfg
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    _require(0 <= e.split < 1, "eval.split", e.split, "must be in [0, 1): the fraction of records held out")
+    _require(
+        not (e.split and e.data), "eval.split", e.split, f"and eval.data ({e.data}) both give held-out records: use one"
+    )
+    _require(e.every >= 0, "eval.every", e.every, "must be >= 0 (0: before and after training only)")
+    _require(e.max_records >= 1, "eval.max_records", e.max_records, "must be at least 1")
+    _require(
+        e.enabled or not e.keep_best,
+        "eval.keep_best",
+        e.keep_best,
+        "needs held-out records: --eval.split or --eval.data",
+    )
 
 
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

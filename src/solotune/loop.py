@@ -23,6 +23,7 @@ from solotune.checkpoint import Checkpointer, StopRequests
 from solotune.config import TrainConfig
 from solotune.data import Batch, Example, count_loss_tokens, plan_steps, split_micro_batches
 from solotune.errors import RunStopped, SolotuneError
+from solotune.evaluate import HeldOut
 from solotune.flops import FlopModel
 from solotune.loss import ResponseLoss
 from solotune.memory import MemoryBreakdown, PeakMemoryProbe, memory_report, step_size
@@ -47,18 +48,20 @@ class LoopResult:
     tokens: int = 0  # non-padding tokens processed
     flops: float = 0.0  # model FLOPs of the steps (flops.py)
     positions: int = 0  # all positions, padding included
-    runtime_s: float = 0.0  # the loop's wall time, less checkpoint writes and compilation
+    runtime_s: float = 0.0  # the loop's wall time, less checkpoint writes, evaluation and compilation
     compile_s: float = 0.0  # torch.compile's time inside the loop (--train.compile)
+    eval_curve: list = field(default_factory=list)  # [step, eval loss] during training (--eval.every)
+    eval_s: float = 0.0  # the evaluations' time inside the loop
     memory: dict = field(default_factory=dict)
 
 
 class LoopClock:
-    """The loop's training time: wall time less checkpoint writes and torch.compile's time, added
-    to what a resumed run's first part measured."""
+    """The loop's training time: wall time less checkpoint writes, evaluations and torch.compile's
+    time, added to what a resumed run's first part measured."""
 
     def __init__(self, result: LoopResult):
         self.runtime_before, self.compile_before = result.runtime_s, result.compile_s
-        self.start, self.saving_s = time.perf_counter(), 0.0
+        self.start, self.saving_s = time.perf_counter(), 0.0  # saving_s: checkpoint writes and evaluations
 
     def runtime(self, result: LoopResult) -> float:
         compiling = result.compile_s - self.compile_before
@@ -92,11 +95,13 @@ def train_loop(
     cfg: TrainConfig,
     checkpoints: Checkpointer | None = None,
     world: dist.World = dist.World(),
+    held_out: HeldOut | None = None,
 ) -> LoopResult:
     """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone.
 
     Across ranks (`world`, dist.py) each runs its share of every step's micro-batches; the
     counts and the memory are then the job's: tokens summed, each rank's peak listed.
+    `held_out`: the eval loss every `held_out.every` steps, kept out of the training time.
     """
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
@@ -108,6 +113,8 @@ def train_loop(
     compile_layers, why = choose_compile(cfg.compile, cfg.track_memory, policy.device, len(steps))
     print(why)
     first = _resume(run, len(steps))
+    if held_out:  # a resumed run's earlier evaluations count for --eval.keep-best
+        held_out.best = min([held_out.best, *(loss for _, loss in run.result.eval_curve)])
     model.train()
     run.probe.reset()
     clock = LoopClock(run.result)
@@ -135,13 +142,30 @@ def train_loop(
                 idle = make_batch(step_records[0], pad_id, cfg.padding_free) if not micro and sharded else None
                 out = _run_step(run, micro, step, n_loss_tokens, check_gradients=step == first, idle_batch=idle)
             _show_progress(bar, run, out, clock)
+            if held_out and held_out.due(step + 1, len(steps)):
+                _evaluate(run, held_out, step + 1, clock)
             _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
     run.result.runtime_s = clock.runtime(run.result)
     peak = max(run.peaks + [run.probe.read()], key=lambda p: p.peak_mib)
-    run.result.memory = {**memory_report(peak, breakdown.tracker()), "tracked_steps": breakdown.tracked_steps}
+    run.result.memory = {
+        **memory_report(peak, breakdown.tracker(), breakdown.part_max_mib()),
+        "tracked_steps": breakdown.tracked_steps,
+    }
     if world.size > 1:
         _sum_over_ranks(run.result)
     return run.result
+
+
+def _evaluate(run: LoopState, held_out: HeldOut, done: int, clock: LoopClock) -> None:
+    start = time.perf_counter()
+    loss = held_out.loss(run.model, run.policy, run.loss_fn)
+    run.result.eval_curve.append([done, loss])
+    held_out.record(done, loss)
+    seconds = time.perf_counter() - start
+    run.result.eval_s += seconds
+    clock.saving_s += seconds
+    if run.world.main:
+        tqdm.write(f"step {done}: eval loss {loss:.4f}")
 
 
 def _progress_bar(first: int, n_steps: int, world: dist.World) -> tqdm:

@@ -133,6 +133,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.totals = dict.fromkeys(CATEGORIES, 0)
         self.current_bytes = 0  # sum of totals, kept as it changes: this runs on every op
         self.peak_bytes, self.peak_parts = 0, dict(self.totals)
+        self.part_max = dict(self.totals)  # each part's own maximum, whenever it was reached
         self._phase = "activations"
         self.after_update: dict[str, int] | None = None  # see state_after_update_mib
         self._finalizers: dict[int, weakref.finalize] = {}  # of the live storages
@@ -212,6 +213,11 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.totals[category] += n
         self.current_bytes += n
         self._finalizers[key] = weakref.finalize(storage, self._free, key)
+        self._note_growth(category)
+
+    def _note_growth(self, category: str) -> None:
+        if self.totals[category] > self.part_max[category]:
+            self.part_max[category] = self.totals[category]
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes, self.peak_parts = self.current_bytes, dict(self.totals)
 
@@ -234,8 +240,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.totals["parameters"] += n
         self.current_bytes += n - entry[0]
         entry[:] = [n, "parameters"]
-        if self.current_bytes > self.peak_bytes:
-            self.peak_bytes, self.peak_parts = self.current_bytes, dict(self.totals)
+        self._note_growth("parameters")
 
     def _on_grad(self, p: torch.Tensor) -> None:
         if p.grad is None:  # backward reached the parameter with nothing to add (selfcheck reports it)
@@ -246,6 +251,7 @@ class TensorMemoryTracker(TorchDispatchMode):
             self.totals[entry[1]] -= entry[0]
             self.totals["gradients"] += entry[0]
             entry[1] = "gradients"
+            self._note_growth("gradients")
 
 
 class _Hook:
@@ -335,6 +341,7 @@ class MemoryBreakdown:
         self.whole_loop = TensorMemoryTracker(model, optimizer, device) if mode == "always" else None
         self.largest: TensorMemoryTracker | None = None
         self.tracked_steps = 0
+        self.part_max = dict.fromkeys(CATEGORIES, 0)  # over every tracked step (mode peak)
 
     def __enter__(self) -> MemoryBreakdown:
         if self.whole_loop:
@@ -363,27 +370,47 @@ class MemoryBreakdown:
             yield
         if self.largest is None or tracker.peak_bytes > self.largest.peak_bytes:
             self.largest = tracker
+        self.part_max = {k: max(v, tracker.part_max[k]) for k, v in self.part_max.items()}
+
+    def part_max_mib(self) -> dict[str, float] | None:
+        """Each part's own maximum over the loop, in MiB (the steps `peak` skips cannot exceed
+        the steps it follows in any part); None with mode off.
+
+        This is what a technique does to a part; the split at the peak hides it where the peak
+        falls when the part is small (a full fine-tune peaks in the optimizer step, when the
+        activations are gone)."""
+        if self.mode == "off":
+            return None
+        part_max = self.whole_loop.part_max if self.whole_loop else self.part_max
+        return {f"{k}_mib": v / MIB for k, v in part_max.items()}
 
     def tracker(self) -> TensorMemoryTracker | None:
         """The tracker whose peak the report shows; None with mode off."""
         return self.whole_loop or self.largest
 
 
-def memory_report(peak: PeakMemory, tracker: TensorMemoryTracker | None) -> dict:
+def memory_report(peak: PeakMemory, tracker: TensorMemoryTracker | None, part_max: dict | None = None) -> dict:
     """The measured peak (allocator or RSS): the tracked tensor peak's four parts, plus the rest.
 
     The rest is memory no tensor op of the loop created: on CUDA the cuBLAS workspaces and
     kernels' scratch space (measured on an H200: 64 MiB for a tiny model; the tracked parts were
     95-98% of the allocator peak for a 135M model); on the CPU the Python process, its libraries
     and the allocator's caches. Without a tracker (`--train.track-memory off`) the parts
-    are None: only the measured peak is known.
+    are None: only the measured peak is known. `part_max`: MemoryBreakdown.part_max_mib.
     """
     if tracker is None:
         parts = dict.fromkeys(
             ["tracked_peak_mib", *(f"{c}_mib" for c in CATEGORIES), "untracked_mib", "state_after_update"]
         )
+        part_max = None
     else:
         parts = tracker.parts_mib()
         parts["untracked_mib"] = max(peak.peak_mib - parts["tracked_peak_mib"], 0.0)
         parts["state_after_update"] = tracker.state_after_update_mib()
-    return {"kind": peak.kind, "peak_mib": peak.peak_mib, "reserved_mib": peak.reserved_mib, **parts}
+    return {
+        "kind": peak.kind,
+        "peak_mib": peak.peak_mib,
+        "reserved_mib": peak.reserved_mib,
+        **parts,
+        "part_max": part_max,
+    }

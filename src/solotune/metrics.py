@@ -44,6 +44,7 @@ class RunOutcome:
     after: list[Generation]
     saved: Path  # the trained adapter or model
     matmul_peak_flops: float  # measured on this device in the compute dtype
+    evaluation: dict | None = None  # evaluate.Evaluation.metrics, where held-out records were given
 
 
 def collect_metrics(run: RunOutcome) -> dict:
@@ -81,6 +82,7 @@ def collect_metrics(run: RunOutcome) -> dict:
         "train": _train_metrics(run.loop, run.matmul_peak_flops),
         "memory": run.loop.memory,
         "generations": {"before": [g.as_dict() for g in run.before], "after": [g.as_dict() for g in run.after]},
+        "eval": run.evaluation,
         "artifacts": {"trained": str(run.saved)},
         "quantized_linears": run.quantized.as_dict() if run.quantized else None,
         "fast_paths": run.fast_paths.as_dict(),
@@ -129,8 +131,21 @@ def print_summary(m: dict, out_dir: Path) -> None:
         "the measured matmul peak)\n"
         f"saved: {m['artifacts']['trained']}  metrics: {out_dir / artifacts.METRICS_FILE}"
     )
+    if m.get("eval"):
+        print(_eval_line(m["eval"]))
     if t["skipped_steps"]:
         print(f"fp16: {t['skipped_steps']} of {t['steps']} steps skipped by the gradient scaler (overflow)")
+
+
+def _eval_line(e: dict) -> str:
+    line = f"eval: loss {e['loss_before']:.4f} -> {e['loss_after']:.4f} on {e['records']} held-out records"
+    if "accuracy_before" in e:
+        a, b = e["accuracy_before"], e["accuracy_after"]
+        line += (
+            f"; task accuracy ({e['metric']}) {100 * a['accuracy']:.0f}% -> {100 * b['accuracy']:.0f}% "
+            f"({a['correct']} -> {b['correct']} of {b['records']}; generation {a['seconds'] + b['seconds']:.1f} s)"
+        )
+    return line
 
 
 def _memory_parts(mem: dict) -> str:

@@ -77,6 +77,25 @@ METRIC_ROWS = [  # (row label, how to read it from metrics.json, format)
 ]
 
 
+def _accuracy(m: dict) -> str | None:
+    e = m.get("eval") or {}
+    if "accuracy_after" not in e:
+        return None
+    return f"{100 * e['accuracy_before']['accuracy']:.0f}% → {100 * e['accuracy_after']['accuracy']:.0f}%"
+
+
+EVAL_ROWS = [  # where the cells held records out (--eval.split / --eval.data)
+    ("Eval loss", lambda m: (m.get("eval") or {}).get("loss_after"), "{:.4f}"),
+    ("Accuracy", _accuracy, "{}"),
+]
+
+
+def metric_rows(grid: Grid) -> list[tuple]:
+    """Table 2's rows: the eval rows too where any finished cell was evaluated."""
+    evaluated = any(c.ok and c.metrics.get("eval") for c in grid.cells)
+    return METRIC_ROWS + (EVAL_ROWS if evaluated else [])
+
+
 def cell_value(cell: CellResult, read, fmt: str) -> str:
     if not cell.ok:
         return "X" if cell.status == "X" else "…"
@@ -90,31 +109,55 @@ def _fmt(value, fmt: str = "{:,.1f}") -> str:
 
 def table2_text(grid: Grid) -> str:
     """The reference layout: one header row per axis, one column per cell."""
-    width = max(12, *(len(cell_value(c, r, f)) + 2 for c in grid.cells for _, r, f in METRIC_ROWS))
+    rows = metric_rows(grid)
+    width = max(12, *(len(cell_value(c, r, f)) + 2 for c in grid.cells for _, r, f in rows))
     lines, span = [], len(grid.cells)
     for axis in grid.axes:
         span //= len(axis["values"])
         repeats = len(grid.cells) // (span * len(axis["values"]))
         heads = [v.center(width * span) for _ in range(repeats) for v in axis["values"]]
         lines.append(f"{axis['label']:<12}" + "".join(heads))
-    for label, read, fmt in METRIC_ROWS:
+    for label, read, fmt in rows:
         lines.append(f"{label:<12}" + "".join(cell_value(c, read, fmt).rjust(width) for c in grid.cells))
     return "\n".join(lines)
 
 
 def table2_rows(grid: Grid) -> list[list[str]]:
     """Table 2 in long form (a row per cell) for Markdown and CSV."""
-    head = [a["label"] for a in grid.axes] + [label for label, _, _ in METRIC_ROWS] + ["note"]
-    rows = [head]
+    metrics = metric_rows(grid)
+    rows = [[a["label"] for a in grid.axes] + [label for label, _, _ in metrics] + ["note"]]
     for c in grid.cells:
+        rows.append([c.values[a["key"]] for a in grid.axes] + [cell_value(c, r, f) for _, r, f in metrics] + [c.reason])
+    return rows
+
+
+def part_maxima(mem: dict) -> dict:
+    """Each part's own maximum over the run (MiB); runs measured before it was recorded: the
+    split at the peak."""
+    return mem.get("part_max") or {f"{p}_mib": mem[f"{p}_mib"] for p in PARTS}
+
+
+def table1_rows(grid: Grid) -> list[list[str]]:
+    """Table 1: what each cell holds of each part at most (MiB), each part's maximum wherever in
+    the step it falls, with the tensor and measured peaks."""
+    rows = [["cell"] + [f"{PART_LABELS[p]} (max)" for p in PARTS] + ["tensor peak", "measured peak"]]
+    for c in grid.cells:
+        if not c.ok:
+            rows.append([grid.label(c)] + ["X"] * 6)
+            continue
+        mem = c.metrics["memory"]
+        most = part_maxima(mem) if mem["tracked_peak_mib"] is not None else {}
         rows.append(
-            [c.values[a["key"]] for a in grid.axes] + [cell_value(c, r, f) for _, r, f in METRIC_ROWS] + [c.reason]
+            [grid.label(c)]
+            + [_fmt(most.get(p + "_mib")) for p in PARTS]
+            + [_fmt(mem["tracked_peak_mib"]), _fmt(mem["peak_mib"])]
         )
     return rows
 
 
-def table1_rows(grid: Grid) -> list[list[str]]:
-    """Table 1: the tensor peak of every cell and its four parts (MiB)."""
+def peak_split_rows(grid: Grid) -> list[list[str]]:
+    """The second view: the tensor peak of every cell split into its four parts at that moment
+    (MiB); it explains the peak."""
     rows = [["cell"] + [PART_LABELS[p] for p in PARTS] + ["tensor peak", "runtime, untracked", "measured peak"]]
     for c in grid.cells:
         if not c.ok:
@@ -150,11 +193,12 @@ def _effect_sentence(label: str, off: CellResult, on: CellResult, context: str) 
         state = lambda c: "ran" if c.ok else f"X ({c.reason or c.status})"  # noqa: E731
         return f"{label} ({context}): OFF {state(off)}, ON {state(on)}."
     a, b = off.metrics["memory"], on.metrics["memory"]
-    changes = [f"{PART_LABELS[p]} {_fmt(a[p + '_mib'])} → {_fmt(b[p + '_mib'])} MiB" for p in PARTS]
+    most_a, most_b = (part_maxima(m) if m["tracked_peak_mib"] is not None else {} for m in (a, b))
+    changes = [f"{PART_LABELS[p]} {_fmt(most_a.get(p + '_mib'))} → {_fmt(most_b.get(p + '_mib'))} MiB" for p in PARTS]
     ta, tb = off.metrics["train"]["runtime_s"], on.metrics["train"]["runtime_s"]
     return (
         f"{label} ({context}): peak {a['peak_mib']:,.1f} → {b['peak_mib']:,.1f} MiB "
-        f"({_ratio(a['peak_mib'], b['peak_mib'])}); {'; '.join(changes)}; runtime {ta:,.1f} → {tb:,.1f} s "
+        f"({_ratio(a['peak_mib'], b['peak_mib'])}); at most {'; '.join(changes)}; runtime {ta:,.1f} → {tb:,.1f} s "
         f"({_ratio(ta, tb)})."
     )
 
@@ -184,7 +228,13 @@ def write_report(folder: Path) -> Path:
     write_atomic(folder / "table2.csv", buf.getvalue())
     effects = axis_effects(grid)
     write_atomic(
-        folder / "table1.md", markdown_table(table1_rows(grid)) + "\n\n" + "\n".join(f"- {e}" for e in effects) + "\n"
+        folder / "table1.md",
+        markdown_table(table1_rows(grid))
+        + "\n\n"
+        + "\n".join(f"- {e}" for e in effects)
+        + "\n\nAt the tensor peak:\n\n"
+        + markdown_table(peak_split_rows(grid))
+        + "\n",
     )
     write_atomic(folder / REPORT_FILE, render_html(grid, text, effects))
     print(f"\n{text}\n")
@@ -207,8 +257,11 @@ def render_html(grid: Grid, table2: str, effects: list[str]) -> str:
         f"<pre>{html.escape(table2)}</pre>",
         _html_table(table2_rows(grid)),
         "<h2>Table 1: where the memory goes</h2>",
+        "<p>Each part's own maximum over the run, wherever in the step it falls.</p>",
         _html_table(table1_rows(grid)),
         "<ul>" + "".join(f"<li>{html.escape(e)}</li>" for e in effects) + "</ul>",
+        "<h3>At the tensor peak</h3>",
+        _html_table(peak_split_rows(grid)),
     ]
     if done:
         sections += [
@@ -218,6 +271,7 @@ def render_html(grid: Grid, table2: str, effects: list[str]) -> str:
             _img(_plot_speed(grid, done)),
             "<h2>Loss curves</h2>",
             _img(_plot_losses(grid, done)),
+            *_html_evaluation(grid, done),
             "<h2>Generations</h2>",
             _html_generations(grid, done),
             "<h2>Configuration, machine, versions</h2>",
@@ -236,6 +290,26 @@ def _html_table(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows[1:])
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _html_evaluation(grid: Grid, done: list[CellResult]) -> list[str]:
+    """The held-out evaluation: accuracy before -> after and the eval loss of each cell."""
+    evaluated = [c for c in done if c.metrics.get("eval")]
+    if not evaluated:
+        return []
+    e0 = evaluated[0].metrics["eval"]
+    rows = [["cell", "eval loss before → after", f"accuracy ({e0['metric']}) before → after", "records"]]
+    for c in evaluated:
+        e = c.metrics["eval"]
+        rows.append(
+            [
+                grid.label(c),
+                f"{e['loss_before']:.4f} → {e['loss_after']:.4f}",
+                _accuracy(c.metrics) or "–",
+                str(e["records"]),
+            ]
+        )
+    return [f"<h2>Held-out evaluation ({html.escape(e0['source'])})</h2>", _html_table(rows)]
 
 
 def _html_generations(grid: Grid, done: list[CellResult]) -> str:
@@ -305,12 +379,23 @@ def _plot_speed(grid: Grid, done: list[CellResult]) -> bytes:
 
 
 def _plot_losses(grid: Grid, done: list[CellResult]) -> bytes:
+    """The training loss of every cell; beside it, the eval loss where records were held out."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(11, 4))
+    evaluated = [c for c in done if c.metrics.get("eval")]
+    fig, axes = plt.subplots(1, 2 if evaluated else 1, figsize=(11, 4), squeeze=False)
+    ax = axes[0][0]
     for c in done:
         curve = c.metrics["train"]["loss_curve"]
         ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=grid.label(c))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over response tokens)")
+    ax.set_ylabel("training loss (mean over response tokens)")
     ax.legend(fontsize=7)
+    if evaluated:
+        ev = axes[0][1]
+        for c in evaluated:
+            steps, losses = zip(*c.metrics["eval"]["loss_curve"])
+            ev.plot(steps, losses, marker="s", markersize=3, label=grid.label(c))
+        ev.set_xlabel("optimizer step (0: before training)")
+        ev.set_ylabel("eval loss (held-out records)")
+        ev.legend(fontsize=7)
     return _png(fig)

@@ -24,9 +24,11 @@ from solotune.checkpoint import Checkpointer
 from solotune.config import RunConfig, parse_size, to_dict, validate
 from solotune.data import Example, read_records, tokenize_records
 from solotune.errors import SolotuneError
+from solotune.evaluate import Evaluation, evaluation_for
 from solotune.flops import matmul_peak_flops
 from solotune.generate import Generation, generate, print_generations
 from solotune.loop import train_loop
+from solotune.loss import ResponseLoss
 from solotune.memory import apply_memory_limit
 from solotune.metrics import RunOutcome, collect_metrics, print_summary
 from solotune.model_setup import build_model
@@ -35,6 +37,7 @@ from solotune.precision import PrecisionPolicy, check_device_support, resolve_po
 from solotune.quant import quantized_linears, save_record
 
 GENERATIONS_BEFORE_FILE = "generations-before.json"  # kept for a resumed run
+EVAL_BEFORE_FILE = "eval-before.json"  # likewise
 
 
 def run_training(cfg: RunConfig, resume: bool = False) -> dict:
@@ -72,6 +75,9 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
     tokenizer = load_tokenizer(source, cfg.model)
     examples, data_stats, data_format = tokenize_records(records, tokenizer, cfg.data)
     _print_data(examples, data_stats, data_format, cfg)
+    examples, evaluation = evaluation_for(cfg, records, examples, data_format, tokenizer)  # held out before anything
+    if evaluation:
+        print(evaluation.describe())
     checkpoints = _checkpointer(cfg, examples, out_dir, resume)
 
     start = time.perf_counter()
@@ -98,7 +104,14 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
     # every rank generates, in step; rank 0 keeps what they generated.
     generates = world.main or sharded
     before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume, world) if generates else []
-    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints, world)
+    loss_fn = ResponseLoss(train_cfg.ce_chunk, through_forward=sharded)
+    if evaluation:
+        evaluation.held_out.packed = train_cfg.padding_free  # as the set-up check decided
+        if cfg.eval.keep_best:
+            evaluation.held_out.on_best = lambda step: _save_best(model, tokenizer, cfg, out_dir, world, step)
+        _evaluate_before(evaluation, model, tokenizer, policy, loss_fn, out_dir, resume, world)
+    held_out = evaluation.held_out if evaluation else None
+    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints, world, held_out)
     # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
     saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
     if sharded:
@@ -106,6 +119,8 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
     elif world.main:
         save_trained(model, tokenizer, saved)
     after = _generate(model, tokenizer, cfg, policy) if generates and cfg.generate.enabled else []
+    if evaluation:  # every rank: under FSDP2 each forward needs them all
+        evaluation.run("after", model, tokenizer, policy, loss_fn, len(loop.losses))
     if not world.main:
         return {}
     if quantized:
@@ -128,6 +143,7 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
         after,
         saved,
         peak_flops,
+        evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
     )
     metrics = collect_metrics(outcome)
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
@@ -158,6 +174,31 @@ def _checkpointer(cfg: RunConfig, examples: list[Example], out_dir: Path, resume
             raise SolotuneError(f"--resume: no complete checkpoint in {out_dir / checkpoint.CHECKPOINTS_DIR}")
         checkpoint.check_compatible(start.state["fingerprint"], run_fingerprint, start.path)
     return Checkpointer(out_dir, cfg.train.save_every, cfg.train.keep, run_fingerprint, start)
+
+
+def _evaluate_before(
+    evaluation: Evaluation, model, tokenizer, policy, loss_fn, out_dir: Path, resume: bool, world: dist.World
+) -> None:
+    """The held-out loss and accuracy before training; a resumed run reuses its first part's."""
+    saved = out_dir / EVAL_BEFORE_FILE
+    if resume and saved.is_file():
+        evaluation.results.update(artifacts.read_json(saved))
+        evaluation.held_out.best = evaluation.results["loss_before"]
+        return
+    evaluation.run("before", model, tokenizer, policy, loss_fn, step=0)
+    if world.main:
+        artifacts.write_json(saved, evaluation.results)
+
+
+def _save_best(model, tokenizer, cfg: RunConfig, out_dir: Path, world: dist.World, step: int) -> None:
+    """--eval.keep-best: the weights of the lowest eval loss so far, beside the final ones."""
+    folder = out_dir / ("best-adapter" if cfg.lora.enabled else "best-model")
+    if sharding.is_sharded(model):
+        sharding.save_whole(model, tokenizer, folder, world.main)
+    elif world.main:
+        save_trained(model, tokenizer, folder)
+    if world.main:
+        artifacts.write_json(folder / "best.json", {"step": step})
 
 
 def _describe_dist(mode: str, world: dist.World) -> str:
