@@ -91,9 +91,9 @@ EVAL_ROWS = [  # where the cells held records out (--eval.split / --eval.data)
 
 
 def metric_rows(grid: Grid) -> list[tuple]:
-    """Table 2's rows: the eval rows too where any finished cell was evaluated."""
-    evaluated = any(c.ok and c.metrics.get("eval") for c in grid.cells)
-    return METRIC_ROWS + (EVAL_ROWS if evaluated else [])
+    """Table 2's rows, and the eval rows that some finished cell has a value for."""
+    done = [c for c in grid.cells if c.ok]
+    return METRIC_ROWS + [row for row in EVAL_ROWS if any(row[1](c.metrics) is not None for c in done)]
 
 
 def cell_value(cell: CellResult, read, fmt: str) -> str:
