@@ -65,6 +65,10 @@ def test_report_renders_with_its_plots_and_no_console_errors(tiny_model_dir, tmp
                 "off",
                 "--generate.max-new-tokens",
                 "4",
+                "--eval.split",
+                "0.25",
+                "--eval.metric",
+                "contains",
             ]
         )
         == 0
@@ -74,10 +78,11 @@ def test_report_renders_with_its_plots_and_no_console_errors(tiny_model_dir, tmp
     dom = chromium(tmp_path, "--dump-dom", url)
     assert dom.returncode == 0
     assert dom.stdout.count("<img") == 3 and "Table 2" in dom.stdout and "Generations" in dom.stdout
+    assert "Held-out evaluation" in dom.stdout and "accuracy (contains) before → after" in dom.stdout
     console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and "rror" in line]
     assert not console_errors, console_errors
 
-    shot = tmp_path / "report.png"
+    shot = tmp_path / "report.png"  # the loss plot holds the eval curves beside the training curves
     result = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,2400", url)
     assert result.returncode == 0 and shot.is_file()
     from PIL import Image

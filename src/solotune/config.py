@@ -18,6 +18,7 @@ from typing import Any, Union
 import yaml
 
 from solotune.errors import SolotuneError
+from solotune.trackers import parse_report_to
 
 # What a CUDA process holds beyond its tensors, which `estimate` adds to its tensor peak: the
 # context (~500 MiB on recent GPUs) and the cuBLAS workspaces and allocator rounding (64-180 MiB
@@ -220,6 +221,8 @@ class RunConfig:
     # sums the gradients (dist.py); fsdp = each rank holds 1/N of the weights, gradients and
     # optimizer state (sharding.py). auto: ddp under LoRA, fsdp for full fine-tuning.
     dist: str = field(default="auto", metadata=choices("auto", "ddp", "fsdp"))
+    # Experiment trackers the run also reports to, a comma list (trackers.py): tensorboard, or none.
+    report_to: str = "none"
 
     def dist_mode(self) -> str:
         """What `dist` resolves to: "single" for one process, else "ddp" or "fsdp"."""
@@ -401,6 +404,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(g.temperature > 0, "generate.temperature", g.temperature, "must be positive")
     _require(0 < g.top_p <= 1, "generate.top_p", g.top_p, "must be in (0, 1]")
     _validate_eval(cfg.eval)
+    parse_report_to(cfg.report_to)
     if cfg.mem_limit is not None:
         _require(parse_size(cfg.mem_limit) > 0, "mem_limit", cfg.mem_limit, "must be positive")
     return cfg

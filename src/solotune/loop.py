@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,12 +97,14 @@ def train_loop(
     checkpoints: Checkpointer | None = None,
     world: dist.World = dist.World(),
     held_out: HeldOut | None = None,
+    log: Callable[[int, dict], None] | None = None,
 ) -> LoopResult:
     """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone.
 
     Across ranks (`world`, dist.py) each runs its share of every step's micro-batches; the
     counts and the memory are then the job's: tokens summed, each rank's peak listed.
     `held_out`: the eval loss every `held_out.every` steps, kept out of the training time.
+    `log(step, values)`: each step's numbers, for the experiment trackers (trackers.py).
     """
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
@@ -142,8 +145,12 @@ def train_loop(
                 idle = make_batch(step_records[0], pad_id, cfg.padding_free) if not micro and sharded else None
                 out = _run_step(run, micro, step, n_loss_tokens, check_gradients=step == first, idle_batch=idle)
             _show_progress(bar, run, out, clock)
+            if log:
+                log(step + 1, _step_values(run.result))
             if held_out and held_out.due(step + 1, len(steps)):
                 _evaluate(run, held_out, step + 1, clock)
+                if log:
+                    log(step + 1, {"eval/loss": run.result.eval_curve[-1][1]})
             _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
     run.result.runtime_s = clock.runtime(run.result)
     peak = max(run.peaks + [run.probe.read()], key=lambda p: p.peak_mib)
@@ -154,6 +161,16 @@ def train_loop(
     if world.size > 1:
         _sum_over_ranks(run.result)
     return run.result
+
+
+def _step_values(result: LoopResult) -> dict:
+    """The last step's numbers, as the trackers get them."""
+    return {
+        "train/loss": result.losses[-1],
+        "train/lr": result.lrs[-1],
+        "train/grad_norm": result.grad_norms[-1],
+        "train/step_seconds": result.step_seconds[-1],
+    }
 
 
 def _evaluate(run: LoopState, held_out: HeldOut, done: int, clock: LoopClock) -> None:

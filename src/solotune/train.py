@@ -35,6 +35,7 @@ from solotune.model_setup import build_model
 from solotune.models import load_tokenizer, resolve_model_source
 from solotune.precision import PrecisionPolicy, check_device_support, resolve_policy
 from solotune.quant import quantized_linears, save_record
+from solotune.trackers import Trackers, parse_report_to, run_summary
 
 GENERATIONS_BEFORE_FILE = "generations-before.json"  # kept for a resumed run
 EVAL_BEFORE_FILE = "eval-before.json"  # likewise
@@ -71,6 +72,8 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
 
 def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, world: dist.World) -> dict:
     records = read_records(cfg.data)  # a missing or unreadable data file fails before any model work
+    # Rank 0 reports to the trackers; a missing tracker library fails here, before any model work.
+    trackers = Trackers(parse_report_to(cfg.report_to), out_dir, to_dict(cfg)) if world.main else None
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
     examples, data_stats, data_format = tokenize_records(records, tokenizer, cfg.data)
@@ -111,7 +114,10 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
             evaluation.held_out.on_best = lambda step: _save_best(model, tokenizer, cfg, out_dir, world, step)
         _evaluate_before(evaluation, model, tokenizer, policy, loss_fn, out_dir, resume, world)
     held_out = evaluation.held_out if evaluation else None
-    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints, world, held_out)
+    log = trackers.log if trackers else None
+    if log and evaluation:
+        log(0, {"eval/loss": evaluation.results["loss_before"]})
+    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints, world, held_out, log)
     # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
     saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
     if sharded:
@@ -146,6 +152,10 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
         evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
     )
     metrics = collect_metrics(outcome)
+    if trackers:
+        if evaluation:
+            trackers.log(len(loop.losses), {"eval/loss": evaluation.results["loss_after"]})
+        trackers.finish(len(loop.losses), run_summary(metrics))
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
     if before:
         print_generations("before fine-tuning", before)
