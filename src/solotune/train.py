@@ -19,9 +19,9 @@ import torch
 import transformers
 
 from solotune import allocator, artifacts, checkpoint, dist, selfcheck, sharding
-from solotune.adapters import count_parameters, save_trained
+from solotune.adapters import ParamSummary, count_parameters, save_trained
 from solotune.checkpoint import Checkpointer
-from solotune.config import RunConfig, parse_size, to_dict, validate
+from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
 from solotune.data import Example, read_records, tokenize_records
 from solotune.errors import SolotuneError
 from solotune.evaluate import Evaluation, evaluation_for
@@ -34,7 +34,7 @@ from solotune.metrics import RunOutcome, collect_metrics, print_summary
 from solotune.model_setup import build_model
 from solotune.models import load_tokenizer, resolve_model_source
 from solotune.precision import PrecisionPolicy, check_device_support, resolve_policy
-from solotune.quant import quantized_linears, save_record
+from solotune.quant import QuantizedLinears, quantized_linears, save_record
 from solotune.trackers import Trackers, parse_report_to, run_summary
 
 GENERATIONS_BEFORE_FILE = "generations-before.json"  # kept for a resumed run
@@ -83,25 +83,8 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
         print(evaluation.describe())
     checkpoints = _checkpointer(cfg, examples, out_dir, resume)
 
-    start = time.perf_counter()
-    model = build_model(source, cfg, policy)
-    load_s = time.perf_counter() - start
-    params = count_parameters(model)
-    print(params.line())
-    quantized = quantized_linears(model)
-    if quantized:
-        print(quantized.line())
-
-    fast = selfcheck.choose_fast_paths(model, examples, tokenizer.pad_token_id, policy, cfg.train, cfg.data.max_len)
-    print("\n".join([fast.line(), *fast.notes]))
-    train_cfg = dataclasses.replace(
-        cfg.train, fused_swiglu=fast.fused_swiglu, padding_free=fast.padding_free, ce_chunk=fast.ce_chunk
-    )
-    sharded = cfg.dist_mode() == "fsdp"
-    if world.size > 1:
-        print(_describe_dist(cfg.dist_mode(), world))
-    if sharded:  # after the set-up check, which compares paths on the whole model
-        sharding.shard_model(model, policy.compute_dtype)
+    setup = _set_up_model(source, cfg, policy, examples, tokenizer, world)
+    model, train_cfg, sharded = setup.model, setup.train_cfg, setup.sharded
 
     # Under FSDP2 every rank takes part in each forward (it holds a shard of every layer), so
     # every rank generates, in step; rank 0 keeps what they generated.
@@ -111,25 +94,21 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
     if evaluation:
         evaluation.held_out.packed = train_cfg.padding_free  # as the set-up check decided
         if cfg.eval.keep_best:
-            evaluation.held_out.on_best = lambda step: _save_best(model, tokenizer, cfg, out_dir, world, step)
+            evaluation.held_out.on_best = lambda step: _save_weights(model, tokenizer, cfg, out_dir, world, step)
         _evaluate_before(evaluation, model, tokenizer, policy, loss_fn, out_dir, resume, world)
+        if trackers:
+            trackers.log(0, {"eval/loss": evaluation.results["loss_before"]})
     held_out = evaluation.held_out if evaluation else None
     log = trackers.log if trackers else None
-    if log and evaluation:
-        log(0, {"eval/loss": evaluation.results["loss_before"]})
     loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints, world, held_out, log)
     # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
-    saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
-    if sharded:
-        sharding.save_whole(model, tokenizer, saved, world.main)
-    elif world.main:
-        save_trained(model, tokenizer, saved)
+    saved = _save_weights(model, tokenizer, cfg, out_dir, world)
     after = _generate(model, tokenizer, cfg, policy) if generates and cfg.generate.enabled else []
     if evaluation:  # every rank: under FSDP2 each forward needs them all
         evaluation.run("after", model, tokenizer, policy, loss_fn, len(loop.losses))
     if not world.main:
         return {}
-    if quantized:
+    if setup.quantized:
         save_record(saved, cfg.quant, policy.compute_dtype)
     # Measured after the loop (and cached) on this rank's device and threads; the job has N of them.
     peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype) * world.size
@@ -138,12 +117,12 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
         cfg,
         policy,
         source,
-        load_s,
-        params,
+        setup.load_s,
+        setup.params,
         data_stats,
         data_format,
-        fast,
-        quantized,
+        setup.fast,
+        setup.quantized,
         loop,
         before,
         after,
@@ -200,15 +179,58 @@ def _evaluate_before(
         artifacts.write_json(saved, evaluation.results)
 
 
-def _save_best(model, tokenizer, cfg: RunConfig, out_dir: Path, world: dist.World, step: int) -> None:
-    """--eval.keep-best: the weights of the lowest eval loss so far, beside the final ones."""
-    folder = out_dir / ("best-adapter" if cfg.lora.enabled else "best-model")
-    if sharding.is_sharded(model):
+@dataclasses.dataclass
+class ModelSetup:
+    """The model as the loop trains it, and what setting it up measured and decided."""
+
+    model: torch.nn.Module
+    load_s: float
+    params: ParamSummary
+    quantized: QuantizedLinears | None
+    fast: selfcheck.FastPaths
+    train_cfg: TrainConfig  # with the fast paths the set-up check kept
+    sharded: bool  # FSDP2 (sharding.py)
+
+
+def _set_up_model(
+    source: str, cfg: RunConfig, policy: PrecisionPolicy, examples: list[Example], tokenizer, world: dist.World
+) -> ModelSetup:
+    """Load and prepare the model, check its fast paths, and shard it under FSDP2."""
+    start = time.perf_counter()
+    model = build_model(source, cfg, policy)
+    load_s = time.perf_counter() - start
+    params = count_parameters(model)
+    print(params.line())
+    quantized = quantized_linears(model)
+    if quantized:
+        print(quantized.line())
+    fast = selfcheck.choose_fast_paths(model, examples, tokenizer.pad_token_id, policy, cfg.train, cfg.data.max_len)
+    print("\n".join([fast.line(), *fast.notes]))
+    train_cfg = dataclasses.replace(
+        cfg.train, fused_swiglu=fast.fused_swiglu, padding_free=fast.padding_free, ce_chunk=fast.ce_chunk
+    )
+    sharded = cfg.dist_mode() == "fsdp"
+    if world.size > 1:
+        print(_describe_dist(cfg.dist_mode(), world))
+    if sharded:  # after the set-up check, which compares paths on the whole model
+        sharding.shard_model(model, policy.compute_dtype)
+    return ModelSetup(model, load_s, params, quantized, fast, train_cfg, sharded)
+
+
+def _save_weights(
+    model, tokenizer, cfg: RunConfig, out_dir: Path, world: dist.World, best_step: int | None = None
+) -> Path:
+    """Save the trained adapter (or model); returns its folder. `best_step`: --eval.keep-best's
+    copy of the lowest eval loss so far, beside the final weights, with its step."""
+    name = "adapter" if cfg.lora.enabled else "model"
+    folder = out_dir / (name if best_step is None else f"best-{name}")
+    if sharding.is_sharded(model):  # every rank gathers, rank 0 writes
         sharding.save_whole(model, tokenizer, folder, world.main)
     elif world.main:
         save_trained(model, tokenizer, folder)
-    if world.main:
-        artifacts.write_json(folder / "best.json", {"step": step})
+    if world.main and best_step is not None:
+        artifacts.write_json(folder / "best.json", {"step": best_step})
+    return folder
 
 
 def _describe_dist(mode: str, world: dist.World) -> str:
