@@ -214,7 +214,7 @@ def _simulate_steps(model, cfg: RunConfig, policy, seq_len: int, fake_mode: Fake
     # Every record at full length, every position a target: the worst case of a step.
     records = [Example([0] * seq_len, [0] * seq_len, i) for i in range(micro)]
     batch = make_batch(records, pad_id=0, padding_free=cfg.train.padding_free)
-    loss_fn = ResponseLoss(cfg.train.ce_chunk, through_forward=sharded)
+    loss_fn = ResponseLoss(cfg.train.ce_chunk)
     # A paged optimizer's state has the size of the unpaged one's; paging changes where it lives.
     # Made outside fake mode: bitsandbytes computes its code books from data when it is created.
     train_cfg = dataclasses.replace(cfg.train, optim=cfg.train.optim.removeprefix("paged_"))

@@ -78,8 +78,7 @@ class HeldOut:
                 with policy.autocast():
                     total += loss_fn(model, batch.to(policy.device)).float()
         model.train(was_training)
-        if sharding.is_sharded(model):  # a forward without backward leaves the root's weights gathered
-            sharding.reshard(model)
+        sharding.reshard(model)  # FSDP2: a forward without backward leaves the root's weights gathered
         return total.item() / count_loss_tokens(self.examples)
 
     def record(self, step: int, loss: float) -> None:
@@ -173,8 +172,7 @@ def _generate_answers(model, tokenizer, pairs: list[tuple], policy: PrecisionPol
             pad_token_id=tokenizer.pad_token_id,
         )
     model.train(was_training)
-    if sharding.is_sharded(model):
-        sharding.reshard(model)
+    sharding.reshard(model)
     return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

@@ -47,11 +47,9 @@ def generate(model, tokenizer, cfg: GenerateConfig, policy: PrecisionPolicy) -> 
     In inference mode, except under FSDP2: the weights it gathers for the forward are tensors it
     keeps and trains later, and a tensor made in inference mode cannot take part in training.
     """
-    sharded = sharding.is_sharded(model)
-    with torch.no_grad(), torch.inference_mode(not sharded):
+    with torch.no_grad(), torch.inference_mode(not sharding.is_sharded(model)):
         results = _generate(model, tokenizer, cfg, policy)
-    if sharded:  # a forward without backward leaves the whole-model unit's weights gathered
-        sharding.reshard(model)
+    sharding.reshard(model)  # FSDP2: a forward without backward leaves the root's weights gathered
     return results
 
 

@@ -109,7 +109,7 @@ def train_loop(
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
-    loss_fn = ResponseLoss(cfg.ce_chunk, through_forward=sharding.is_sharded(model))
+    loss_fn = ResponseLoss(cfg.ce_chunk)
     run = LoopState(model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), loss_fn, world)
     run.probe = PeakMemoryProbe(policy.device)
     breakdown = MemoryBreakdown(cfg.track_memory, model, optimizer, policy.device)
@@ -148,9 +148,7 @@ def train_loop(
             if log:
                 log(step + 1, _step_values(run.result))
             if held_out and held_out.due(step + 1, len(steps)):
-                _evaluate(run, held_out, step + 1, clock)
-                if log:
-                    log(step + 1, {"eval/loss": run.result.eval_curve[-1][1]})
+                _evaluate(run, held_out, step + 1, clock, log)
             _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
     run.result.runtime_s = clock.runtime(run.result)
     peak = max(run.peaks + [run.probe.read()], key=lambda p: p.peak_mib)
@@ -173,7 +171,8 @@ def _step_values(result: LoopResult) -> dict:
     }
 
 
-def _evaluate(run: LoopState, held_out: HeldOut, done: int, clock: LoopClock) -> None:
+def _evaluate(run: LoopState, held_out: HeldOut, done: int, clock: LoopClock, log) -> None:
+    """The eval loss after step `done`, kept out of the training time, shown and logged."""
     start = time.perf_counter()
     loss = held_out.loss(run.model, run.policy, run.loss_fn)
     run.result.eval_curve.append([done, loss])
@@ -183,6 +182,8 @@ def _evaluate(run: LoopState, held_out: HeldOut, done: int, clock: LoopClock) ->
     clock.saving_s += seconds
     if run.world.main:
         tqdm.write(f"step {done}: eval loss {loss:.4f}")
+    if log:
+        log(done, {"eval/loss": loss})
 
 
 def _progress_bar(first: int, n_steps: int, world: dist.World) -> tqdm:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from solotune import sharding
 from solotune.data import IGNORE_INDEX, Batch
 
 
@@ -108,19 +109,18 @@ def _head_cross_entropy(lm_head: torch.nn.Module, h: torch.Tensor, targets: torc
 class ResponseLoss:
     """How the loop computes a micro-batch's summed loss; `chunk` = 0 means full logits.
 
-    `through_forward`: take the hidden states from the model's own forward rather than from its
-    decoder called alone (FSDP2: the forward gathers the weights, sharding.py).
+    Under FSDP2 the hidden states come from the model's own forward rather than from its decoder
+    called alone: the forward is what gathers the weights (sharding.py).
     """
 
     chunk: int = 1024
-    through_forward: bool = False
 
     def __call__(self, model, batch: Batch) -> torch.Tensor:
         inputs = batch.model_inputs()
         if not self.chunk or not supports_chunked_head(model):
             return full_response_loss_sum(model(**inputs).logits, batch.labels)
         head = model.get_output_embeddings()
-        if self.through_forward:
+        if sharding.is_sharded(model):
             hidden = final_hidden_states(model, inputs)
         else:
             hidden = model.get_decoder()(**inputs).last_hidden_state

@@ -50,9 +50,9 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float
 
 
 def reshard(model: torch.nn.Module) -> None:
-    """Free every gathered weight. Training reshards on its own after backward; a forward without
-    one (generation) would otherwise leave the root's weights gathered, and stale after the next
-    update."""
+    """Free every gathered weight (nothing to do for a model that is not sharded). Training
+    reshards on its own after backward; a forward without one (generation, evaluation) would
+    otherwise leave the root's weights gathered, and stale after the next update."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

@@ -90,7 +90,7 @@ def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, w
     # every rank generates, in step; rank 0 keeps what they generated.
     generates = world.main or sharded
     before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume, world) if generates else []
-    loss_fn = ResponseLoss(train_cfg.ce_chunk, through_forward=sharded)
+    loss_fn = ResponseLoss(train_cfg.ce_chunk)
     if evaluation:
         evaluation.held_out.packed = train_cfg.padding_free  # as the set-up check decided
         if cfg.eval.keep_best:
