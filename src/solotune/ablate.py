@@ -103,6 +103,12 @@ def plan_cells(cfg: RunConfig, axes: list[Axis]) -> list[Cell]:
     return cells
 
 
+def grid_of(run_dir: Path) -> Path | None:
+    """The grid folder a run folder is a cell of, if it is one."""
+    grid = run_dir.parent.parent
+    return grid if run_dir.parent.name == CELLS_DIR and (grid / GRID_FILE).is_file() else None
+
+
 def cell_argv(base_yaml: Path, cell_dir: Path, cell: Cell) -> list[str]:
     """The `solotune train` command line of one cell."""
     argv = [sys.executable, "-m", "solotune.cli", "train", str(base_yaml), "--output-dir", str(cell_dir)]

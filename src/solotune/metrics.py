@@ -47,17 +47,23 @@ class RunOutcome:
     evaluation: dict | None = None  # evaluate.Evaluation.metrics, where held-out records were given
 
 
+def library_versions() -> dict:
+    """The versions a run's numbers depend on."""
+    return {
+        "solotune": solotune.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
 def collect_metrics(run: RunOutcome) -> dict:
     """Everything measured in the run, with the resolved config and library versions."""
     policy = run.policy
     return {
         "solotune_version": solotune.__version__,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
+        "versions": library_versions(),
         "config": to_dict(run.cfg),
         "device": str(policy.device),
         "machine": {

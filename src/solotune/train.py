@@ -19,6 +19,7 @@ import torch
 import transformers
 
 from solotune import allocator, artifacts, checkpoint, dist, selfcheck, sharding
+from solotune.ablate import grid_of
 from solotune.adapters import ParamSummary, count_parameters, save_trained
 from solotune.checkpoint import Checkpointer
 from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
@@ -30,12 +31,12 @@ from solotune.generate import Generation, generate, print_generations
 from solotune.loop import train_loop
 from solotune.loss import ResponseLoss
 from solotune.memory import apply_memory_limit
-from solotune.metrics import RunOutcome, collect_metrics, print_summary
+from solotune.metrics import RunOutcome, collect_metrics, library_versions, print_summary
 from solotune.model_setup import build_model
 from solotune.models import load_tokenizer, resolve_model_source
 from solotune.precision import PrecisionPolicy, check_device_support, resolve_policy
 from solotune.quant import QuantizedLinears, quantized_linears, save_record
-from solotune.trackers import Trackers, parse_report_to, run_summary
+from solotune.trackers import RunIdentity, Trackers, parse_report_to, run_summary
 
 GENERATIONS_BEFORE_FILE = "generations-before.json"  # kept for a resumed run
 EVAL_BEFORE_FILE = "eval-before.json"  # likewise
@@ -65,15 +66,24 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
             out_dir = Path(dist.broadcast(str(out_dir) if world.main else None))
             if world.main:
                 artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
-            return _run(cfg, policy, out_dir, resume, world)
+            with _trackers(cfg, out_dir, world) as trackers:
+                return _run(cfg, policy, out_dir, resume, world, trackers)
     finally:
         dist.finish()
 
 
-def _run(cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, world: dist.World) -> dict:
+def _trackers(cfg: RunConfig, out_dir: Path, world: dist.World) -> Trackers:
+    """The experiment trackers rank 0 reports to (a missing library fails here, before any model
+    work); a run that fails is closed in them as failed."""
+    grid = grid_of(out_dir)
+    run = RunIdentity(out_dir, to_dict(cfg), library_versions(), grid.name if grid else None)
+    return Trackers(parse_report_to(cfg.report_to) if world.main else [], run)
+
+
+def _run(
+    cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, world: dist.World, trackers: Trackers
+) -> dict:
     records = read_records(cfg.data)  # a missing or unreadable data file fails before any model work
-    # Rank 0 reports to the trackers; a missing tracker library fails here, before any model work.
-    trackers = Trackers(parse_report_to(cfg.report_to), out_dir, to_dict(cfg)) if world.main else None
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
     examples, data_stats, data_format = tokenize_records(records, tokenizer, cfg.data)
