@@ -243,38 +243,54 @@ def merge_adapter(model: PeftModel) -> torch.nn.Module:
 
 
 def merge_to_folder(adapter_dir: str, output_dir: str, model_name: str | None = None) -> float:
-    """Merge an adapter into its fp32 base, save a plain HF model; return the max logit difference.
+    """Merge an adapter into its base, save a plain HF model; return the max logit difference."""
+    merged, tokenizer, merge = merged_model(adapter_dir, model_name)
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    print(f"{merge.line}: saved {output_dir}")
+    return merge.max_logit_diff
 
-    The difference between the adapter model and the merged model on a probe text is printed,
+
+@dataclass
+class Merge:
+    """How a merge went: what it folded into what, and how far the merged outputs moved."""
+
+    line: str
+    max_logit_diff: float
+    base: str  # the base model's folder (or hub id)
+
+
+def merged_model(adapter_dir: str | Path, model_name: str | None = None) -> tuple[torch.nn.Module, object, Merge]:
+    """An adapter folded into its fp32 base: the plain model, its tokenizer and how it went.
+
+    The difference between the adapter model and the merged model on a probe text is reported,
     so the user sees that the merge preserved the outputs (it is ~1e-6, rounding only). A QLoRA
     adapter is merged into its de-quantized base instead (`merge_quantized`).
     """
     mcfg = ModelConfig(name=model_name or adapter_base_model(adapter_dir))
     source = resolve_model_source(mcfg)
-    tokenizer = load_tokenizer(adapter_dir, mcfg)
+    tokenizer = load_tokenizer(str(adapter_dir), mcfg)
     quant = read_record(adapter_dir)
     if quant:
-        return merge_quantized(adapter_dir, output_dir, source, mcfg, tokenizer, *quant)
+        return merge_quantized(adapter_dir, source, mcfg, tokenizer, *quant)
     model = load_adapter(load_model(source, mcfg, torch.float32, torch.device("cpu")), adapter_dir).eval()
     probe = tokenizer("Merging folds the low-rank update into the weights.", return_tensors="pt")
     with torch.inference_mode():
         before = model(**probe).logits
         merged = merge_adapter(model)
         diff = (merged(**probe).logits - before).abs().max().item()
-    merged.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    print(f"merged {adapter_dir} into {source}: saved {output_dir} (max logit difference vs adapter: {diff:.2e})")
-    return diff
+    line = f"merged {adapter_dir} into {source} (max logit difference vs adapter: {diff:.2e})"
+    return merged, tokenizer, Merge(line, diff, source)
 
 
 def merge_quantized(
-    adapter_dir, output_dir, source: str, mcfg: ModelConfig, tokenizer, quant, dtype: torch.dtype
-) -> float:
-    """Merge a QLoRA adapter into its base de-quantized to the compute dtype; save that model.
+    adapter_dir, source: str, mcfg: ModelConfig, tokenizer, quant, dtype: torch.dtype
+) -> tuple[torch.nn.Module, object, Merge]:
+    """Merge a QLoRA adapter into its base de-quantized to the compute dtype.
 
     The merged model multiplies the same de-quantized weights the 4-bit model did, plus the
     folded update, so it should answer as the adapter on the 4-bit base does. The largest logit
-    difference between the two on the evaluation prompts is printed and returned.
+    difference between the two on the evaluation prompts is reported.
     """
     probes = [tokenizer(p, return_tensors="pt") for p in REFERENCE_PROMPTS]
     quantized = quantization_config(quant, dtype)
@@ -286,11 +302,9 @@ def merge_quantized(
         merged = merge_adapter(load_adapter(base, adapter_dir).eval())
         diff = max((merged(**p).logits.float() - ref).abs().max().item() for p, ref in zip(probes, reference))
     scale = max(ref.abs().max().item() for ref in reference)
-    merged.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    print(
-        f"merged {adapter_dir} into {source} de-quantized from {quant.method} to {DTYPE_NAMES[dtype]}: saved {output_dir} "
+    line = (
+        f"merged {adapter_dir} into {source} de-quantized from {quant.method} to {DTYPE_NAMES[dtype]} "
         f"(max logit difference vs the adapter on the {quant.method} base, {len(probes)} evaluation prompts: "
         f"{diff:.2e}, {diff / scale:.1e} of the largest logit)"
     )
-    return diff
+    return merged, tokenizer, Merge(line, diff, source)

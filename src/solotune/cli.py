@@ -1,4 +1,4 @@
-"""The `solotune` command: train, ablate, report, estimate, generate, merge.
+"""The `solotune` command: train, ablate, report, estimate, generate, merge, export.
 
 Every leaf of the config tree is an option (`--lora.r 8`, `--train.grad-accum 4`), and the
 common ones have short aliases (`--mp`, `--grad-accum`, `--batch`, ...). Errors the user can
@@ -173,12 +173,19 @@ def cmd_merge(args: argparse.Namespace) -> None:
     merge_to_folder(args.adapter, args.output, args.model)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from solotune.export import describe, export_gguf
+
+    result = export_gguf(args.gguf, args.type, args.adapter, args.model or args.base, args.ollama)
+    print(describe(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="solotune", description="Fine-tune a causal LM on one GPU or a CPU, measured."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_ablate, _add_estimate, _add_report, _add_generate, _add_merge):
+    for add in (_add_train, _add_ablate, _add_estimate, _add_report, _add_generate, _add_merge, _add_export):
         add(sub)
     return parser
 
@@ -261,6 +268,24 @@ def _add_merge(sub) -> None:
     merge.add_argument("--output", required=True, help="folder for the merged model")
     merge.add_argument("--model", help="base model (default: the one the adapter names)")
     merge.set_defaults(func=cmd_merge)
+
+
+def _add_export(sub) -> None:
+    from solotune.export import SUPPORTED, TYPES
+
+    export = sub.add_parser(
+        "export",
+        help="write a fine-tuned model as one GGUF file (llama.cpp, Ollama, LM Studio)",
+        description=f"Supported: {', '.join(SUPPORTED)}, with byte-level BPE tokenizers.",
+    )
+    given = export.add_mutually_exclusive_group(required=True)
+    given.add_argument("--adapter", help="a LoRA or QLoRA adapter folder (runs/<run>/adapter): merged first")
+    given.add_argument("--model", help="a full fine-tuned or merged model folder (runs/<run>/model)")
+    export.add_argument("--base", help="with --adapter: its base model (default: the one the adapter names)")
+    export.add_argument("--gguf", required=True, help="the file to write, e.g. model.gguf")
+    export.add_argument("--type", default="f16", help=f"the 2-D weights' type: {', '.join(TYPES)} (norms stay f32)")
+    export.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside it")
+    export.set_defaults(func=cmd_export)
 
 
 def quiet_libraries() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -76,6 +77,8 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     key = hashlib.sha256(f"{gguf.stat().st_size}:".encode() + head).hexdigest()[:12]
     target = cache_dir() / "models" / f"{name}-{key}"
     if (target / "config.json").is_file():
+        if not (target / GGUF_ORIGIN_FILE).is_file():  # converted by an earlier version
+            _write_gguf_origin(gguf, target)
         return target
     print(f"converting {gguf.name} to a Hugging Face folder (once; cached in {target})")
     try:
@@ -94,10 +97,37 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _write_gguf_origin(gguf, tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# Beside a model converted from GGUF (and the weights trained from it): what the original file
+# said that a Hugging Face folder has no place for, so that `solotune export` can say it again.
+GGUF_ORIGIN_FILE = "gguf-origin.json"
+GGUF_ORIGIN_KEYS = ("general.architecture", "general.name", "tokenizer.ggml.pre")
+
+
+def _write_gguf_origin(gguf: Path, folder: Path) -> None:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    origin = {"file": gguf.name, **{k: fields[k].contents() for k in GGUF_ORIGIN_KEYS if k in fields}}
+    (folder / GGUF_ORIGIN_FILE).write_text(json.dumps(origin, indent=2) + "\n")
+
+
+def gguf_origin(folder: str | Path) -> dict:
+    """What the GGUF file a model folder was converted from said ({} if it was not)."""
+    path = Path(folder) / GGUF_ORIGIN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def copy_gguf_origin(source: str | Path, folder: str | Path) -> None:
+    """Keep a converted model's GGUF origin beside weights trained from it."""
+    if (Path(source) / GGUF_ORIGIN_FILE).is_file():
+        shutil.copyfile(Path(source) / GGUF_ORIGIN_FILE, Path(folder) / GGUF_ORIGIN_FILE)
 
 
 def load_tokenizer(source: str, cfg: ModelConfig):

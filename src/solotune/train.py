@@ -33,7 +33,7 @@ from solotune.loss import ResponseLoss
 from solotune.memory import apply_memory_limit
 from solotune.metrics import RunOutcome, collect_metrics, library_versions, print_summary
 from solotune.model_setup import build_model
-from solotune.models import load_tokenizer, resolve_model_source
+from solotune.models import copy_gguf_origin, load_tokenizer, resolve_model_source
 from solotune.precision import PrecisionPolicy, check_device_support, resolve_policy
 from solotune.quant import QuantizedLinears, quantized_linears, save_record
 from solotune.trackers import RunIdentity, Trackers, parse_report_to, run_summary
@@ -238,6 +238,8 @@ def _save_weights(
         sharding.save_whole(model, tokenizer, folder, world.main)
     elif world.main:
         save_trained(model, tokenizer, folder)
+    if world.main:
+        copy_gguf_origin(resolve_model_source(cfg.model), folder)  # for `solotune export`
     if world.main and best_step is not None:
         artifacts.write_json(folder / "best.json", {"step": best_step})
     return folder
