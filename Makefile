@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint format test-report install clean
+.PHONY: demo test lint format test-report test-gguf install clean
 
 install: $(STAMP)
 
@@ -46,6 +46,13 @@ format: $(STAMP)
 # The HTML report in headless Chromium (needs Debian's chromium package).
 test-report: $(STAMP)
 	$(PY) -m pytest -q -m browser tests/test_report_html.py
+
+# An exported fine-tune run by a real llama.cpp. llama-cpp-python is a source build (cmake and
+# a C++ compiler; ~10 minutes on 2 cores), so it is kept out of `make test`.
+LLAMA_CPP_PYTHON = llama-cpp-python==0.3.36
+test-gguf: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q $(LLAMA_CPP_PYTHON)
+	$(PY) -m pytest -q -m llamacpp tests/test_gguf_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

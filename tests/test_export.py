@@ -1,6 +1,7 @@
 """`solotune export`: GGUF files read back by an independent reader (transformers' GGUF loader)
 and compared with the merged Hugging Face model they came from."""
 
+import json
 import shutil
 
 import pytest
@@ -169,3 +170,23 @@ def test_bad_input_is_one_line_and_leaves_no_file(adapters, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], (expected, err)
     assert list(out.parent.iterdir()) == []
+
+
+def test_an_ablation_exports_every_cell_and_tables_the_sizes(tiny_model_dir, tmp_path, capsys):
+    """--export.gguf at the end of each run: the adapter cell merged, the full fine-tune as it
+    is; the size and time in metrics.json, the run summary and Table 2."""
+    grid = tmp_path / "grid"
+    args = ["ablate", "--axes", "lora", "--model", str(tiny_model_dir), "--samples", "8", "--batch", "4",
+            "--max-steps", "1", "--mp", "off", "--no-generate.enabled", "--export.gguf", "q8_0",
+            "--output-dir", str(grid)]  # fmt: skip
+    assert main(args) == 0
+    sizes = {}
+    for cell in ("lora-on", "lora-off"):
+        folder = grid / "cells" / cell
+        export = json.loads((folder / "metrics.json").read_text())["export"]
+        assert export["path"] == str(folder / "model-q8_0.gguf") and export["type"] == "q8_0"
+        assert export["mib"] == pytest.approx((folder / "model-q8_0.gguf").stat().st_size / 2**20)
+        assert "exported " in (folder / "log.txt").read_text()
+        sizes[cell] = f"{export['mib']:,.1f}"
+    row = next(line for line in (grid / "table2.txt").read_text().splitlines() if line.startswith("GGUF MiB"))
+    assert row.split()[2:] == [sizes["lora-off"], sizes["lora-on"]]  # the cells' column order

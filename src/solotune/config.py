@@ -196,6 +196,15 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The trained weights also as one GGUF file at the end of the run (export.py), in the run
+    folder as model-<type>.gguf; its size and time go into metrics.json and the grid's tables."""
+
+    gguf: str = field(default="none", metadata=choices("none", "f32", "f16", "bf16", "q8_0", "q4_0"))
+    ollama: bool = False  # and an Ollama Modelfile beside it
+
+
+@dataclass
 class RunConfig:
     """Everything one `solotune train` run needs."""
 
@@ -207,6 +216,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     device: str = field(default="auto", metadata=choices("auto", "cpu", "cuda"))
     output_dir: str | None = None  # None: runs/<date>-<time>
     # Cap the run's memory as a smaller card would ("24GB", "512MiB"): CUDA: a per-process

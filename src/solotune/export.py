@@ -100,10 +100,11 @@ def _config_of(adapter: str | None, model: str | None):
     from solotune.models import resolve_model_source
 
     name = model or adapter_base_model(adapter)
-    source = resolve_model_source(ModelConfig(name=name))
-    if not Path(source).is_dir():
-        raise SolotuneError(f"export: base model {name} not found (an adapter's base must be a local folder or .gguf)")
-    return AutoConfig.from_pretrained(source)
+    source = resolve_model_source(ModelConfig(name=name))  # a local folder that is gone fails here
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as e:  # a hub id that is neither cached nor reachable
+        raise SolotuneError(f"export: model {name} not found ({str(e).splitlines()[0]})") from None
 
 
 def _architecture(config) -> str:

@@ -139,6 +139,10 @@ def print_summary(m: dict, out_dir: Path) -> None:
     )
     if m.get("eval"):
         print(_eval_line(m["eval"]))
+    if m.get("export"):
+        from solotune.export import Exported, describe
+
+        print(describe(Exported(**m["export"])))
     if t["skipped_steps"]:
         print(f"fp16: {t['skipped_steps']} of {t['steps']} steps skipped by the gradient scaler (overflow)")
 

@@ -84,16 +84,18 @@ def _accuracy(m: dict) -> str | None:
     return f"{100 * e['accuracy_before']['accuracy']:.0f}% → {100 * e['accuracy_after']['accuracy']:.0f}%"
 
 
-EVAL_ROWS = [  # where the cells held records out (--eval.split / --eval.data)
+OPTIONAL_ROWS = [  # where the cells held records out (--eval.split / --eval.data), or exported (--export.gguf)
     ("Eval loss", lambda m: (m.get("eval") or {}).get("loss_after"), "{:.4f}"),
     ("Accuracy", _accuracy, "{}"),
+    ("GGUF MiB", lambda m: (m.get("export") or {}).get("mib"), "{:,.1f}"),
+    ("Export s", lambda m: (m.get("export") or {}).get("seconds"), "{:.1f}"),
 ]
 
 
 def metric_rows(grid: Grid) -> list[tuple]:
     """Table 2's rows, and the eval rows that some finished cell has a value for."""
     done = [c for c in grid.cells if c.ok]
-    return METRIC_ROWS + [row for row in EVAL_ROWS if any(row[1](c.metrics) is not None for c in done)]
+    return METRIC_ROWS + [row for row in OPTIONAL_ROWS if any(row[1](c.metrics) is not None for c in done)]
 
 
 def cell_value(cell: CellResult, read, fmt: str) -> str:

@@ -141,6 +141,8 @@ def _run(
         evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
     )
     metrics = collect_metrics(outcome)
+    if cfg.export.gguf != "none":
+        metrics["export"] = _export(cfg, saved, out_dir)
     if trackers:
         if evaluation:
             trackers.log(len(loop.losses), {"eval/loss": evaluation.results["loss_after"]})
@@ -151,6 +153,17 @@ def _run(
         print_generations("after fine-tuning", after)
     print_summary(metrics, out_dir)
     return metrics
+
+
+def _export(cfg: RunConfig, saved: Path, out_dir: Path) -> dict:
+    """--export.gguf: the saved weights (an adapter merged first) as one GGUF file."""
+    from solotune.export import export_gguf
+
+    kind = "adapter" if cfg.lora.enabled else "model"
+    result = export_gguf(
+        out_dir / f"model-{cfg.export.gguf}.gguf", cfg.export.gguf, ollama=cfg.export.ollama, **{kind: str(saved)}
+    )
+    return dataclasses.asdict(result)
 
 
 def _print_data(examples: list[Example], stats, data_format: str, cfg: RunConfig) -> None:
