@@ -13,7 +13,7 @@ from solotune.cli import main
 from solotune.config import REFERENCE_PROMPTS, ModelConfig
 from solotune.export import export_gguf
 from solotune.models import GGUF_ORIGIN_FILE, gguf_origin, resolve_model_source
-from solotune.testing import make_architecture, save_architecture_folder
+from solotune.testing import make_architecture, make_sentencepiece_tokenizer, save_architecture_folder
 
 # Strings whose token ids must survive the round trip: ASCII, accents, emoji, code, digits.
 TOKENIZER_PROBES = [
@@ -92,6 +92,27 @@ def test_an_adapter_exported_as_f16_answers_as_the_merged_model(family, adapters
         assert greedy(exported, tokenizer, prompt) == greedy(merged, tokenizer, prompt)
     assert result.tensors == len(exported.state_dict()) and result.fallback_f16 == 0
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_sentencepiece_tokenizer_round_trips(tmp_path):
+    """Llama 2's kind of tokenizer (llama.cpp's "llama" model, with scores from the merge order):
+    the same ids for text with spaces, accents and emoji (byte pieces), and the same logits."""
+    tokenizer = make_sentencepiece_tokenizer()
+    make_architecture("llama", tokenizer).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    export_gguf(tmp_path / "spm.gguf", "f32", model=str(tmp_path / "m"))
+    read_back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ["What is the cat?", "  two spaces, at it", *TOKENIZER_PROBES]:
+        assert read_back(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    import gguf
+
+    fields = gguf.GGUFReader(tmp_path / "spm.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[0] == gguf.TokenType.UNKNOWN and types[3] == gguf.TokenType.BYTE and types[1] == gguf.TokenType.CONTROL
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    gap, scale = largest_logit_gap(original, load_gguf(tmp_path / "spm.gguf"), tokenizer)
+    assert gap <= 1e-4 * scale
 
 
 def test_q8_0_is_within_5_percent_and_q4_0_is_written_as_q4_0(adapters, tmp_path):

@@ -80,3 +80,20 @@ def test_llama_cpp_builds_the_chat_prompt_of_the_tokenizers_template(exported):
     assert formatter(messages=CHAT).prompt == prompt
     ids = tokenizer(prompt)["input_ids"]
     assert llama_greedy(llm, ids) == hf_greedy(hf, tokenizer, ids)
+
+
+def test_llama_cpp_tokenizes_a_sentencepiece_vocabulary_as_transformers(tmp_path):
+    """Llama 2's kind of tokenizer: llama.cpp joins pieces by the scores the export derives from
+    the merge order, and falls back to byte pieces; its ids must equal the tokenizer's. (Not for
+    text that starts with spaces: there the Hugging Face form of this tokenizer and SentencePiece,
+    which llama.cpp follows, differ by one prefix piece.)"""
+    from solotune.testing import make_architecture, make_sentencepiece_tokenizer
+
+    tokenizer = make_sentencepiece_tokenizer()
+    make_architecture("llama", tokenizer).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    export_gguf(tmp_path / "spm.gguf", "f16", model=str(tmp_path / "m"))
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "spm.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    for text in ["What is the cat?", "two  spaces,  at it", "héllo café 🤗", "1234 + 56 is 1290.\nthe end"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text

@@ -276,7 +276,7 @@ def _add_export(sub) -> None:
     export = sub.add_parser(
         "export",
         help="write a fine-tuned model as one GGUF file (llama.cpp, Ollama, LM Studio)",
-        description=f"Supported: {', '.join(SUPPORTED)}, with byte-level BPE tokenizers.",
+        description=f"Supported: {', '.join(SUPPORTED)}, with BPE tokenizers (byte-level or SentencePiece).",
     )
     given = export.add_mutually_exclusive_group(required=True)
     given.add_argument("--adapter", help="a LoRA or QLoRA adapter folder (runs/<run>/adapter): merged first")

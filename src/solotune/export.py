@@ -10,9 +10,11 @@ Two things differ from the Hugging Face layout and are done here as llama.cpp's 
 - llama.cpp's "llama" architecture applies RoPE to interleaved pairs of each head's dimensions,
   Hugging Face's Llama to its two halves; q_proj's and k_proj's rows are reordered to match
   (`_interleave_rope_rows`). Qwen2 uses the halves in both.
-- A tokenizer is identified for llama.cpp by its pre-tokenizer name (how text is split before
-  BPE). A model converted from GGUF keeps the original file's name (`models.GGUF_ORIGIN_FILE`);
-  otherwise it is taken from the family, and "default" is said out loud.
+- A byte-level BPE tokenizer is identified for llama.cpp by its pre-tokenizer name (how text is
+  split before BPE). A model converted from GGUF keeps the original file's name
+  (`models.GGUF_ORIGIN_FILE`); otherwise it is taken from the family, and "default" is said out
+  loud. A SentencePiece-style one needs scores, which llama.cpp joins pieces by: they come from
+  the merge order (`_merge_scores`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ from solotune.errors import SolotuneError
 # whose rows do not split into the type's blocks falls back to F16, as llama.cpp does).
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 SUPPORTED = {  # Hugging Face architecture -> llama.cpp architecture
-    "LlamaForCausalLM": "llama",  # Llama 2/3, SmolLM2
+    "LlamaForCausalLM": "llama",  # Llama 2 and 3, SmolLM2
     "MistralForCausalLM": "llama",  # llama.cpp runs Mistral as a Llama
     "Qwen2ForCausalLM": "qwen2",
 }
@@ -241,28 +244,33 @@ def _interleave_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def _add_tokenizer(writer, tokenizer, config, arch: str, origin: dict) -> None:
     """The vocabulary in id order with its token types, the merges, special tokens and chat
-    template, for a byte-level BPE tokenizer (llama.cpp's "gpt2" model)."""
+    template. Byte-level BPE is llama.cpp's "gpt2" model; a BPE with byte fallback over
+    SentencePiece pieces (Llama 2, Mistral 7B) is its "llama" model, which also needs scores."""
     import gguf
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") != "BPE":
         raise SolotuneError(
-            "export: only byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen2 and the like) are supported; "
-            "this one is a SentencePiece-style tokenizer"
+            f"export: a {model.get('type')} tokenizer is not supported; supported: byte-level BPE "
+            "(Llama 3, SmolLM2, Qwen2) and SentencePiece BPE with byte fallback (Llama 2, Mistral 7B)"
         )
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(config.vocab_size):  # the embedding may have more rows than the tokenizer has tokens
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(_token_type(added.get(i)))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(origin, config, arch, len(by_id)))
+    # The embedding may have more rows than the tokenizer has tokens: those are unused.
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(config.vocab_size)]
+    types = [_token_type(i, by_id, tokenizer) for i in range(config.vocab_size)]
+    if model.get("byte_fallback"):
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(_merge_scores(tokens, model["merges"]))
+        writer.add_add_space_prefix(
+            tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])[0].startswith(
+                "\u2581"
+            )
+        )
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer(origin, config, arch, len(by_id)))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as folder:
@@ -276,12 +284,30 @@ def _add_tokenizer(writer, tokenizer, config, arch: str, origin: dict) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
-def _token_type(added) -> int:
+def _token_type(i: int, by_id: dict, tokenizer) -> int:
     import gguf
 
-    if added is None:
-        return gguf.TokenType.NORMAL
-    return gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+    if i not in by_id:
+        return gguf.TokenType.UNUSED
+    if i == tokenizer.unk_token_id:
+        return gguf.TokenType.UNKNOWN
+    added = tokenizer.added_tokens_decoder.get(i)
+    if added is not None:
+        return gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+    if re.fullmatch(r"<0x[0-9A-F]{2}>", by_id[i]):  # a byte-fallback piece
+        return gguf.TokenType.BYTE
+    return gguf.TokenType.NORMAL
+
+
+def _merge_scores(tokens: list[str], merges: list) -> list[float]:
+    """SentencePiece scores from the merge order: llama.cpp's "llama" tokenizer joins the pair
+    whose joined piece scores highest, so the piece of merge r scores -r, and a piece no merge
+    makes (a character, a byte, a special token) scores below every merge."""
+    rank = {}
+    for r, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    return [-float(rank.get(token, len(merges) + i)) for i, token in enumerate(tokens)]
 
 
 # llama.cpp's pre-tokenizer names for byte-level BPE families it knows, by a model's family.

@@ -25,6 +25,23 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+def make_sentencepiece_tokenizer():
+    """A tiny SentencePiece-style tokenizer as Llama 2's is in Hugging Face form: BPE over
+    "▁"-prefixed pieces, a few merges, every other character through its UTF-8 byte pieces."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece in "▁abcdefghijklmnopqrstuvwxyzW?+0123456789,.'":
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "s"), ("▁", "a"), ("a", "t"), ("▁", "i")]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def make_model(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A tiny random Llama (GQA, RoPE, SwiGLU: the code path of Llama-2 and SmolLM2).
 
