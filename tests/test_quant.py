@@ -241,7 +241,8 @@ def test_a_weight_repacked_for_cpu_inference_is_converted_back(model_dir, tokeni
 
 def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, tmp_path, capsys, weight_layout):
     """The merged model answers as the adapter on the 4-bit base did (fp32: within 1e-5 of the largest logit),
-    and loads as a plain model; `generate` runs the adapter on the same 4-bit base."""
+    and loads as a plain model; `generate` runs the adapter on the same 4-bit base; `export` writes
+    the same merged model as GGUF (f32, read back by transformers)."""
     from solotune.adapters import merge_to_folder
     from solotune.generate import load_for_inference
     from solotune.quant import read_record, save_record
@@ -263,6 +264,14 @@ def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, 
         merged_logits = merged(**batch.model_inputs()).logits
         model.eval()
         torch.testing.assert_close(merged_logits, model(**batch.model_inputs()).logits, rtol=1e-5, atol=2e-4)
+    from transformers import AutoModelForCausalLM
+
+    from solotune.export import export_gguf
+
+    export_gguf(tmp_path / "qlora.gguf", "f32", adapter=str(tmp_path / "adapter"), model=str(model_dir))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qlora.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**batch.model_inputs()).logits, merged_logits, rtol=1e-5, atol=1e-4)
     inference_model, _, _ = load_for_inference(str(tmp_path / "adapter"), str(model_dir), cfg.precision, "cpu")
     assert quantized_linears(inference_model).layers == 14
 
