@@ -41,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=512, help="N records: N / 8 steps")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer-micro", default="8,4,2,1", help="the peer's micro-batch sizes (8: its fastest only)")
     parser.add_argument("--out", help="also write the table here (markdown)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +65,8 @@ def main() -> None:
             "fp32",
             "--repeats",
             str(args.repeats),
+            "--peer-micro",
+            args.peer_micro,
         ] + (["--out", args.out] if args.out else [])
         subprocess.run(cmd, check=True)
 

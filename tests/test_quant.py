@@ -52,6 +52,7 @@ def records(tokenizer, n=8):
 
 
 def train(model_dir, tokenizer, cfg: RunConfig, steps=6):
+    torch.manual_seed(0)  # the LoRA init: the same adapter whatever ran before in the process
     policy = resolve_policy(cfg.precision, "cpu", frozen_base=True)
     model = build_model(str(model_dir), cfg, policy)
     train_cfg = TrainConfig(**{**vars(cfg.train), "batch": 4, "max_steps": steps, "epochs": 10})
@@ -256,7 +257,9 @@ def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, 
     out = capsys.readouterr().out
     assert "de-quantized from nf4 to fp32" in out
     relative = float(out.split(" of the largest logit")[0].rsplit(" ", 1)[1])
-    assert 0 <= diff and relative < 1e-5  # fp32 rounding only
+    # fp32 rounding only: x @ (W + s BA) against x @ W + s (x @ A) @ B, at logits of ~10. Seen up
+    # to 1.2e-5 across adapters; a wrong merge is off by the size of the update, ~1e-2 and more.
+    assert 0 <= diff and relative < 5e-5
     merged = load_model(str(tmp_path / "merged"), cfg.model, torch.float32, torch.device("cpu"))
     assert quantized_linears(merged) is None and all(p.dtype == torch.float32 for p in merged.parameters())
     batch = collate(records(tokenizer, 2), tokenizer.pad_token_id)
