@@ -85,11 +85,11 @@ def test_segments_as_one_padded_batch_equal_one_call_per_segment(kv_groups):
 
 
 def test_segments_are_padded_into_a_batch_only_where_little_work_is_wasted():
-    from solotune.attention import _padding_pays
+    from solotune.attention import padding_pays
 
-    assert _padding_pays((60, 64, 50, 57))  # records of similar lengths: one call
-    assert not _padding_pays((512, 20, 30, 12))  # one long record: padding would multiply the work
-    assert not _padding_pays((64,))  # one segment is one call already
+    assert padding_pays((60, 64, 50, 57))  # records of similar lengths: one call
+    assert not padding_pays((512, 20, 30, 12))  # one long record: padding would multiply the work
+    assert not padding_pays((64,))  # one segment is one call already
 
 
 def assert_same_gradients(grads, ref_grads, rel=1e-5):

@@ -14,7 +14,7 @@ from solotune.adapters import apply_lora, prepare_full_finetune
 from solotune.attention import padding_free_attention
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, collate, collate_packed, tokenize_records
-from solotune.memory import PeakSteps
+from solotune.memory import PeakSteps, step_size
 from solotune.model_setup import COMPILE_MIN_STEPS, CompiledLayers, choose_compile
 from solotune.optim import make_optimizer
 from solotune.precision import resolve_policy
@@ -60,6 +60,16 @@ def test_tracking_only_the_steps_that_can_set_the_peak_gives_the_whole_breakdown
         assert most >= always.memory[part]  # at least its share of the peak
 
 
+def test_the_largest_step_first_leaves_few_steps_to_follow(tokenizer):
+    """Each epoch opens with its largest step, so `peak` follows the first step, the one after
+    the optimizer state appears, and at most the second epoch's opener; in the planned order it
+    follows more. The breakdown is the same either way."""
+    first = run_loop(tokenizer, "peak")
+    planned = run_loop(tokenizer, "peak", largest_first=False)
+    assert first.memory["tracked_steps"] <= 3 < planned.memory["tracked_steps"]
+    assert {k: first.memory[k] for k in PARTS} == {k: planned.memory[k] for k in PARTS}
+
+
 def test_each_parts_maximum_shows_the_activations_a_full_finetune_peak_hides(tokenizer):
     """A full fine-tune peaks in the optimizer step, after backward freed the activations: the
     split at the peak shows few, their own maximum (reached in the forward) many more."""
@@ -86,6 +96,17 @@ def test_a_step_is_followed_unless_an_earlier_one_was_at_least_as_large():
     assert not steps.can_set_peak((105, 6000))  # (110, 8000) is
     optimizer.state[optimizer.param_groups[0]["params"][0]] = {"exp_avg": torch.zeros(3)}
     assert steps.can_set_peak((10, 10))  # the optimizer state grew: every bound is void
+
+
+def test_a_row_the_attention_pads_into_a_batch_is_measured_as_that_batch():
+    """Four records of about 60 tokens run as one padded batch of 4 x 64 (attention.py); one of
+    100 and three of 20 run one call each. The shorter row holds more attention positions, and
+    no measure lets the longer one hide it (the loss of that, a missed peak, was a real bug)."""
+    similar, unequal = step_size([[60, 64, 50, 57]], True), step_size([[100, 20, 20, 20]], True)
+    assert similar == (231, 4 * 64, 4 * 64 * 64) and unequal == (160, 160, 100**2 + 3 * 20**2)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    steps = PeakSteps(optimizer)
+    assert steps.can_set_peak(step_size([[130, 40, 40, 40]], True)) and steps.can_set_peak(similar)
 
 
 def test_compiled_steps_run_beside_tracked_eager_ones(tokenizer, monkeypatch):

@@ -46,7 +46,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_len
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if _flash_varlen_applies(query, kwargs):
         return _flash_varlen(query, key, value, segment_lengths, kwargs.get("scaling")), None
-    if _padding_pays(segment_lengths):
+    if padding_pays(segment_lengths):
         return _segments_as_batch(module, query, key, value, segment_lengths, kwargs), None
     outputs, start = [], 0
     for n in segment_lengths:
@@ -66,7 +66,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_len
 PADDED_WORK_LIMIT = 1.5
 
 
-def _padding_pays(segment_lengths: tuple[int, ...]) -> bool:
+def padding_pays(segment_lengths: tuple[int, ...]) -> bool:
     """Whether one padded causal call beats one call per segment: causal work grows as length squared."""
     longest = max(segment_lengths)
     real = sum(n * n for n in segment_lengths)

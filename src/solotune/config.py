@@ -147,6 +147,11 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # stop early after this many optimizer steps
     shuffle: bool = True  # a new seeded record order every epoch
+    # Each epoch's largest step (most positions, then attention area) runs early: second in the
+    # first epoch (once the optimizer state exists), first in the others, as HF's length-grouped
+    # sampler puts its longest batch first. A run that does not fit stops in its first two
+    # steps, and the memory breakdown (track_memory peak) follows few steps: later ones are smaller.
+    largest_first: bool = True
     lr: float = 2e-4
     schedule: str = field(default="cosine", metadata=choices("cosine", "linear", "constant"))
     warmup_ratio: float = 0.03

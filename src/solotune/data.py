@@ -367,6 +367,21 @@ def plan_steps(n_examples: int, batch: int, epochs: int, seed: int, shuffle: boo
     return steps
 
 
+def largest_step_early(steps: list[list[int]], steps_per_epoch: int, size) -> list[list[int]]:
+    """The same steps with each epoch's largest (by `size(step)`, the first of equals) moved to
+    the front of its epoch, except in the first epoch, where it comes second: after the first
+    update, once the optimizer state exists, nothing that persists between steps grows any more.
+    The other steps keep their order."""
+    reordered = []
+    for start in range(0, len(steps), steps_per_epoch):
+        epoch = steps[start : start + steps_per_epoch]
+        k = max(range(len(epoch)), key=lambda i: size(epoch[i]))
+        rest = [*epoch[:k], *epoch[k + 1 :]]
+        at = 1 if start == 0 and rest else 0
+        reordered += [*rest[:at], epoch[k], *rest[at:]]
+    return reordered
+
+
 def split_micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
     """Split one step's examples into consecutive micro-batches of ceil(n / grad_accum) examples:
     `grad_accum` of them when that divides, fewer for a short last step (none is empty)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from solotune import artifacts, checkpoint, dist, sharding
 from solotune.attention import padding_free_attention
 from solotune.checkpoint import Checkpointer, StopRequests
 from solotune.config import TrainConfig
-from solotune.data import Batch, Example, count_loss_tokens, plan_steps, split_micro_batches
+from solotune.data import Batch, Example, count_loss_tokens, largest_step_early, plan_steps, split_micro_batches
 from solotune.errors import RunStopped, SolotuneError
 from solotune.evaluate import HeldOut
 from solotune.flops import FlopModel
@@ -108,6 +109,10 @@ def train_loop(
     """
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
+    if cfg.largest_first:
+        lengths = [len(e.input_ids) for e in examples]
+        size = functools.partial(_whole_step_size, lengths=lengths, padding_free=cfg.padding_free)
+        steps = largest_step_early(steps, -(-len(examples) // cfg.batch), size)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     loss_fn = ResponseLoss(cfg.ce_chunk)
     run = LoopState(model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), loss_fn, world)
@@ -159,6 +164,11 @@ def train_loop(
     if world.size > 1:
         _sum_over_ranks(run.result)
     return run.result
+
+
+def _whole_step_size(step: list[int], lengths: list[int], padding_free: bool) -> tuple[int, ...]:
+    """A step's size as one micro-batch (`step_size`): what orders the steps for largest_first."""
+    return step_size([[lengths[i] for i in step]], padding_free)
 
 
 def _step_values(result: LoopResult) -> dict:

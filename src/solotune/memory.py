@@ -284,15 +284,30 @@ def _follow_fsdp_storage(on_resize) -> list[_Hook]:
     return hooks
 
 
-def step_size(record_lengths: list[list[int]], padding_free: bool) -> tuple[int, int]:
+def step_size(record_lengths: list[list[int]], padding_free: bool) -> tuple[int, int, int]:
     """What a step's activation peak grows with, from the record lengths of each of its
-    micro-batches; the largest counts (activations are freed between micro-batches): positions,
-    and attention area (the sum of the records' squared lengths), which attention that
-    materialises its scores needs. A padded micro-batch counts every row at its longest."""
+    micro-batches; the largest counts in each measure (activations are freed between
+    micro-batches): positions; the positions attention lays its inputs out in; and the
+    attention area (length squared, summed), which attention that materialises its scores needs.
+
+    A padded micro-batch counts every row at its longest. A padding-free row is one row of its
+    records, but its attention may run them as one right-padded batch (attention.py), which
+    holds padded copies of q, k, v and the output: a row of similar records can then need more
+    than a longer row of unequal ones, so both layouts are measured as the attention runs them.
+    """
     if padding_free:
-        return max(sum(lengths) for lengths in record_lengths), max(sum(n * n for n in ls) for ls in record_lengths)
-    widths = [(len(lengths), max(lengths)) for lengths in record_lengths]
-    return max(rows * width for rows, width in widths), max(rows * width * width for rows, width in widths)
+        sizes = [_packed_size(lengths) for lengths in record_lengths]
+    else:
+        sizes = [(len(ls) * max(ls), len(ls) * max(ls), len(ls) * max(ls) ** 2) for ls in record_lengths]
+    return tuple(max(measure) for measure in zip(*sizes))
+
+
+def _packed_size(lengths: list[int]) -> tuple[int, int, int]:
+    from solotune.attention import padding_pays
+
+    if padding_pays(tuple(lengths)):
+        return sum(lengths), len(lengths) * max(lengths), len(lengths) * max(lengths) ** 2
+    return sum(lengths), sum(lengths), sum(n * n for n in lengths)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -305,25 +320,30 @@ class PeakSteps:
 
     A step's peak is what persists between steps (parameters, optimizer state) plus the
     activations of its largest micro-batch, which grow with its `step_size`. A step cannot set a
-    new peak when an earlier step was at least as large in both measures with the same optimizer
+    new peak when an earlier step was at least as large in every measure with the same optimizer
     state; every other step (the first, the one after the optimizer state appears, any larger in
-    either measure) is one to follow. The steps kept for comparison are the undominated ones.
+    some measure) is one to follow. The steps kept for comparison are the undominated ones.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self.state_bytes: int | None = None
-        self.largest: list[tuple[int, int]] = []  # undominated sizes so far
+        self.largest: list[tuple[int, ...]] = []  # undominated sizes so far
 
     def can_set_peak(self, size: tuple[int, int]) -> bool:
         """Whether a step of `size` (`step_size`) can set a new peak; remembers it if so."""
         state = optimizer_state_bytes(self.optimizer)
         if state != self.state_bytes:  # more persists from now on: earlier steps say nothing
             self.state_bytes, self.largest = state, []
-        if any(p >= size[0] and a >= size[1] for p, a in self.largest):
+        if any(_dominates(earlier, size) for earlier in self.largest):
             return False
-        self.largest = [(p, a) for p, a in self.largest if not (size[0] >= p and size[1] >= a)] + [size]
+        self.largest = [earlier for earlier in self.largest if not _dominates(size, earlier)] + [size]
         return True
+
+
+def _dominates(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether a step of size `a` is at least as large as one of size `b` in every measure."""
+    return all(x >= y for x, y in zip(a, b))
 
 
 class MemoryBreakdown:
