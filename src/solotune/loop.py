@@ -110,8 +110,7 @@ def train_loop(
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
     if cfg.largest_first:
-        lengths = [len(e.input_ids) for e in examples]
-        size = functools.partial(_whole_step_size, lengths=lengths, padding_free=cfg.padding_free)
+        size = functools.partial(_step_tokens, lengths=[len(e.input_ids) for e in examples])
         steps = largest_step_early(steps, -(-len(examples) // cfg.batch), size)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     loss_fn = ResponseLoss(cfg.ce_chunk)
@@ -166,9 +165,11 @@ def train_loop(
     return run.result
 
 
-def _whole_step_size(step: list[int], lengths: list[int], padding_free: bool) -> tuple[int, ...]:
-    """A step's size as one micro-batch (`step_size`): what orders the steps for largest_first."""
-    return step_size([[lengths[i] for i in step]], padding_free)
+def _step_tokens(step: list[int], lengths: list[int]) -> tuple[int, int]:
+    """What orders the steps for largest_first: tokens, then the longest record. From the data
+    alone, so that every technique (padding-free or not, any accumulation or process count)
+    trains on the same order, and an ablation's cells stay comparable."""
+    return sum(lengths[i] for i in step), max(lengths[i] for i in step)
 
 
 def _step_values(result: LoopResult) -> dict:
