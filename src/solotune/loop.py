@@ -166,10 +166,12 @@ def train_loop(
 
 
 def _step_tokens(step: list[int], lengths: list[int]) -> tuple[int, int]:
-    """What orders the steps for largest_first: tokens, then the longest record. From the data
-    alone, so that every technique (padding-free or not, any accumulation or process count)
-    trains on the same order, and an ablation's cells stay comparable."""
-    return sum(lengths[i] for i in step), max(lengths[i] for i in step)
+    """What orders the steps for largest_first: the step as a padded batch (records x the
+    longest), then its tokens. From the data alone, so that every technique (padding-free or
+    not, any accumulation or process count) trains in the same order and an ablation's cells
+    stay comparable. The padded size also bounds the layout padding-free attention may pad a
+    row into, so the step it picks is rarely exceeded in any of `step_size`'s measures."""
+    return len(step) * max(lengths[i] for i in step), sum(lengths[i] for i in step)
 
 
 def _step_values(result: LoopResult) -> dict:
