@@ -151,6 +151,7 @@ class TrainConfig:
     # first epoch (once the optimizer state exists), first in the others, as HF's length-grouped
     # sampler puts its longest batch first. A run that does not fit stops in its first two
     # steps, and the memory breakdown (track_memory peak) follows few steps: later ones are smaller.
+    # Only with shuffle: unshuffled, the data's own order is kept.
     largest_first: bool = True
     lr: float = 2e-4
     schedule: str = field(default="cosine", metadata=choices("cosine", "linear", "constant"))

@@ -375,9 +375,11 @@ def largest_step_early(steps: list[list[int]], steps_per_epoch: int, size) -> li
     reordered = []
     for start in range(0, len(steps), steps_per_epoch):
         epoch = steps[start : start + steps_per_epoch]
+        at = 1 if start == 0 and len(epoch) > 1 else 0
         k = max(range(len(epoch)), key=lambda i: size(epoch[i]))
+        if size(epoch[at]) == size(epoch[k]):  # as large already: nothing to move
+            k = at
         rest = [*epoch[:k], *epoch[k + 1 :]]
-        at = 1 if start == 0 and rest else 0
         reordered += [*rest[:at], epoch[k], *rest[at:]]
     return reordered
 

@@ -109,7 +109,7 @@ def train_loop(
     """
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
-    if cfg.largest_first:
+    if cfg.largest_first and cfg.shuffle:  # unshuffled, the data's own order is kept
         size = functools.partial(_step_tokens, lengths=[len(e.input_ids) for e in examples])
         steps = largest_step_early(steps, -(-len(examples) // cfg.batch), size)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
