@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from solotune.artifacts import atomic_path, write_atomic
 from solotune.errors import SolotuneError
 
 # --type: the GGML type of the 2-D weights (norms and other 1-D tensors stay F32, and a weight
@@ -77,7 +77,7 @@ def export_gguf(
     arch = _architecture(config)
     net, tokenizer, origin, base = _load(adapter, model)
     names = (origin.get("general.name") or Path(base).name, out.stem)
-    with _writing(out) as part:
+    with atomic_path(out) as part:  # nothing partial is left
         counts = _write(part, arch, net, tokenizer, gguf_type, origin, names)
     modelfile = write_modelfile(out, tokenizer) if ollama else None
     return Exported(str(out), gguf_type, out.stat().st_size / 2**20, time.perf_counter() - start, *counts, modelfile)
@@ -136,25 +136,6 @@ def _load(adapter: str | None, model: str | None):
     source = resolve_model_source(mcfg)
     net = load_model(source, mcfg, torch.float32, torch.device("cpu")).eval()
     return net, load_tokenizer(source, mcfg), gguf_origin(source), source
-
-
-class _writing:
-    """A temporary file beside `out`, renamed to it only when complete: nothing partial is left."""
-
-    def __init__(self, out: Path):
-        self.out = out
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".part")
-        os.close(fd)
-        self.part = Path(name)
-        return self.part
-
-    def __exit__(self, kind, error, tb) -> None:
-        if kind is None:
-            os.replace(self.part, self.out)
-        else:
-            self.part.unlink(missing_ok=True)
 
 
 def _write(path: Path, arch: str, model, tokenizer, gguf_type: str, origin: dict, names) -> tuple[int, int]:
@@ -363,7 +344,7 @@ def write_modelfile(gguf_path: Path, tokenizer) -> str:
         lines.append("# No TEMPLATE: the chat format is not one solotune translates; Ollama reads the GGUF's own.")
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     path = gguf_path.parent / MODELFILE
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return str(path)
 
 

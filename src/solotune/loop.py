@@ -110,7 +110,7 @@ def train_loop(
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
     if cfg.largest_first and cfg.shuffle:  # unshuffled, the data's own order is kept
-        size = functools.partial(_step_tokens, lengths=[len(e.input_ids) for e in examples])
+        size = functools.partial(_padded_size, lengths=[len(e.input_ids) for e in examples])
         steps = largest_step_early(steps, -(-len(examples) // cfg.batch), size)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     loss_fn = ResponseLoss(cfg.ce_chunk)
@@ -165,7 +165,7 @@ def train_loop(
     return run.result
 
 
-def _step_tokens(step: list[int], lengths: list[int]) -> tuple[int, int]:
+def _padded_size(step: list[int], lengths: list[int]) -> tuple[int, int]:
     """What orders the steps for largest_first: the step as a padded batch (records x the
     longest), then its tokens. From the data alone, so that every technique (padding-free or
     not, any accumulation or process count) trains in the same order and an ablation's cells

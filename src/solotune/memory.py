@@ -330,7 +330,7 @@ class PeakSteps:
         self.state_bytes: int | None = None
         self.largest: list[tuple[int, ...]] = []  # undominated sizes so far
 
-    def can_set_peak(self, size: tuple[int, int]) -> bool:
+    def can_set_peak(self, size: tuple[int, ...]) -> bool:
         """Whether a step of `size` (`step_size`) can set a new peak; remembers it if so."""
         state = optimizer_state_bytes(self.optimizer)
         if state != self.state_bytes:  # more persists from now on: earlier steps say nothing
