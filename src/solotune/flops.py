@@ -24,6 +24,7 @@ import torch
 from solotune.artifacts import write_json
 from solotune.data import Batch
 from solotune.models import cache_dir
+from solotune.precision import cpu_has_native_bf16
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,8 @@ def _record_lengths(batch: Batch) -> list[int]:
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The best FLOP/s of a large square matmul on this device in this dtype (measured, cached)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    key = f"{device.type}|{name}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    """The best FLOP/s of a large matmul on this device in this dtype (measured, cached)."""
+    key = f"{_device_name(device)}|{dtype}|threads={torch.get_num_threads()}|torch={torch.__version__}"
     cache = cache_dir() / "matmul_peak.json"
     known = _read_cache(cache)
     if not isinstance(known.get(key), (int, float)) or known[key] <= 0:
@@ -87,6 +87,24 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return known[key]
 
 
+def _device_name(device: torch.device) -> str:
+    """What sets the peak: the GPU's name; on the CPU its model, vector ISA and whether it has bf16.
+
+    Two CPUs sold under one name ("AMD EPYC") can differ by AVX512-BF16, which changes the bf16
+    peak a hundredfold, so a peak cached on one must not be read on the other.
+    """
+    if device.type == "cuda":
+        return f"cuda|{torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    bf16 = "native-bf16" if cpu_has_native_bf16() else "emulated-bf16"
+    return f"cpu|{model}|{torch.backends.cpu.get_cpu_capability()}|{bf16}"
+
+
 def _read_cache(path: Path) -> dict:
     """The cached peaks; an unreadable or damaged cache is an empty one."""
     try:
@@ -97,18 +115,22 @@ def _read_cache(path: Path) -> dict:
 
 
 def _measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
+    """The best of the two layouts a linear layer runs: its forward `x @ W.T` and its weight gradient
+    `g.T @ x`. A CPU that emulates bf16 runs these five to ten times faster than `a @ b` of two row-major
+    operands (solotune.cpu_bf16), so that product would understate the peak and overstate MFU."""
     best = 0.0
     for n in (1024, 2048, 4096, 8192):
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        torch.matmul(a, b)  # warm-up
-        for _ in range(2):
-            _sync(device)
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            best = max(best, 2 * n**3 / elapsed)
+        for left, right in ((a, b.T), (a.T, b)):
+            torch.matmul(left, right)  # warm-up
+            for _ in range(2):
+                _sync(device)
+                start = time.perf_counter()
+                torch.matmul(left, right)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                best = max(best, 2 * n**3 / elapsed)
         if elapsed > 0.1:  # long enough to reach the peak; larger only costs time
             break
     return best

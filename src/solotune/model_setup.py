@@ -11,6 +11,7 @@ import contextlib
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from solotune import cpu_bf16
 from solotune.adapters import apply_lora, prepare_full_finetune, resolve_targets
 from solotune.config import RunConfig
 from solotune.errors import SolotuneError
@@ -31,7 +32,10 @@ def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
     )
     if cfg.lora.enabled:
         print(resolve_targets(model, cfg.lora.target_modules)[1])
-    return prepare_model(model, cfg)
+    model = prepare_model(model, cfg)
+    if cpu_bf16.emulates_bf16(policy):
+        cpu_bf16.use_fast_layouts(model)
+    return model
 
 
 def prepare_model(model, cfg: RunConfig):
