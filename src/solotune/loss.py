@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from solotune import sharding
-from solotune.cpu_bf16 import right_operand
+from solotune.cpu_bf16 import matmul
 from solotune.data import IGNORE_INDEX, Batch
 
 
@@ -85,9 +85,9 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
             grad_logits[rows, t_c] -= 1
             g = grad_logits.to(head_dtype)
             if weight_in_head_dtype is None:  # cast once, not per chunk (a no-op unless autocast casts)
-                weight_in_head_dtype = right_operand(weight.to(head_dtype))
+                weight_in_head_dtype = weight.to(head_dtype)
             if need_h:
-                grad_h[start : start + chunk] = g @ weight_in_head_dtype
+                grad_h[start : start + chunk] = matmul(g, weight_in_head_dtype)  # fast where bf16 is emulated
             if need_w:
                 grad_w += g.T @ h_c.to(head_dtype)
             if need_b:
