@@ -31,7 +31,14 @@ LAYOUTS = {
     "weight gradient g.T @ x": lambda x, w, g: g.T @ x,
     "input gradient g @ W": lambda x, w, g: g @ w,
     "input gradient g @ column_major(W)": lambda x, w, g: g @ w.T.contiguous().T,
+    "input gradient cpu_bf16.matmul(g, W)": lambda x, w, g: _sliced(g, w),
 }
+
+
+def _sliced(g, w):
+    from solotune.cpu_bf16 import matmul
+
+    return matmul(g, w)  # where bf16 is emulated, W column-major 4,096 rows at a time
 
 
 def layout_gflops(dtype, tokens: int, d_in: int, d_out: int, reps: int = 3) -> dict[str, float]:
