@@ -53,7 +53,7 @@ def test_tracking_only_the_steps_that_can_set_the_peak_gives_the_whole_breakdown
     peak = run_loop(tokenizer, "peak", full=full, padding_free=padding_free)
     assert peak.losses == always.losses
     assert always.memory["tracked_steps"] == 12
-    assert 2 <= peak.memory["tracked_steps"] < 12
+    assert 1 <= peak.memory["tracked_steps"] < 12
     assert {k: peak.memory[k] for k in PARTS} == {k: always.memory[k] for k in PARTS}
     assert peak.memory["part_max"] == always.memory["part_max"]  # each part's maximum over the loop
     for part, most in always.memory["part_max"].items():
@@ -61,12 +61,13 @@ def test_tracking_only_the_steps_that_can_set_the_peak_gives_the_whole_breakdown
 
 
 def test_the_largest_step_first_leaves_few_steps_to_follow(tokenizer):
-    """Each epoch opens with its largest step, so `peak` follows the first step, the one after
-    the optimizer state appears, and at most the second epoch's opener; in the planned order it
-    follows more. The breakdown is the same either way."""
-    first = run_loop(tokenizer, "peak")
-    planned = run_loop(tokenizer, "peak", largest_first=False)
-    assert first.memory["tracked_steps"] <= 3 < planned.memory["tracked_steps"]
+    """With the optimizer state allocated before the loop and each epoch opened by its largest
+    step, `peak` follows one step of these 12 (padded batches, whose size the ordering key,
+    records x longest, measures); in the planned order it follows three. The breakdown is the
+    same either way."""
+    first = run_loop(tokenizer, "peak", padding_free=False, seed=3)
+    planned = run_loop(tokenizer, "peak", padding_free=False, seed=3, largest_first=False)
+    assert first.memory["tracked_steps"] == 1 < planned.memory["tracked_steps"]
     assert {k: first.memory[k] for k in PARTS} == {k: planned.memory[k] for k in PARTS}
 
 

@@ -147,10 +147,10 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # stop early after this many optimizer steps
     shuffle: bool = True  # a new seeded record order every epoch
-    # Each epoch's largest step (most positions, then attention area) runs early: second in the
-    # first epoch (once the optimizer state exists), first in the others, as HF's length-grouped
-    # sampler puts its longest batch first. A run that does not fit stops in its first two
-    # steps, and the memory breakdown (track_memory peak) follows few steps: later ones are smaller.
+    # Each epoch's largest step (records x the longest, then tokens: the data alone decides)
+    # runs first, as HF's length-grouped sampler puts its longest batch first; the optimizer
+    # state exists before it (optim.create_state). A run that does not fit stops in its first
+    # step, and the memory breakdown (track_memory peak) follows few steps: later ones are smaller.
     # Only with shuffle: unshuffled, the data's own order is kept.
     largest_first: bool = True
     lr: float = 2e-4

@@ -369,18 +369,16 @@ def plan_steps(n_examples: int, batch: int, epochs: int, seed: int, shuffle: boo
 
 def largest_step_early(steps: list[list[int]], steps_per_epoch: int, size) -> list[list[int]]:
     """The same steps with each epoch's largest (by `size(step)`, the first of equals) moved to
-    the front of its epoch, except in the first epoch, where it comes second: after the first
-    update, once the optimizer state exists, nothing that persists between steps grows any more.
-    The other steps keep their order."""
+    the front of its epoch. The optimizer state exists before the first step
+    (`optim.create_state`), so nothing that persists between steps grows after it, and no later
+    step of the epoch can hold more. The other steps keep their order."""
     reordered = []
     for start in range(0, len(steps), steps_per_epoch):
         epoch = steps[start : start + steps_per_epoch]
-        at = 1 if start == 0 and len(epoch) > 1 else 0
         k = max(range(len(epoch)), key=lambda i: size(epoch[i]))
-        if size(epoch[at]) == size(epoch[k]):  # as large already: nothing to move
-            k = at
-        rest = [*epoch[:k], *epoch[k + 1 :]]
-        reordered += [*rest[:at], epoch[k], *rest[at:]]
+        if size(epoch[0]) == size(epoch[k]):  # as large already: nothing to move
+            k = 0
+        reordered += [epoch[k], *epoch[:k], *epoch[k + 1 :]]
     return reordered
 
 
