@@ -321,8 +321,10 @@ class PeakSteps:
     A step's peak is what persists between steps (parameters, optimizer state) plus the
     activations of its largest micro-batch, which grow with its `step_size`. A step cannot set a
     new peak when an earlier step was at least as large in every measure with the same optimizer
-    state; every other step (the first, the one after the optimizer state appears, any larger in
-    some measure) is one to follow. The steps kept for comparison are the undominated ones.
+    state; every other step (the first, one after the optimizer state grows, any larger in some
+    measure) is one to follow. The steps kept for comparison are the undominated ones. The loop's
+    optimizer has its state before the first step (`optim.create_state`), so that normally the
+    first step, the epoch's largest (`data.largest_step_early`), is the only one.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
