@@ -30,7 +30,7 @@ from solotune.flops import FlopModel
 from solotune.loss import ResponseLoss
 from solotune.memory import MemoryBreakdown, PeakMemoryProbe, memory_report, step_size
 from solotune.model_setup import CompiledLayers, choose_compile, compile_seconds
-from solotune.optim import make_optimizer
+from solotune.optim import create_state, make_optimizer
 from solotune.precision import PrecisionPolicy
 from solotune.step import NonFiniteStep, StepResult, make_batch, train_step
 
@@ -113,6 +113,7 @@ def train_loop(
         size = functools.partial(_padded_size, lengths=[len(e.input_ids) for e in examples])
         steps = largest_step_early(steps, -(-len(examples) // cfg.batch), size)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
+    create_state(optimizer)  # before the first step, which is then the only one PeakSteps follows
     loss_fn = ResponseLoss(cfg.ce_chunk)
     run = LoopState(model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), loss_fn, world)
     run.probe = PeakMemoryProbe(policy.device)

@@ -32,12 +32,10 @@ def new_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
-    """The configured optimizer over the model's trainable parameters, its state already
-    allocated (`create_state`), and its schedule: linear warm-up over `warmup_ratio` of the
-    steps, then the configured decay."""
+    """The configured optimizer over the model's trainable parameters, and its schedule: linear
+    warm-up over `warmup_ratio` of the steps, then the configured decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = new_optimizer(cfg.optim, params, cfg.lr, cfg.weight_decay)
-    create_state(optimizer)
     name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
     warmup = round(cfg.warmup_ratio * total_steps)
     scheduler = transformers.get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -81,14 +81,12 @@ def resolve_mp(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
         )
     if requested == "fp16":
         return torch.float16, "mixed precision: fp16 autocast (requested; slow on CPUs without native fp16)"
-    note = (
-        ""
-        if fast_bf16
-        else (
-            "; this CPU has no native bf16: slower than fp32, with each matmul laid out as its emulation runs fastest"
-        )
+    if fast_bf16:
+        return torch.bfloat16, "mixed precision: bf16 autocast (requested)"
+    return torch.bfloat16, (
+        "mixed precision: bf16 autocast (requested; this CPU has no native bf16: slower than fp32, "
+        "with each matmul laid out as its emulation runs fastest)"
     )
-    return torch.bfloat16, f"mixed precision: bf16 autocast (requested{note})"
 
 
 def cpu_has_native_bf16() -> bool:
