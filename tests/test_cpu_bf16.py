@@ -1,6 +1,6 @@
 """bf16 on a CPU that emulates it: the fast-layout linears and head compute autograd's numbers.
 
-Whether this CPU emulates bf16 is forced both ways (`_native_bf16`), so each path is tested on
+Whether this CPU emulates bf16 is forced both ways (`cpu_has_native_bf16`), so each path is tested on
 every machine; the numbers are compared with autograd's own bf16 linear, whose products round
 once to bf16 per element as these do (stated tolerances).
 """
@@ -26,7 +26,7 @@ BF16 = torch.bfloat16
 @pytest.fixture
 def emulated(monkeypatch):
     """This CPU treated as one that multiplies bf16 in software."""
-    monkeypatch.setattr(cpu_bf16, "_native_bf16", lambda: False)
+    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: False)
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,9 +95,9 @@ def test_a_model_with_fast_layouts_trains_as_autograd_does(tokenizer, monkeypatc
             if "lora_B" in name:  # a non-zero update, so that gradients flow through both adapter matrices
                 p.data.normal_(std=0.02)
     batch = collate_packed(examples(tokenizer))
-    monkeypatch.setattr(cpu_bf16, "_native_bf16", lambda: True)  # the reference: autograd's own layouts
+    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: True)  # the reference: autograd's own layouts
     ref_loss, ref_grads = loss_and_grads(model, batch, chunk)
-    monkeypatch.setattr(cpu_bf16, "_native_bf16", lambda: False)
+    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: False)
     assert cpu_bf16.use_fast_layouts(model) > 0
     loss, grads = loss_and_grads(model, batch, chunk)
     assert loss == pytest.approx(ref_loss, rel=1e-3)
@@ -109,7 +109,7 @@ def test_a_model_with_fast_layouts_trains_as_autograd_does(tokenizer, monkeypatc
 @pytest.mark.parametrize("native", [False, True], ids=["emulated", "native"])
 @pytest.mark.parametrize("mp", ["bf16", "off"])
 def test_build_model_lays_out_linears_only_where_bf16_is_emulated(tmp_path, monkeypatch, native, mp):
-    monkeypatch.setattr(cpu_bf16, "_native_bf16", lambda: native)
+    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: native)
     cfg = RunConfig()
     cfg.precision.mp = mp
     policy = resolve_policy(cfg.precision, "cpu", frozen_base=True)
@@ -130,7 +130,7 @@ def test_fast_layouts_hold_what_autograd_holds(tmp_path, tokenizer, monkeypatch,
     exs, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
     results = {}
     for native in (True, False):
-        monkeypatch.setattr(cpu_bf16, "_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda native=native: native)
         cfg = RunConfig()
         cfg.precision.mp, cfg.lora.enabled, cfg.lora.dropout = "bf16", lora, 0.0
         policy = resolve_policy(cfg.precision, "cpu", frozen_base=lora)
@@ -152,9 +152,9 @@ def test_matmul_copies_a_slice_of_rows_at_a_time_where_bf16_is_emulated(monkeypa
     column_major = cpu_bf16.column_major
     monkeypatch.setattr(cpu_bf16, "column_major", lambda t: copies.append(t.shape[0]) or column_major(t))
     monkeypatch.setattr(cpu_bf16, "SLICE_ROWS", 16)
-    monkeypatch.setattr(cpu_bf16, "_native_bf16", lambda: True)
+    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: True)
     assert torch.equal(cpu_bf16.matmul(a, b), a @ b) and copies == []
-    monkeypatch.setattr(cpu_bf16, "_native_bf16", lambda: False)
+    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: False)
     product = cpu_bf16.matmul(a, b)
     assert copies == [16, 16, 16, 2] and product.dtype == BF16
     assert relative(product, a.float() @ b.float()) < 1e-2

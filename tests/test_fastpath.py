@@ -141,7 +141,7 @@ def test_fused_head_under_bf16_autocast_matches_the_full_logits(tokenizer, monke
 
     With the layouts of a CPU with bf16 in hardware on every machine; an emulating CPU's column-major
     head weight rounds differently, and test_cpu_bf16 compares it with autograd at bf16's tolerance."""
-    monkeypatch.setattr(cpu_bf16, "_native_bf16", lambda: True)
+    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: True)
     exs = examples(tokenizer)
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0))
     assert_chunked_equals_full(model, collate_packed(exs), dtype=torch.bfloat16, rel=1e-6)  # measured: equal

@@ -15,7 +15,6 @@ a copy would only cost time and memory.
 
 from __future__ import annotations
 
-import functools
 import types
 
 import torch
@@ -24,14 +23,9 @@ import torch.nn.functional as F
 from solotune.precision import PrecisionPolicy, cpu_has_native_bf16
 
 
-@functools.cache
-def _native_bf16() -> bool:
-    return cpu_has_native_bf16()
-
-
 def emulates_bf16(policy: PrecisionPolicy) -> bool:
     """True where the run computes in bf16 on a CPU without bf16 in hardware."""
-    return policy.device.type == "cpu" and policy.compute_dtype == torch.bfloat16 and not _native_bf16()
+    return policy.device.type == "cpu" and policy.compute_dtype == torch.bfloat16 and not cpu_has_native_bf16()
 
 
 def column_major(t: torch.Tensor) -> torch.Tensor:
@@ -47,7 +41,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     The slices' products are summed in fp32 and rounded once to bf16, as one product is.
     """
-    if b.dtype != torch.bfloat16 or b.device.type != "cpu" or _native_bf16():
+    if b.dtype != torch.bfloat16 or b.device.type != "cpu" or cpu_has_native_bf16():
         return a @ b
     if b.shape[0] <= SLICE_ROWS:
         return a @ column_major(b)
@@ -69,7 +63,6 @@ class FastLayoutLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         need_x, need_w, _ = ctx.needs_input_grad
         ctx.save_for_backward(x if need_w else None, weight if need_x else None)
-        ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -79,7 +72,7 @@ class FastLayoutLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = matmul(g, weight).view(*grad.shape[:-1], weight.shape[1]) if need_x else None
         grad_w = g.T @ x.reshape(-1, x.shape[-1]) if need_w else None
-        grad_b = g.sum(0) if need_b and ctx.has_bias else None
+        grad_b = g.sum(0) if need_b else None  # False where there is no bias
         return grad_x, grad_w, grad_b
 
 

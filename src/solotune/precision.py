@@ -7,6 +7,7 @@ The loop never asks "is this fp16?": it enters `policy.autocast()` and goes thro
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +90,7 @@ def resolve_mp(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     )
 
 
+@functools.cache  # the CPU does not change under a process; read once
 def cpu_has_native_bf16() -> bool:
     """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), read from /proc/cpuinfo.
 
