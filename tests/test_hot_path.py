@@ -4,10 +4,12 @@ tracked ones, and one device-to-host sync per optimizer step."""
 import contextlib
 import functools
 import importlib.util
+import os
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from solotune import loop as loop_module
 from solotune.adapters import apply_lora, prepare_full_finetune
@@ -139,40 +141,133 @@ def test_compile_auto_turns_on_where_it_pays_back():
 # Device-to-host syncs
 
 
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+# On a GPU each of these waits for the device. Seen through the dispatcher: a value read into
+# Python (item, bool, float, int, an index), and the ops whose output shape depends on the
+# values (nonzero, a boolean mask, unique, repeat_interleave without its size); a tensor made
+# from Python data inside the step (on a GPU, a copy from pageable host memory, which waits).
+SYNCING_OPS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_consecutive.default,
+    torch.ops.aten.lift_fresh.default,
+}
+# Seen only in Python: copies to the host, and copies to a device that wait for it. Every tensor
+# is on the CPU here, so `.to(device)` cannot tell a copy from the host from a no-op on the same
+# device (the libraries' own, e.g. clip_grad_norm_'s); solotune's own calls are the ones counted.
+HOST_COPIES = ("tolist", "numpy", "cpu", "to")
 
 
-@contextlib.contextmanager
-def counted_host_reads(optimizer):
-    """Count reads of tensor values into Python (on a GPU each is a sync): ours, and those of
-    transformers' mask builder apart. Reads inside `optimizer.step()` are left out: they are of
-    step counters, which PyTorch keeps on the CPU on every device."""
-    counts = {"reads": 0, "transformers_mask": 0, "in_optimizer": False}
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+def _waits(func, args, kwargs) -> bool:
+    if func in SYNCING_OPS:
+        return True
+    if func is torch.ops.aten.index.Tensor:  # a boolean mask is a nonzero
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+    if func is torch.ops.aten.repeat_interleave.Tensor:
+        return kwargs.get("output_size") is None
+    return False
 
-    def counting(name):
-        def read(self, *args, **kwargs):
-            if "masking_utils" in sys._getframe(1).f_code.co_filename:
-                counts["transformers_mask"] += 1
-            elif not counts["in_optimizer"]:
-                counts["reads"] += 1
-            return originals[name](self, *args, **kwargs)
 
-        return read
+def _blocking_copy(name: str, args: tuple, kwargs: dict, caller) -> bool:
+    """`.to(device)` without non_blocking=True, by solotune: on a GPU, from pageable memory, it waits."""
+    if name != "to":
+        return True
+    to_device = "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args)
+    ours = f"{os.sep}solotune{os.sep}" in caller.f_code.co_filename
+    return ours and to_device and not kwargs.get("non_blocking", False)
 
-    hooks = [
-        optimizer.register_step_pre_hook(lambda *_: counts.__setitem__("in_optimizer", True)),
-        optimizer.register_step_post_hook(lambda *_: counts.__setitem__("in_optimizer", False)),
-    ]
-    for name in HOST_READS:
-        setattr(torch.Tensor, name, counting(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
+
+def _called_from(module: str) -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if module in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the calls that would make the host wait for a GPU: ours, and those of transformers'
+    mask builder apart. Calls inside `optimizer.step()` are left out: they read step counters,
+    which PyTorch keeps on the CPU on every device."""
+
+    def __init__(self, optimizer):
+        super().__init__()
+        self.counts = {"reads": 0, "transformers_mask": 0}
+        self.where = []
+        self.in_optimizer = False
+        self.hooks = [
+            optimizer.register_step_pre_hook(lambda *_: setattr(self, "in_optimizer", True)),
+            optimizer.register_step_post_hook(lambda *_: setattr(self, "in_optimizer", False)),
+        ]
+        self.originals = {name: getattr(torch.Tensor, name) for name in HOST_COPIES}
+
+    def count(self, what: str) -> None:
+        if _called_from("masking_utils"):
+            self.counts["transformers_mask"] += 1
+        elif not self.in_optimizer:
+            self.counts["reads"] += 1
+            self.where.append(what)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _waits(func, args, kwargs):
+            self.count(str(func))
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        for name in HOST_COPIES:
+            setattr(torch.Tensor, name, self._copying(name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
             setattr(torch.Tensor, name, original)
-        for h in hooks:
+        for h in self.hooks:
             h.remove()
+        return super().__exit__(*exc)
+
+    def _copying(self, name):
+        original = self.originals[name]
+
+        def copy(tensor, *args, **kwargs):
+            caller = sys._getframe(1)
+            if _blocking_copy(name, args, kwargs, caller):
+                self.count(f"Tensor.{name} at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return original(tensor, *args, **kwargs)
+
+        return copy
+
+
+OUR_FILE = os.path.join(os.sep, "src", "solotune", "step.py")  # a call made as if from solotune's code
+
+
+def test_the_sync_counter_sees_each_kind_of_wait():
+    """Each kind of call that waits for a GPU counts once; none of the step's own ops does."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    x = torch.randn(8)
+    waits = {
+        "item": lambda: x.sum().item(),
+        "bool": lambda: bool(x.sum() > 0),
+        "tolist": lambda: x.tolist(),
+        "cpu": lambda: x.cpu(),
+        "nonzero": lambda: x.nonzero(),
+        "mask": lambda: x[x > 0],
+        "tensor from data": lambda: torch.tensor([1, 2], device=x.device),
+        "blocking copy": lambda: eval(compile("x.to(x.device)", OUR_FILE, "eval"), {"x": x}),
+        "repeat_interleave": lambda: x[:2].repeat_interleave(torch.full((2,), 2)),
+    }
+    for name, call in waits.items():
+        with HostSyncs(optimizer) as syncs:
+            call()
+        assert syncs.counts["reads"] == 1, (name, syncs.where)
+    with HostSyncs(optimizer) as syncs:
+        eval(compile("x.to(x.device, non_blocking=True)", OUR_FILE, "eval"), {"x": x})
+        y = (x * 2).to(x.device).softmax(0)  # a library's .to: not counted (see HOST_COPIES)
+        y[torch.arange(3)] += 1  # index_put with integer indices: no wait
+        torch.repeat_interleave(x, torch.full((8,), 2), output_size=16)
+    assert syncs.counts["reads"] == 0, syncs.where
 
 
 @pytest.mark.parametrize(
@@ -193,9 +288,11 @@ def test_one_host_read_per_optimizer_step(tokenizer, mp, full, padding_free, gra
     with attention:
         train_step(model, micro, optimizer, scheduler, policy, 1.0, check_gradients=True)  # step 1 checks more
         for _ in range(2):
-            with counted_host_reads(optimizer) as counts:
-                out = train_step(model, micro, optimizer, scheduler, policy, 1.0)
-            assert counts["reads"] == 1, counts
+            with HostSyncs(optimizer) as syncs:  # the batch's move to the device included, as the loop does
+                on_device = [mb.to(policy.device) for mb in micro]
+                out = train_step(model, on_device, optimizer, scheduler, policy, 1.0)
+            counts = syncs.counts
+            assert counts["reads"] == 1, syncs.where
             # transformers reads a padded batch's mask back to see whether it may skip it; a
             # padding-free row (the default) has no mask to read
             assert (counts["transformers_mask"] > 0) == any(mb.has_padding for mb in micro), counts

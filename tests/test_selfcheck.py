@@ -141,6 +141,3 @@ def test_check_gradients_allows_a_zero_lora_a_gradient_only_while_its_b_is_zero(
     a.grad[0, 0] = float("nan")
     with pytest.raises(SolotuneError, match=r"1 got inf/NaN gradients: .*lora_A"):
         check_gradients(model)
-    with pytest.raises(SolotuneError) as overflow_allowed:
-        check_gradients(model, gradients_may_overflow=True)  # fp16: inf/NaN are the scaler's to skip
-    assert "inf/NaN" not in str(overflow_allowed.value) and "all-zero" in str(overflow_allowed.value)

@@ -7,6 +7,7 @@ import transformers
 from solotune.adapters import apply_lora, prepare_full_finetune
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, collate, split_micro_batches, tokenize_records
+from solotune.errors import SolotuneError
 from solotune.loop import train_loop
 from solotune.model_setup import enable_checkpointing
 from solotune.optim import make_optimizer
@@ -142,6 +143,46 @@ def test_fp16_uses_the_scaler_and_skips_overflowing_steps(tokenizer):
     assert second.skipped and policy.scaler.get_scale() < 2.0**120
     assert all(torch.equal(p, s) for p, s in zip(lora_b, snapshot))
     assert scheduler.get_last_lr() == lr and scheduler.last_epoch == 1  # the schedule waits for a real update
+
+
+def test_fp16_trains_when_its_first_steps_overflow(tokenizer):
+    """The gradient scaler starts high and halves until the scaled gradients fit: on a GPU the
+    first fp16 steps overflow by design. There, as here, the overflow starts near the output and
+    reaches the lower layers as inf, while the upper layers' gradients stay finite; clipping by
+    the infinite norm turns those to zeros. The gradient check must wait for the first step the
+    scaler applies, check that one, and the run trains."""
+    policy = resolve_policy(PrecisionConfig(mp="fp16"), "cpu", frozen_base=True)
+    policy.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # overflows part of this model's gradients
+    model = apply_lora(make_model(tokenizer).to(policy.base_dtype), LoraConfig(r=4, dropout=0.0))
+    examples = examples_from(tokenizer, varied_rows(4))
+    accumulate_gradients(model.train(), [collate(examples, tokenizer.pad_token_id)], policy)
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    finite = [bool(g.isfinite().all()) for g in grads]
+    assert any(finite) and not all(finite), finite  # the case the GPU met: a partial overflow,
+    assert torch.nn.utils.get_total_norm(grads).item() == float("inf")  # inf, not NaN: clipping zeroes the rest
+    model.zero_grad(set_to_none=True)
+
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    cfg = TrainConfig(batch=4, max_steps=12, epochs=12, lr=1e-2, warmup_ratio=0.0, schedule="constant")
+    result = train_loop(model, examples, tokenizer.pad_token_id, policy, cfg)
+    assert 1 <= result.skipped_steps < 12  # overflowed first, then applied
+    assert policy.scaler.get_scale() < 2.0**16
+    assert all(not torch.equal(p, lora_b[n]) for n, p in model.named_parameters() if n in lora_b)
+    applied = result.losses[result.skipped_steps :]
+    assert applied[-1] < applied[0]
+
+
+def test_the_gradient_check_still_stops_an_fp16_run_whose_parameter_gets_no_gradient(tokenizer):
+    """Waiting for an applied step must not let a real fault through: a LoRA B cut off from
+    backward stops the run at the first step the scaler applies."""
+    policy = resolve_policy(PrecisionConfig(mp="fp16"), "cpu", frozen_base=True)
+    policy.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    model = apply_lora(make_model(tokenizer).to(policy.base_dtype), LoraConfig(r=4, dropout=0.0))
+    cut = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_B.default"))
+    cut.register_forward_hook(lambda _m, _args, out: out.detach())
+    cfg = TrainConfig(batch=4, max_steps=12, epochs=12, lr=1e-2, warmup_ratio=0.0)
+    with pytest.raises(SolotuneError, match=r"got no gradient .*q_proj\.lora_B"):
+        train_loop(model.train(), examples_from(tokenizer, varied_rows(4)), tokenizer.pad_token_id, policy, cfg)
 
 
 def test_the_loop_follows_a_plain_reference_loop_step_by_step(tokenizer):

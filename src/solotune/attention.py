@@ -40,14 +40,22 @@ except ImportError:  # torch < 2.10
 # Left out of torch.compile (--train.compile): traced, the loop over segments would unroll into
 # the graph with one slice per record; the layer's graph breaks here instead.
 @torch.compiler.disable
-def varlen_sdpa_attention(module, query, key, value, attention_mask, segment_lengths=None, **kwargs):
-    """Attention of (B, H, T, D) tensors; with `segment_lengths`, causal within each segment."""
+def varlen_sdpa_attention(
+    module, query, key, value, attention_mask, segment_lengths=None, segment_offsets=None, **kwargs
+):
+    """Attention of (B, H, T, D) tensors; with `segment_lengths`, causal within each segment.
+
+    `segment_offsets`: the (N+1,) int32 offsets of the segments, already on the device
+    (data.Batch); made here from the lengths where a caller has none.
+    """
     if segment_lengths is None:  # rows without padding only (see the module's docstring)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if segment_offsets is None:
+        segment_offsets = _cumulative_lengths(segment_lengths, query.device)
     if _flash_varlen_applies(query, kwargs):
-        return _flash_varlen(query, key, value, segment_lengths, kwargs.get("scaling")), None
+        return _flash_varlen(query, key, value, segment_lengths, segment_offsets, kwargs.get("scaling")), None
     if padding_pays(segment_lengths):
-        return _segments_as_batch(module, query, key, value, segment_lengths, kwargs), None
+        return _segments_as_batch(module, query, key, value, segment_lengths, segment_offsets, kwargs), None
     outputs, start = [], 0
     for n in segment_lengths:
         end = start + n
@@ -73,16 +81,16 @@ def padding_pays(segment_lengths: tuple[int, ...]) -> bool:
     return len(segment_lengths) > 1 and len(segment_lengths) * longest * longest <= PADDED_WORK_LIMIT * real
 
 
-def _segments_as_batch(module, query, key, value, segment_lengths: tuple[int, ...], kwargs: dict) -> torch.Tensor:
+def _segments_as_batch(
+    module, query, key, value, segment_lengths: tuple[int, ...], offsets: torch.Tensor, kwargs: dict
+) -> torch.Tensor:
     """Causal SDPA over the row's segments as one right-padded batch: (1, H, T, D) in, (1, T, H, D) out.
 
     Right padding needs no mask: a real position attends only to earlier positions, all of its
     own segment. The padded positions' outputs are never gathered back, so they get no gradient.
     """
-    # (T,) slot of each position in n x longest. Made anew in each layer: a tensor kept across
-    # steps would be memory that only the steps it was made in account for (memory.py).
-    slots = torch.tensor(_padded_slots(segment_lengths), device=query.device)
     n, longest = len(segment_lengths), max(segment_lengths)
+    slots = _padded_slots(offsets, query.shape[2], longest)
 
     def padded(t: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (n, H, longest, D)
         rows = t[0].transpose(0, 1)  # (T, H, D)
@@ -93,11 +101,17 @@ def _segments_as_batch(module, query, key, value, segment_lengths: tuple[int, ..
     return out.reshape(n * longest, *out.shape[2:]).index_select(0, slots).unsqueeze(0)  # (1, T, H, D)
 
 
-@functools.lru_cache(maxsize=8)
-def _padded_slots(segment_lengths: tuple[int, ...]) -> tuple[int, ...]:
-    """Position t of segment i, offset j -> i * longest + j; worked out once per row."""
-    longest = max(segment_lengths)
-    return tuple(i * longest + j for i, n in enumerate(segment_lengths) for j in range(n))
+def _padded_slots(offsets: torch.Tensor, T: int, longest: int) -> torch.Tensor:
+    """(T,) slot of each position in n x longest: position j of segment i -> i * longest + j.
+
+    Worked out on the device from the offsets, with no shape that depends on their values, so
+    nothing is read back. Made anew in each layer: a tensor kept across steps would be memory
+    that only the steps it was made in account for (memory.py).
+    """
+    offsets = offsets.long()
+    t = torch.arange(T, device=offsets.device)
+    segment = torch.searchsorted(offsets[1:], t, right=True)  # (T,) which segment each position is in
+    return segment * longest + t - offsets[segment]
 
 
 def _flash_varlen_applies(query: torch.Tensor, kwargs: dict) -> bool:
@@ -111,7 +125,9 @@ def _flash_varlen_applies(query: torch.Tensor, kwargs: dict) -> bool:
     )
 
 
-def _flash_varlen(query, key, value, segment_lengths: tuple[int, ...], scale: float | None) -> torch.Tensor:
+def _flash_varlen(
+    query, key, value, segment_lengths: tuple[int, ...], offsets: torch.Tensor, scale: float | None
+) -> torch.Tensor:
     """One flash-attention call over the row: (1, H, T, D) in, (1, T, H, D) out."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     groups = q.shape[1] // k.shape[1]
@@ -125,9 +141,8 @@ def _flash_varlen(query, key, value, segment_lengths: tuple[int, ...], scale: fl
         extra["window_size"] = (-1, 0)  # causal
     else:
         extra["is_causal"] = True
-    cu_seq = _cumulative_lengths(segment_lengths, q.device)
     longest = max(segment_lengths)
-    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq, cu_seq, longest, longest, **extra)
+    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), offsets, offsets, longest, longest, **extra)
     return out.unsqueeze(0)
 
 
@@ -138,7 +153,8 @@ def _varlen_params() -> frozenset[str]:
 
 @functools.lru_cache(maxsize=8)
 def _cumulative_lengths(segment_lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """(N+1,) int32 offsets of the segments, made once per row and reused by every layer."""
+    """(N+1,) int32 offsets of the segments, made once per row and reused by every layer (a copy
+    to the device: data.Batch carries them there instead, with the row)."""
     offsets = [0]
     for n in segment_lengths:
         offsets.append(offsets[-1] + n)

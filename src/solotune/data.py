@@ -91,6 +91,10 @@ class Batch:
     loss_positions: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None  # padding-free only
     segment_lengths: tuple[int, ...] | None = None  # padding-free only
+    # (N+1,) int32 offsets of the segments in the row, made on the host with the row and moved
+    # with it: attention built from the lengths on the device would copy them there in every
+    # step, and a copy from pageable host memory waits for the device (a sync).
+    segment_offsets: torch.Tensor | None = None  # padding-free only
 
     @property
     def n_positions(self) -> int:
@@ -111,12 +115,25 @@ class Batch:
         mask = self.attention_mask if self.has_padding else None
         inputs = {"input_ids": self.input_ids, "attention_mask": mask, "use_cache": False}
         if self.segment_lengths is not None:
-            inputs.update(position_ids=self.position_ids, segment_lengths=self.segment_lengths)
+            inputs.update(
+                position_ids=self.position_ids,
+                segment_lengths=self.segment_lengths,
+                segment_offsets=self.segment_offsets,
+            )
         return inputs
 
     def to(self, device: torch.device) -> Batch:
-        names = ("input_ids", "attention_mask", "labels", "loss_positions", "position_ids")
-        return replace(self, **{n: getattr(self, n).to(device) for n in names if getattr(self, n) is not None})
+        """The batch on `device`, without waiting for it: on CUDA each tensor goes through pinned
+        host memory as an asynchronous copy, queued behind the work already on the GPU; a copy
+        from pageable memory would be a device sync for every tensor of every micro-batch."""
+        names = ("input_ids", "attention_mask", "labels", "loss_positions", "position_ids", "segment_offsets")
+        return replace(self, **{n: _to_device(getattr(self, n), device) for n in names if getattr(self, n) is not None})
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +454,7 @@ def collate_packed(examples: list[Example]) -> Batch:
         loss_positions=targets,
         position_ids=torch.tensor([positions]),
         segment_lengths=tuple(len(e.input_ids) for e in examples),
+        segment_offsets=torch.tensor(starts + [len(input_ids)], dtype=torch.int32),
     )
 
 

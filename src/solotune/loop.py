@@ -87,6 +87,7 @@ class LoopState:
     probe: PeakMemoryProbe | None = None
     peaks: list = field(default_factory=list)  # the probe's peaks before each checkpoint write
     consecutive_skips: int = 0
+    gradients_checked: bool = False  # on the first step whose update applied (step.train_step)
 
 
 def train_loop(
@@ -148,7 +149,7 @@ def train_loop(
                 micro = [make_batch(r, pad_id, cfg.padding_free) for r in records]
                 n_loss_tokens = _step_loss_tokens(micro, steps[step], examples, world)
                 idle = make_batch(step_records[0], pad_id, cfg.padding_free) if not micro and sharded else None
-                out = _run_step(run, micro, step, n_loss_tokens, check_gradients=step == first, idle_batch=idle)
+                out = _run_step(run, micro, step, n_loss_tokens, idle_batch=idle)
             _show_progress(bar, run, out, clock)
             if log:
                 log(step + 1, _step_values(run.result))
@@ -240,7 +241,7 @@ def _resume(run: LoopState, n_steps: int) -> int:
 
 
 def _run_step(
-    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, check_gradients: bool, idle_batch: Batch | None
+    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, idle_batch: Batch | None
 ) -> StepResult:
     """One optimizer step, timed, with its records added to the loop's (`idle_batch`: train_step's)."""
     result = run.result
@@ -249,7 +250,8 @@ def _run_step(
     result.lrs.append(run.scheduler.get_last_lr()[0])
     start, compiled_before = time.perf_counter(), compile_seconds()
     idle_batch = idle_batch.to(run.policy.device) if idle_batch is not None else None
-    out = _guarded_step(run, micro, step, n_loss_tokens, check_gradients, idle_batch)
+    out = _guarded_step(run, micro, step, n_loss_tokens, idle_batch)
+    run.gradients_checked = run.gradients_checked or out.checked
     compile_s = compile_seconds() - compiled_before
     result.step_seconds.append(time.perf_counter() - start - compile_s)
     result.compile_s += compile_s
@@ -268,7 +270,7 @@ def _run_step(
 
 
 def _guarded_step(
-    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, check_gradients: bool, idle_batch: Batch | None
+    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, idle_batch: Batch | None
 ) -> StepResult:
     """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
     scaler skips such steps) before it reaches the weights, naming the records of the step."""
@@ -283,7 +285,7 @@ def _guarded_step(
             cfg.max_grad_norm,
             run.loss_fn,
             offload=cfg.offload_activations,
-            check_gradients=check_gradients,
+            check_gradients=not run.gradients_checked,
             n_loss_tokens=n_loss_tokens,
             world=run.world,
             idle_batch=idle_batch,

@@ -8,8 +8,8 @@ Two checks, cheap enough to stay on by default:
   compute dtype, or that fails, is turned off for this model, with a line saying why. This is
   what keeps an architecture the fast paths were not written for (absolute positions, logits
   scaled or capped after the LM head, sliding windows, attention without SDPA) trainable.
-- After the first step's backward, every trainable parameter holds a finite gradient that is
-  not all zero. A parameter backward never reached (a kernel without autograd, a detached
+- After the first applied step's backward (fp16 skips overflowed steps), every trainable
+  parameter holds a finite gradient that is not all zero. A parameter backward never reached (a kernel without autograd, a detached
   path) stops the run with exit status 2, naming it.
 """
 
@@ -240,18 +240,18 @@ def _gradient_flags(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([grad.isfinite().all(), grad.ne(0).any(), sharding.full_tensor(p.detach()).eq(0).all()])
 
 
-def check_gradients(model: torch.nn.Module, gradients_may_overflow: bool = False) -> None:
+def check_gradients(model: torch.nn.Module) -> None:
     """Stop the run unless every trainable parameter got a finite gradient that is not all zero.
 
-    `gradients_may_overflow`: fp16 with a loss scale, where inf/NaN gradients are the scaler's to
-    skip, not a fault. One device sync for the whole check.
+    Called on a step whose update applies (step.train_step): an fp16 step the gradient scaler
+    skips has inf/NaN gradients by design. One device sync for the whole check.
     """
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = [n for n, p in named.items() if p.grad is None]
     present = [(n, p) for n, p in named.items() if p.grad is not None]
     flags = torch.stack([_gradient_flags(p) for _, p in present]).tolist() if present else []
     state = {n: f for (n, _), f in zip(present, flags)}
-    nonfinite = [] if gradients_may_overflow else [n for n, (finite, _, _) in state.items() if not finite]
+    nonfinite = [n for n, (finite, _, _) in state.items() if not finite]
     zero = [n for n, (_, nonzero, _) in state.items() if not nonzero and not _zero_by_lora_init(n, state)]
     problems = [
         (missing, "got no gradient (backward does not reach them)"),

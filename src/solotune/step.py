@@ -29,6 +29,7 @@ class StepResult:
     loss: float  # mean cross-entropy over the step's response tokens
     grad_norm: float  # before clipping
     skipped: bool  # fp16: the scaler found inf/NaN gradients and skipped the update
+    checked: bool = False  # every trainable parameter's gradient was checked (selfcheck.check_gradients)
 
 
 def make_batch(examples: list[Example], pad_id: int, padding_free: bool) -> Batch:
@@ -91,9 +92,11 @@ def train_step(
     every decision (stop on NaN, skip an fp16 overflow) is made from those two numbers. A
     gradient norm is non-finite exactly when some gradient is, which is what the gradient scaler
     checks before it skips a step. `check_gradients`: before the update, stop unless every
-    trainable parameter got a gradient (selfcheck.check_gradients, one more sync; the loop asks
-    on its first step only). Across ranks (`world`), `micro_batches` are this rank's share of a
-    step of `n_loss_tokens` response tokens, and one all-reduce sums gradients and loss (dist.py);
+    trainable parameter got a gradient (selfcheck.check_gradients, one more sync). It is made on
+    a step the update applies: under fp16 the first steps overflow by design (the scaler starts
+    high and halves until it fits), and an overflowed step's gradients, clipped by an infinite
+    norm, read as zero. The loop asks until one step has been checked (`StepResult.checked`).
+    Across ranks (`world`), `micro_batches` are this rank's share of a step of `n_loss_tokens` response tokens, and one all-reduce sums gradients and loss (dist.py);
     under FSDP2 backward has already summed each rank's shard of the gradients, and the
     all-reduce carries the loss alone (sharding.py).
     """
@@ -109,7 +112,7 @@ def train_step(
     policy.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     grad_norm = sharding.full_tensor(grad_norm)  # sharded gradients give a sharded norm
-    loss_value, norm_value = torch.stack([loss.float(), grad_norm.float().to(loss.device)]).tolist()
+    loss_value, norm_value = torch.stack([loss.float(), grad_norm.float().to(loss.device, non_blocking=True)]).tolist()
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     if not finite and not policy.scaler.is_enabled():
         optimizer.zero_grad(set_to_none=True)
@@ -117,11 +120,12 @@ def train_step(
             f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient'} "
             f"(loss {loss_value}, gradient norm {norm_value})"
         )
-    if check_gradients:  # after the non-finite guard, which names the records of a bad batch
-        selfcheck.check_gradients(model, gradients_may_overflow=policy.scaler.is_enabled())
+    checked = check_gradients and finite  # after the non-finite guard, which names the records of a bad batch
+    if checked:
+        selfcheck.check_gradients(model)
     if finite:  # fp16: an overflow skips the update, and the schedule waits for the next real one
         optimizer.step()
         scheduler.step()
     policy.scaler.update()  # fp16: a smaller scale after an overflow, a larger one after enough clean steps
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_value, norm_value, skipped=not finite)
+    return StepResult(loss_value, norm_value, skipped=not finite, checked=checked)
