@@ -97,8 +97,9 @@ def train_step(
     high and halves until it fits), and an overflowed step's gradients, clipped by an infinite
     norm, read as zero. The loop asks until one step has been checked (`StepResult.checked`).
     Across ranks (`world`), `micro_batches` are this rank's share of a step of `n_loss_tokens`
-    response tokens, and one all-reduce sums gradients and loss (dist.py); under FSDP2 backward has already summed each rank's shard of the gradients, and the
-    all-reduce carries the loss alone (sharding.py).
+    response tokens, and one all-reduce sums gradients and loss (dist.py); under FSDP2 backward
+    has already summed each rank's shard of the gradients, and the all-reduce carries the loss
+    alone (sharding.py).
     """
     loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload, n_loss_tokens, idle_batch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
