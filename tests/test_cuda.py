@@ -126,10 +126,14 @@ def test_cuda_qlora_trains_with_an_8bit_optimizer(tmp_path, optim):
 @pytest.mark.parametrize("mp", ["bf16", "fp16"])
 def test_one_device_sync_per_optimizer_step_on_cuda(tokenizer, mp):
     """CUDA's own sync detector (`set_sync_debug_mode("warn")`) warns once per step: the read of
-    the loss and gradient norm. fp16 included: the scaler's skip decision comes from that read."""
+    the loss and gradient norm. As the loop runs it: padding-free attention on, each step's
+    micro-batches built on the host and moved to the GPU inside the step, with new record
+    lengths each step (nothing cached). fp16 included: the scaler's skip decision comes from
+    that read."""
     import warnings
 
     from solotune.adapters import apply_lora
+    from solotune.attention import padding_free_attention
     from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
     from solotune.data import collate_packed
     from solotune.optim import make_optimizer
@@ -139,19 +143,21 @@ def test_one_device_sync_per_optimizer_step_on_cuda(tokenizer, mp):
 
     policy = resolve_policy(PrecisionConfig(mp=mp), "cuda", frozen_base=True)
     model = apply_lora(make_model(tokenizer).to("cuda", policy.base_dtype), LoraConfig(r=4)).train()
-    micro = [collate_packed(varied_examples(tokenizer)).to(policy.device)]
-    optimizer, scheduler = make_optimizer(model, TrainConfig(), total_steps=3)
-    train_step(model, micro, optimizer, scheduler, policy, 1.0)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            train_step(model, micro, optimizer, scheduler, policy, 1.0)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    rows = [collate_packed(varied_examples(tokenizer, n=n)) for n in (5, 6, 7, 8)]  # other lengths each step
+    optimizer, scheduler = make_optimizer(model, TrainConfig(), total_steps=len(rows))
+    with padding_free_attention(model, 512):
+        train_step(model, [rows[0].to(policy.device)], optimizer, scheduler, policy, 1.0)
+        for row in rows[1:]:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    train_step(model, [row.to(policy.device)], optimizer, scheduler, policy, 1.0)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            assert len(syncs) == 1, [f"{w.filename}:{w.lineno}: {w.message}" for w in syncs]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")

@@ -364,3 +364,44 @@ def test_liger_kernels_go_in_and_come_out_again(tokenizer):
     assert modeling_llama.LlamaRMSNorm is own_norm  # models built later get the model's own norm
     with torch.no_grad():
         assert torch.equal(model(**batch.model_inputs()).logits, before)
+
+
+def test_kernels_are_kept_only_where_a_timed_step_is_faster():
+    """The kernel choice by measurement, on a fake timer: the step runs once to warm up, then
+    `repeats` times under the timer; a candidate is kept only when it beats the plain path by
+    the margin (within noise, the plain path wins)."""
+    from solotune.kernels import KEEP_IF_FASTER, Timing, keep_faster, time_step
+
+    calls, clock = [], iter([10.0, 10.6])  # start, end: 0.6 s over 3 steps
+    timing = time_step(lambda: calls.append(1), torch.device("cpu"), repeats=3, timer=lambda: next(clock))
+    assert len(calls) == 4 and timing.seconds == pytest.approx(0.2) and timing.peak_mib is None
+    plain = Timing(0.2)
+    keep, line = keep_faster("Liger RMSNorm + RoPE", Timing(0.2 * KEEP_IF_FASTER * 0.99), plain)
+    assert keep and line.startswith("Liger RMSNorm + RoPE: kept (faster: ")
+    keep, line = keep_faster("Liger RMSNorm + RoPE", Timing(0.2 * 0.99), plain)  # 1% faster: noise
+    assert not keep and "off (not 3% faster: 198.0 ms a step with them, 200.0 ms without" in line
+    keep, _ = keep_faster("Liger RMSNorm + RoPE", Timing(0.26), plain)  # slower, as on the H200
+    assert not keep
+
+
+def test_a_compiled_run_leaves_liger_out_and_says_so(tokenizer, monkeypatch):
+    """Liger's Triton kernels crash inside dynamo (H200, --train.compile on): a run that compiles
+    never puts them in, and the set-up check says why."""
+    from solotune import selfcheck
+    from solotune.testing import varied_examples as records
+
+    applied = []
+    monkeypatch.setattr(selfcheck, "choose_kernels", lambda requested, device: (True, "kernels: liger (auto)"))
+    monkeypatch.setattr(selfcheck, "use_liger", lambda model: applied.append(model) or (lambda: None))
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0))
+    policy = resolve_policy(FP32, "cpu", frozen_base=True)
+    examples = records(tokenizer)
+    fast = selfcheck.choose_fast_paths(
+        model, examples, tokenizer.pad_token_id, policy, TrainConfig(), 512, compiling=True
+    )
+    assert fast.kernels == "none" and not applied
+    assert "Liger RMSNorm + RoPE off: the run compiles, and inductor fuses both itself" in fast.notes
+    fast = selfcheck.choose_fast_paths(
+        model, examples, tokenizer.pad_token_id, policy, TrainConfig(kernels="liger"), 512
+    )
+    assert fast.kernels == "liger" and applied  # not compiling: checked and kept (asked for, so not timed)

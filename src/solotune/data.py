@@ -384,6 +384,12 @@ def plan_steps(n_examples: int, batch: int, epochs: int, seed: int, shuffle: boo
     return steps
 
 
+def count_steps(n_examples: int, batch: int, epochs: int, max_steps: int | None) -> int:
+    """How many optimizer steps `plan_steps` gives, cut to `max_steps`: what a run will take."""
+    planned = -(-n_examples // batch) * epochs
+    return min(planned, max_steps) if max_steps else planned
+
+
 def largest_step_early(steps: list[list[int]], steps_per_epoch: int, size) -> list[list[int]]:
     """The same steps with each epoch's largest (by `size(step)`, the first of equals) moved to
     the front of its epoch. The optimizer state exists before the first step

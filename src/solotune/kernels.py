@@ -11,8 +11,11 @@ undone where they disagree.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +52,9 @@ def use_liger(model: torch.nn.Module) -> Callable[[], None]:
     (`apply_rotary_pos_emb`, the RMSNorm class) for every model of that family built later in the
     process: the undo puts back every module name it changed.
     """
+    # Liger looks for backends of other vendors (cutedsl, ascend) on first use and warns of each
+    # one missing, on every run: nothing a user can act on.
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -70,3 +76,48 @@ def use_liger(model: torch.nn.Module) -> Callable[[], None]:
                 vars(m).pop("extra_repr", None)
 
     return undo
+
+
+# A candidate kernel set is kept only where it is this much faster than the model's own: within
+# the timing's noise the plain path wins, as it has no kernels of its own to go wrong.
+KEEP_IF_FASTER = 0.97
+
+
+@dataclass
+class Timing:
+    """Seconds per forward + backward of the run's first micro-batch, and its peak memory."""
+
+    seconds: float
+    peak_mib: float | None = None  # CUDA only
+
+    def describe(self) -> str:
+        memory = f", {self.peak_mib:,.0f} MiB" if self.peak_mib is not None else ""
+        return f"{1000 * self.seconds:.1f} ms{memory}"
+
+
+def time_step(step: Callable[[], None], device: torch.device, repeats: int = 3, timer=time.perf_counter) -> Timing:
+    """Run `step` once to warm up, then `repeats` times under the timer (the device synchronized
+    around them: its work is asynchronous)."""
+    step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = timer()
+    for _ in range(repeats):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = (timer() - start) / repeats
+    return Timing(seconds, torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None)
+
+
+def keep_faster(name: str, candidate: Timing, plain: Timing) -> tuple[bool, str]:
+    """Whether the candidate is faster by a margin, and the line that says so with the numbers."""
+    keep = candidate.seconds <= KEEP_IF_FASTER * plain.seconds
+    verdict = "kept" if keep else "off"
+    why = "faster" if keep else f"not {100 * (1 - KEEP_IF_FASTER):.0f}% faster"
+    return keep, (
+        f"{name}: {verdict} ({why}: {candidate.describe()} a step with them, {plain.describe()} without, "
+        "timed on the run's first micro-batch)"
+    )

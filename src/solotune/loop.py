@@ -120,7 +120,8 @@ def train_loop(
     run.probe = PeakMemoryProbe(policy.device)
     breakdown = MemoryBreakdown(cfg.track_memory, model, optimizer, policy.device)
     compile_layers, why = choose_compile(cfg.compile, cfg.track_memory, policy.device, len(steps))
-    print(why)
+    if cfg.compile == "auto":  # a run decides at set-up (train.py), and says why there
+        print(why)
     first = _resume(run, len(steps))
     if held_out:  # a resumed run's earlier evaluations count for --eval.keep-best
         held_out.best = min([held_out.best, *(loss for _, loss in run.result.eval_curve)])

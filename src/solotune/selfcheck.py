@@ -15,16 +15,17 @@ Two checks, cheap enough to stay on by default:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from solotune import sharding
-from solotune.attention import disable_padding_free, enable_padding_free
+from solotune.attention import disable_padding_free, enable_padding_free, padding_free_attention
 from solotune.config import TrainConfig
 from solotune.data import Batch, Example, collate, collate_packed
 from solotune.errors import SolotuneError
-from solotune.kernels import choose_kernels, use_liger
+from solotune.kernels import choose_kernels, keep_faster, time_step, use_liger
 from solotune.loss import ResponseLoss, full_response_loss_sum, supports_chunked_head
 from solotune.memory import is_out_of_memory
 from solotune.precision import PrecisionPolicy
@@ -83,14 +84,23 @@ def probe_examples(examples: list[Example]) -> list[Example]:
 
 
 def choose_fast_paths(
-    model, examples: list[Example], pad_id: int, policy: PrecisionPolicy, cfg: TrainConfig, max_len: int
+    model,
+    examples: list[Example],
+    pad_id: int,
+    policy: PrecisionPolicy,
+    cfg: TrainConfig,
+    max_len: int,
+    compiling: bool = False,
 ) -> FastPaths:
     """Switch on the fast paths `cfg` asks for, each only where it matches the plain forward.
 
     Each comparison changes one thing, so that only a fault, not the rounding of other kernels
     on other shapes, can tell the two apart: the fused SwiGLU against the model's MLPs on the
     same padded batch; a padding-free row against each record run alone; the chunked head
-    against the model's logits on the same batch.
+    against the model's logits on the same batch. Liger's kernels, under `--train.kernels auto`,
+    must also be faster at the run's shape (timed), and stay out of a compiled run (`compiling`):
+    inductor fuses the norms and the rotary embedding itself, and Triton kernels traced by
+    dynamo fail to compile.
     """
     probe = probe_examples(examples)
     padded = collate(probe, pad_id).to(policy.device)
@@ -98,11 +108,15 @@ def choose_fast_paths(
     fast = FastPaths(fused_swiglu=False, padding_free=False, ce_chunk=0)
     was_training, attention = model.training, model.config._attn_implementation
     model.eval()  # no dropout: the paths must agree up to rounding
+    undo_liger = None
     try:
         with torch.no_grad(), policy.autocast():
             liger, why = choose_kernels(cfg.kernels, policy.device)
-            if liger:
-                fast.kernels = "liger" if _check_liger(model, padded, fast, tolerance) else "none"
+            if liger and compiling:
+                fast.notes.append("Liger RMSNorm + RoPE off: the run compiles, and inductor fuses both itself")
+            elif liger:
+                undo_liger = _check_liger(model, padded, fast, tolerance)
+                fast.kernels = "liger" if undo_liger else "none"
             elif policy.device.type == "cuda" and cfg.kernels == "auto":
                 fast.notes.append(why)  # on a GPU, say what installing them would bring
             if cfg.fused_swiglu:
@@ -117,7 +131,42 @@ def choose_fast_paths(
     finally:
         model.train(was_training)
         disable_padding_free(model, attention)  # the loop switches it on for its steps alone
+    if undo_liger and cfg.kernels == "auto":
+        _time_liger(model, examples, pad_id, policy, cfg, max_len, fast, undo_liger)
     return fast
+
+
+def _time_liger(model, examples, pad_id, policy, cfg: TrainConfig, max_len: int, fast: FastPaths, undo) -> None:
+    """Keep Liger's kernels only where a training step at the run's shape is faster with them
+    (measured on an H200: 0.78x on a 1B shape, where the model's own ran through cuBLAS and
+    PyTorch's fused ops)."""
+    step = training_step_probe(model, examples, pad_id, policy, cfg, max_len, fast)
+    with_liger = time_step(step, policy.device)
+    undo()
+    keep, line = keep_faster("Liger RMSNorm + RoPE", with_liger, time_step(step, policy.device))
+    if keep:
+        use_liger(model)
+    fast.kernels = "liger" if keep else "none"
+    fast.notes.append(line)
+    model.zero_grad(set_to_none=True)
+
+
+def training_step_probe(model, examples, pad_id, policy, cfg: TrainConfig, max_len: int, fast: FastPaths):
+    """A forward and backward of the run's largest micro-batch, as the loop runs it, to time; its
+    dropout draws leave the run's random stream as it was."""
+    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
+    micro = longest[: max(1, cfg.batch // cfg.grad_accum)]
+    batch = (collate_packed(micro) if fast.padding_free else collate(micro, pad_id)).to(policy.device)
+    loss_fn = ResponseLoss(fast.ce_chunk)
+    devices = [policy.device] if policy.device.type == "cuda" else []
+
+    def step() -> None:
+        attention = padding_free_attention(model, max_len) if fast.padding_free else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=devices), attention, policy.autocast():
+            loss = loss_fn(model, batch)
+        loss.backward()
+
+    return step
 
 
 def _check_fused_swiglu(model, padded: Batch, fast: FastPaths, tolerance: float) -> bool:
@@ -130,15 +179,20 @@ def _check_fused_swiglu(model, padded: Batch, fast: FastPaths, tolerance: float)
                  undo=lambda: restore_swiglu(model))  # fmt: skip
 
 
-def _check_liger(model, padded: Batch, fast: FastPaths, tolerance: float) -> bool:
+def _check_liger(model, padded: Batch, fast: FastPaths, tolerance: float):
+    """Liger's kernels in `model` where they match its plain forward; returns their undo, or None."""
     plain = _logits(model, padded)
     undo = []
+
+    def undo_all() -> None:
+        for u in undo:
+            u()
 
     def difference() -> float:
         undo.append(use_liger(model))
         return _largest_difference(_logits(model, padded), plain, padded)
 
-    return _keep(fast, "Liger RMSNorm + RoPE", tolerance, difference, undo=lambda: [u() for u in undo])
+    return undo_all if _keep(fast, "Liger RMSNorm + RoPE", tolerance, difference, undo=undo_all) else None
 
 
 def _check_padding_free(

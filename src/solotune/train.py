@@ -23,7 +23,7 @@ from solotune.ablate import grid_of
 from solotune.adapters import ParamSummary, count_parameters, save_trained
 from solotune.checkpoint import Checkpointer
 from solotune.config import RunConfig, TrainConfig, parse_size, to_dict, validate
-from solotune.data import Example, read_records, tokenize_records
+from solotune.data import Example, count_steps, read_records, tokenize_records
 from solotune.errors import SolotuneError
 from solotune.evaluate import Evaluation, evaluation_for
 from solotune.flops import matmul_peak_flops
@@ -32,7 +32,7 @@ from solotune.loop import train_loop
 from solotune.loss import ResponseLoss
 from solotune.memory import apply_memory_limit
 from solotune.metrics import RunOutcome, collect_metrics, library_versions, print_summary
-from solotune.model_setup import build_model
+from solotune.model_setup import build_model, choose_compile
 from solotune.models import copy_gguf_origin, load_tokenizer, resolve_model_source
 from solotune.precision import PrecisionPolicy, check_device_support, resolve_policy
 from solotune.quant import QuantizedLinears, quantized_linears, save_record
@@ -227,10 +227,20 @@ def _set_up_model(
     quantized = quantized_linears(model)
     if quantized:
         print(quantized.line())
-    fast = selfcheck.choose_fast_paths(model, examples, tokenizer.pad_token_id, policy, cfg.train, cfg.data.max_len)
+    t = cfg.train
+    n_steps = count_steps(len(examples), t.batch, t.epochs, t.max_steps)
+    compiling, why = choose_compile(t.compile, t.track_memory, policy.device, n_steps)
+    print(why)
+    fast = selfcheck.choose_fast_paths(
+        model, examples, tokenizer.pad_token_id, policy, t, cfg.data.max_len, compiling=compiling
+    )
     print("\n".join([fast.line(), *fast.notes]))
     train_cfg = dataclasses.replace(
-        cfg.train, fused_swiglu=fast.fused_swiglu, padding_free=fast.padding_free, ce_chunk=fast.ce_chunk
+        t,
+        fused_swiglu=fast.fused_swiglu,
+        padding_free=fast.padding_free,
+        ce_chunk=fast.ce_chunk,
+        compile="on" if compiling else "off",  # decided: the loop does not decide again
     )
     sharded = cfg.dist_mode() == "fsdp"
     if world.size > 1:
