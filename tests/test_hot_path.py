@@ -49,27 +49,30 @@ PARTS = ("tracked_peak_mib", "parameters_mib", "gradients_mib", "optimizer_state
     ("full", "padding_free"), [(False, True), (False, False), (True, True)], ids=["lora", "lora-padded", "full"]
 )
 def test_tracking_only_the_steps_that_can_set_the_peak_gives_the_whole_breakdown(tokenizer, full, padding_free):
-    """`peak` follows a few of the 12 steps and reports the very parts `always` reports (fp32,
-    deterministic: equal to the byte)."""
+    """`peak` rehearses the largest step before the loop, follows none or few of the 12 steps in
+    it, and reports the very parts `always` reports (fp32, deterministic: equal to the byte),
+    with the same losses: the rehearsal changed nothing."""
     always = run_loop(tokenizer, "always", full=full, padding_free=padding_free)
     peak = run_loop(tokenizer, "peak", full=full, padding_free=padding_free)
     assert peak.losses == always.losses
-    assert always.memory["tracked_steps"] == 12
-    assert 1 <= peak.memory["tracked_steps"] < 12
+    assert always.memory["tracked_steps"] == 12 and always.memory["rehearsal_s"] == 0
+    assert peak.memory["tracked_steps"] < 12 and peak.memory["rehearsal_s"] > 0
     assert {k: peak.memory[k] for k in PARTS} == {k: always.memory[k] for k in PARTS}
     assert peak.memory["part_max"] == always.memory["part_max"]  # each part's maximum over the loop
     for part, most in always.memory["part_max"].items():
         assert most >= always.memory[part]  # at least its share of the peak
 
 
-def test_the_largest_step_first_leaves_few_steps_to_follow(tokenizer):
-    """With the optimizer state allocated before the loop and each epoch opened by its largest
-    step, `peak` follows one step of these 12 (padded batches, whose size the ordering key,
-    records x longest, measures); in the planned order it follows three. The breakdown is the
-    same either way."""
+def test_the_rehearsal_leaves_no_step_of_the_loop_to_follow(tokenizer):
+    """With the optimizer state allocated before the loop and the largest step rehearsed, `peak`
+    follows none of these 12 steps (padded batches, whose size the rehearsal's key, records x
+    longest, measures), in either order; the loop's losses are those of a run without the
+    breakdown, and the breakdown is the same in either order."""
     first = run_loop(tokenizer, "peak", padding_free=False, seed=3)
     planned = run_loop(tokenizer, "peak", padding_free=False, seed=3, largest_first=False)
-    assert first.memory["tracked_steps"] == 1 < planned.memory["tracked_steps"]
+    untracked = run_loop(tokenizer, "off", padding_free=False, seed=3)
+    assert first.memory["tracked_steps"] == planned.memory["tracked_steps"] == 0
+    assert first.losses == untracked.losses and first.grad_norms == untracked.grad_norms
     assert {k: first.memory[k] for k in PARTS} == {k: planned.memory[k] for k in PARTS}
 
 

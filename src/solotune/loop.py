@@ -30,7 +30,7 @@ from solotune.flops import FlopModel
 from solotune.loss import ResponseLoss
 from solotune.memory import MemoryBreakdown, PeakMemoryProbe, memory_report, step_size
 from solotune.model_setup import CompiledLayers, choose_compile, compile_seconds
-from solotune.optim import create_state, make_optimizer
+from solotune.optim import NoSchedule, NoUpdate, create_state, make_optimizer
 from solotune.precision import PrecisionPolicy
 from solotune.step import NonFiniteStep, StepResult, make_batch, train_step
 
@@ -52,6 +52,7 @@ class LoopResult:
     positions: int = 0  # all positions, padding included
     runtime_s: float = 0.0  # the loop's wall time, less checkpoint writes, evaluation and compilation
     compile_s: float = 0.0  # torch.compile's time inside the loop (--train.compile)
+    rehearsal_s: float = 0.0  # the memory breakdown's rehearsal of the largest step, before the loop
     eval_curve: list = field(default_factory=list)  # [step, eval loss] during training (--eval.every)
     eval_s: float = 0.0  # the evaluations' time inside the loop
     memory: dict = field(default_factory=dict)
@@ -126,7 +127,6 @@ def train_loop(
     if held_out:  # a resumed run's earlier evaluations count for --eval.keep-best
         held_out.best = min([held_out.best, *(loss for _, loss in run.result.eval_curve)])
     model.train()
-    run.probe.reset()
     clock = LoopClock(run.result)
     bar = _progress_bar(first, len(steps), world)
     longest = max(len(e.input_ids) for e in examples)
@@ -139,6 +139,10 @@ def train_loop(
         # the last periodic checkpoint, since the ranks could not agree on the step to save at.
         StopRequests() if checkpoints and world.size == 1 else contextlib.nullcontext() as stop,
     ):
+        if cfg.track_memory == "peak" and world.size == 1 and first == 0:  # one process, from the start
+            with compiled.eager() if compiled else contextlib.nullcontext():
+                _rehearse(run, breakdown, _largest(steps, cfg.batch, examples), examples, pad_id, clock)
+        run.probe.reset()  # the loop's own peak, from here
         for step in bar:
             split = split_micro_batches(steps[step], cfg.grad_accum * world.size)
             step_records = [[examples[i] for i in mb] for mb in split]
@@ -162,10 +166,45 @@ def train_loop(
     run.result.memory = {
         **memory_report(peak, breakdown.tracker(), breakdown.part_max_mib()),
         "tracked_steps": breakdown.tracked_steps,
+        "rehearsal_s": run.result.rehearsal_s,
     }
     if world.size > 1:
         _sum_over_ranks(run.result)
     return run.result
+
+
+def _largest(steps: list[list[int]], batch: int, examples: list[Example]) -> list[int]:
+    """The first epoch's largest step, by `_padded_size` (with largest_first, the first step)."""
+    size = functools.partial(_padded_size, lengths=[len(e.input_ids) for e in examples])
+    return max(steps[: -(-len(examples) // batch)], key=size)
+
+
+def _rehearse(run: LoopState, breakdown: MemoryBreakdown, indices: list[int], examples, pad_id: int, clock) -> None:
+    """The memory breakdown of the run's largest step, measured before the loop on a step that
+    changes nothing: the real forward and backward, then an update that allocates and computes
+    what a real one does at learning rate 0 on zero gradients (optim.NoUpdate), the random
+    stream and the loss scale kept as they were. The loop then follows no step that this one is
+    at least as large as: the breakdown's per-op tracking (~10 untracked steps' time on a GPU)
+    costs the loop nothing. Its time is kept apart, as the rehearsal's."""
+    cfg, policy = run.cfg, run.policy
+    records = [[examples[i] for i in mb] for mb in split_micro_batches(indices, cfg.grad_accum)]
+    size = step_size([[len(e.input_ids) for e in r] for r in records], cfg.padding_free)
+    scale = policy.scaler.state_dict()
+    start = time.perf_counter()
+    devices = [policy.device] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), breakdown.rehearsal(size):
+        micro = [make_batch(r, pad_id, cfg.padding_free).to(policy.device) for r in records]  # as a step's are
+        try:
+            train_step(
+                run.model, micro, NoUpdate(run.optimizer), NoSchedule(), policy, cfg.max_grad_norm, run.loss_fn,
+                offload=cfg.offload_activations,
+            )  # fmt: skip
+        except NonFiniteStep:  # the loop's first step names the records
+            pass
+    if policy.scaler.is_enabled():
+        policy.scaler.load_state_dict(scale)
+    run.result.rehearsal_s = time.perf_counter() - start
+    clock.saving_s += run.result.rehearsal_s
 
 
 def _padded_size(step: list[int], lengths: list[int]) -> tuple[int, int]:

@@ -352,9 +352,10 @@ class MemoryBreakdown:
     """The tensor tracker over the steps `--train.track-memory` asks for, and the parts of the
     largest peak it saw.
 
-    always: one tracker over the whole loop. peak: a tracker for each step that can set the peak
-    (`PeakSteps`), none on the others, which run at full speed (and compiled, with
-    --train.compile). off: no tracker; the measured peak only.
+    always: one tracker over the whole loop. peak: a tracker over a rehearsal of the run's
+    largest step before the loop (loop.py), and over each step of the loop that can still set
+    the peak (`PeakSteps`: normally none), none on the others, which run at full speed (and
+    compiled, with --train.compile). off: no tracker; the measured peak only.
     """
 
     def __init__(self, mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
@@ -387,6 +388,19 @@ class MemoryBreakdown:
         if not followed or self.whole_loop:
             yield
             return
+        with self._tracked():
+            yield
+
+    @contextlib.contextmanager
+    def rehearsal(self, size: tuple[int, ...]):
+        """The context of a rehearsal of a step of `size` (mode peak): tracked, and from then on
+        the steps it is at least as large as need no following."""
+        with self._tracked():
+            yield
+        self.peak_steps.can_set_peak(size)
+
+    @contextlib.contextmanager
+    def _tracked(self):
         tracker = TensorMemoryTracker(self.model, self.optimizer, self.device)
         with tracker:
             yield

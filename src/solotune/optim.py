@@ -48,9 +48,9 @@ def create_state(optimizer: torch.optim.Optimizer) -> None:
     later update as they would have been (tested bit for bit).
 
     The state otherwise appears in the first update, and since it persists, the step after it
-    could set a new peak though smaller: `--train.track-memory peak` had to follow that one too.
-    With the state in place before the loop, the run's largest step can go first and be the only
-    step the breakdown follows.
+    could set a new peak though smaller: the memory breakdown had to follow that one too. With
+    the state in place before the loop, the run's largest step can be rehearsed once
+    (loop.py) and no step of the loop needs following.
     """
     if hasattr(optimizer, "init_state"):  # bitsandbytes: its own allocation, as its step() calls it
         for gindex, group in enumerate(optimizer.param_groups):
@@ -58,22 +58,57 @@ def create_state(optimizer: torch.optim.Optimizer) -> None:
                 if not optimizer.state[p]:
                     optimizer.init_state(group, p, gindex, pindex)
         return
-    # PyTorch's optimizers allocate inside step(): one step at lr 0 on zero gradients changes no
-    # weight (AdamW's decay multiplies by 1 - 0 * wd, its moments stay zero), then the step count
-    # goes back to 0, so that the first real update has the bias correction of step 1.
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
     for p in params:
         p.grad = torch.zeros_like(p)
-    optimizer.step()
+    NoUpdate(optimizer).step()
     for p in params:
         p.grad = None
-    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"].zero_()
-        elif "step" in state:
-            state["step"] = 0
+
+
+class NoUpdate:
+    """An optimizer whose step allocates and computes what the wrapped one's would, and changes
+    nothing: a step at learning rate 0 on zero gradients.
+
+    PyTorch's AdamW at lr 0 leaves each weight as it was (its decay multiplies by 1 - 0 * wd),
+    and on zero gradients its moments stay zero; the step count then goes back, so that the first
+    real update has the bias correction of step 1. bitsandbytes' optimizers keep block statistics
+    that even a zero step would change: for them the step allocates nothing more than their
+    `init_state` did (create_state), and is skipped.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups  # for the gradient scaler's unscale_
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if hasattr(self.optimizer, "init_state"):
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        lrs = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] = 0.0
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        try:
+            self.optimizer.step()
+        finally:
+            for group, lr in zip(self.param_groups, lrs, strict=True):
+                group["lr"] = lr
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+class NoSchedule:
+    """The schedule of a step that does not count (a rehearsal): it does not move."""
+
+    def step(self) -> None:
+        pass
