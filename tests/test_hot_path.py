@@ -408,3 +408,64 @@ def test_a_compiled_run_leaves_liger_out_and_says_so(tokenizer, monkeypatch):
         model, examples, tokenizer.pad_token_id, policy, TrainConfig(kernels="liger"), 512
     )
     assert fast.kernels == "liger" and applied  # not compiling: checked and kept (asked for, so not timed)
+
+
+def _compiled_run(tokenizer, monkeypatch, padding_free: bool, steps: int = 32):
+    """A 32-step LoRA run of varied record lengths under --train.compile on, its graphs counted by
+    dynamo's CompileCounter backend: what recompiles is dynamo's capture, whatever backend then
+    compiles the graphs (Inductor takes minutes per graph on this CPU)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(loop_module, "CompiledLayers", functools.partial(CompiledLayers, backend=counter))
+    rows = [{"prompt": "q" * (5 + (i * 37) % 90), "response": "a" * (3 + (i * 53) % 70)} for i in range(2 * steps)]
+    examples, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
+    torch.manual_seed(0)
+    model = apply_lora(make_model(tokenizer, num_hidden_layers=3), LoraConfig(r=4, dropout=0.0))
+    policy = resolve_policy(FP32, "cpu", frozen_base=True)
+    cfg = TrainConfig(batch=2, epochs=1, compile="on", padding_free=padding_free, track_memory="off")
+    return loop_module.train_loop(model, examples, tokenizer.pad_token_id, policy, cfg), counter
+
+
+@pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
+def test_compiled_layers_compile_a_bounded_number_of_graphs(tokenizer, monkeypatch, padding_free):
+    """Record lengths vary in every step; the graphs do not grow with them. Padding-free rows
+    used to pass their segment lengths, a tuple of ints, through the compiled layer: a graph per
+    step until dynamo's cache gave up (the H200's first compiled step took 80 s). Now: the
+    layer's graph before and after the attention (left out of the graph), one variant of the
+    second for the attention module's other caller; a padded batch, one graph with a mask and
+    one without. The losses are those of the eager loop."""
+    from solotune.model_setup import MAX_GRAPHS
+
+    compiled, counter = _compiled_run(tokenizer, monkeypatch, padding_free)
+    assert len(compiled.losses) == 32
+    assert counter.frame_count <= (MAX_GRAPHS if padding_free else 2), counter.frame_count
+    monkeypatch.undo()
+    eager = run_loop_eager(tokenizer, padding_free)
+    assert compiled.losses == pytest.approx(eager, rel=1e-5)
+
+
+def run_loop_eager(tokenizer, padding_free: bool, steps: int = 32) -> list[float]:
+    rows = [{"prompt": "q" * (5 + (i * 37) % 90), "response": "a" * (3 + (i * 53) % 70)} for i in range(2 * steps)]
+    examples, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
+    torch.manual_seed(0)
+    model = apply_lora(make_model(tokenizer, num_hidden_layers=3), LoraConfig(r=4, dropout=0.0))
+    policy = resolve_policy(FP32, "cpu", frozen_base=True)
+    cfg = TrainConfig(batch=2, epochs=1, compile="off", padding_free=padding_free, track_memory="off")
+    return loop_module.train_loop(model, examples, tokenizer.pad_token_id, policy, cfg).losses
+
+
+def test_a_compile_past_its_bounds_goes_on_eager_and_says_so(tokenizer, monkeypatch, capsys):
+    """Past MAX_GRAPHS graphs (or COMPILE_BUDGET_S seconds) compiling stops: one line, the rest of
+    the run eager, the same losses; never a stalled run."""
+    from solotune import model_setup
+
+    monkeypatch.setattr(model_setup, "MAX_GRAPHS", 0)
+    compiled, counter = _compiled_run(tokenizer, monkeypatch, padding_free=True, steps=6)
+    graphs_after_first_step = counter.frame_count
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("compile: off from here")]
+    assert len(lines) == 1 and "past the bounds of 0 graphs" in lines[0]
+    assert graphs_after_first_step > 0 and len(compiled.losses) == 6
+    monkeypatch.undo()
+    assert compiled.losses == pytest.approx(run_loop_eager(tokenizer, True, steps=6), rel=1e-5)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 
 import torch
 from transformers import AttentionInterface
@@ -46,8 +47,11 @@ def varlen_sdpa_attention(
     """Attention of (B, H, T, D) tensors; with `segment_lengths`, causal within each segment.
 
     `segment_offsets`: the (N+1,) int32 offsets of the segments, already on the device
-    (data.Batch); made here from the lengths where a caller has none.
+    (data.Batch); made here from the lengths where a caller has none. Under torch.compile they
+    come around the compiled layer (`segments_aside`).
     """
+    if segment_lengths is None:
+        segment_lengths, segment_offsets = _aside.lengths, _aside.offsets
     if segment_lengths is None:  # rows without padding only (see the module's docstring)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if segment_offsets is None:
@@ -65,6 +69,26 @@ def varlen_sdpa_attention(
         outputs.append(out)  # (B, n, H, D)
         start = end
     return torch.cat(outputs, dim=1), None
+
+
+class _Aside(threading.local):
+    lengths: tuple[int, ...] | None = None
+    offsets: torch.Tensor | None = None
+
+
+_aside = _Aside()
+
+
+@contextlib.contextmanager
+def segments_aside(lengths: tuple[int, ...] | None, offsets: torch.Tensor | None):
+    """The row's segments for the attention calls inside the block, passed around a compiled
+    layer rather than through it (model_setup.CompiledLayers)."""
+    saved = _aside.lengths, _aside.offsets
+    _aside.lengths, _aside.offsets = lengths, offsets
+    try:
+        yield
+    finally:
+        _aside.lengths, _aside.offsets = saved
 
 
 # Padding the segments into one batch costs attention work on the padding; one call per segment

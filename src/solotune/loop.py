@@ -155,6 +155,9 @@ def train_loop(
                 n_loss_tokens = _step_loss_tokens(micro, steps[step], examples, world)
                 idle = make_batch(step_records[0], pad_id, cfg.padding_free) if not micro and sharded else None
                 out = _run_step(run, micro, step, n_loss_tokens, idle_batch=idle)
+            stopped = compiled.stop_if_over_budget(run.result.compile_s) if compiled else None
+            if stopped:
+                tqdm.write(stopped)
             _show_progress(bar, run, out, clock)
             if log:
                 log(step + 1, _step_values(run.result))

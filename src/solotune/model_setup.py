@@ -13,6 +13,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from solotune import cpu_bf16
 from solotune.adapters import apply_lora, prepare_full_finetune, resolve_targets
+from solotune.attention import segments_aside
 from solotune.config import RunConfig
 from solotune.errors import SolotuneError
 from solotune.models import load_model
@@ -80,6 +81,12 @@ def choose_compile(requested: str, track_memory: str, device: torch.device, n_st
     return True, f"compile: on (auto: a GPU and {n_steps} steps)"
 
 
+# A compile past either bound stops, and the run goes on eager (loop.py): graphs past this many mean
+# something recompiles per shape; seconds past this many cost more than compiling can win back.
+MAX_GRAPHS = 4
+COMPILE_BUDGET_S = 240.0
+
+
 class CompiledLayers:
     """torch.compile every decoder layer's forward for the loop; eager again afterwards.
 
@@ -89,17 +96,30 @@ class CompiledLayers:
     does, once: the last step's when the batch does not divide the data). Generation, before
     and after the loop, runs eager: it would otherwise compile graphs of its own. `eager()`
     runs a step uncompiled (the memory tracker's per-op hook cannot be traced).
+
+    What would recompile is kept out of the graphs: a padding-free row's segment lengths, a
+    tuple of ints whose values dynamo would guard on (a new graph each step), go around the
+    compiled forward to the attention (attention.segments_aside); and the first layer, whose
+    input needs no gradient when the embeddings are frozen (LoRA) while every later layer's
+    does, runs eager rather than as a second variant of every graph.
     """
 
     def __init__(self, model, backend: str = "inductor"):
-        self.layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        if not self.layers:
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not layers:
             raise SolotuneError(f"train.compile: found no decoder layers to compile in {type(model).__name__}")
-        self.compiled = [torch.compile(layer.forward, dynamic=True, backend=backend) for layer in self.layers]
+        frozen_input = not model.get_input_embeddings().weight.requires_grad
+        self.layers = layers[1:] if frozen_input and len(layers) > 1 else layers
+        self.compiled = [
+            _segments_aside(torch.compile(layer.forward, dynamic=True, backend=backend)) for layer in self.layers
+        ]
+        self.graphs_before = _graph_count()
+        self.stopped = False
 
     def __enter__(self) -> CompiledLayers:
-        for layer, forward in zip(self.layers, self.compiled):
-            layer.forward = forward
+        if not self.stopped:
+            for layer, forward in zip(self.layers, self.compiled):
+                layer.forward = forward
         return self
 
     def __exit__(self, *exc) -> None:
@@ -113,6 +133,37 @@ class CompiledLayers:
             yield
         finally:
             self.__enter__()
+
+    def stop_if_over_budget(self, compile_s: float) -> str | None:
+        """Eager from now on if compiling has passed its bounds (MAX_GRAPHS, COMPILE_BUDGET_S);
+        the line that says so, or None."""
+        graphs = _graph_count() - self.graphs_before
+        if self.stopped or (graphs <= MAX_GRAPHS and compile_s <= COMPILE_BUDGET_S):
+            return None
+        self.stopped = True
+        self.__exit__()
+        return (
+            f"compile: off from here, eager ({graphs} graphs and {compile_s:.0f} s of compiling so far, "
+            f"past the bounds of {MAX_GRAPHS} graphs and {COMPILE_BUDGET_S:.0f} s)"
+        )
+
+
+def _segments_aside(compiled_forward):
+    """The compiled layer forward, called without the padding-free row's segment arguments, which
+    the attention takes from `segments_aside` instead (they are plain ints: dynamo would
+    specialize on them)."""
+
+    def forward(*args, segment_lengths=None, segment_offsets=None, **kwargs):
+        with segments_aside(segment_lengths, segment_offsets):
+            return compiled_forward(*args, **kwargs)
+
+    return forward
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def compile_seconds() -> float:
