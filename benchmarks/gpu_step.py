@@ -103,7 +103,16 @@ def run_config(cfg_name: str, shape: str, device: str, steps: int, seq_len: int)
         "estimated_peak_mib": estimate.total_mib(0.0 if device == "cpu" else 700.0),
         **speed(loop.tokens, loop.flops, loop.runtime_s, loop.step_seconds, peak_flops),
         "steps": len(loop.losses),
+        # the parts, to tell where an estimate is off
+        "measured_parts_mib": {k: loop.memory[f"{k}_mib"] for k in PARTS},
+        "estimated_parts_mib": {k: estimate.parts_mib[f"{k}_mib"] for k in PARTS},
+        "part_max_mib": loop.memory["part_max"],
+        "estimated_part_max_mib": estimate.parts_mib.get("part_max"),
+        "rehearsal_s": loop.memory["rehearsal_s"],
     }
+
+
+PARTS = ("parameters", "gradients", "optimizer_state", "activations")
 
 
 def speed(tokens: int, flops: float, runtime_s: float, step_seconds: list[float], peak_flops: float) -> dict:
@@ -307,6 +316,7 @@ def main() -> None:
             print(f"{name}: failed (exit {proc.returncode}): {proc.stderr.strip()[-600:]}", flush=True)
             continue
         results.append(json.loads(lines[-1][len("RESULT ") :]))
+        print("RESULT " + json.dumps(results[-1]), flush=True)  # the whole record, for the log
         print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
     if not results:
         sys.exit(1)

@@ -139,3 +139,38 @@ def test_resuming_with_another_config_or_data_is_refused(model_dir, tmp_path):
     assert "Traceback" not in refused.stderr
     missing = run(train_cmd(model_dir, tmp_path / "nothing", "--resume", str(tmp_path / "nothing")), check=False)
     assert missing.returncode == 2 and "no complete checkpoint" in missing.stderr
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_stops_in_one_line(tokenizer, tmp_path, monkeypatch):
+    """Measured before: safetensors' traceback ("No space left on device (os error 28)") and a
+    half-written .tmp-step folder. Now one line naming the space needed and free and the
+    checkpoint to resume from, which stays intact, and nothing of the failed one is kept."""
+    import safetensors.torch
+
+    from solotune import checkpoint
+    from solotune.adapters import apply_lora
+    from solotune.config import LoraConfig, TrainConfig
+    from solotune.errors import SolotuneError
+    from solotune.optim import make_optimizer
+    from solotune.testing import make_model
+
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4))
+    optimizer, scheduler = make_optimizer(model, TrainConfig(), total_steps=4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    first = checkpoint.save(tmp_path, 1, model, optimizer, scheduler, scaler, {}, {}, keep=2)
+
+    def fill_the_disk(tensors, path):
+        path.write_bytes(b"\0" * 100)  # part of a file, as a full disk leaves it
+        raise safetensors.SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(checkpoint, "save_file", fill_the_disk)
+    with pytest.raises(SolotuneError) as stopped:
+        checkpoint.save(tmp_path, 2, model, optimizer, scheduler, scaler, {}, {}, keep=2)
+    message = str(stopped.value)
+    assert message.startswith("checkpoint of step 2: the disk is full (") and "\n" not in message
+    assert "MiB to write" in message and "MiB free under" in message
+    assert f"the last complete checkpoint, {first}, is intact" in message and f"--resume {tmp_path}" in message
+    assert not list((tmp_path / checkpoint.CHECKPOINTS_DIR).glob(".tmp-step-*"))
+    assert latest(tmp_path).path == first and load_file(first / "trainable.safetensors")

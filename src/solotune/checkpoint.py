@@ -14,6 +14,7 @@ complete, whatever moment the process was killed at.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -118,16 +119,13 @@ def save(
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable, tmp / "trainable.safetensors")
     opt_tensors, opt_rest = _split_optimizer_state(optimizer_state)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
     # Rank 0's generators under their plain names, the other ranks' prefixed "rank<r>.".
     rng_tensors = {
         (name if r == 0 else f"rank{r}.{name}"): t
         for r, rng in enumerate(rank_rngs)
         for name, t in rng["torch"].items()
     }
-    save_file(rng_tensors, tmp / "rng.safetensors")
     state = {
         "step": step,
         "optimizer": opt_rest,
@@ -139,8 +137,18 @@ def save(
         "records": records,
         "fingerprint": run_fingerprint,
     }
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    _fsync_folder(tmp)
+    files = {"trainable.safetensors": trainable, "optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors}
+    try:
+        for name, tensors in files.items():
+            save_file(tensors, tmp / name)
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        _fsync_folder(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written left behind
+        if not _disk_full(e):
+            raise
+        needed = sum(t.numel() * t.element_size() for tensors in files.values() for t in tensors.values())
+        raise SolotuneError(_disk_full_message(run_dir, step, needed)) from None
     if final.exists():  # the same step saved again (e.g. interrupted right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -148,6 +156,29 @@ def save(
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC or a quota, as an OSError or as safetensors' own error (which carries the OS's)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text or "os error 28" in text
+
+
+def _disk_full_message(run_dir: Path, step: int, needed_bytes: int) -> str:
+    free = shutil.disk_usage(run_dir).free
+    last = latest(run_dir)
+    resume = (
+        f"the last complete checkpoint, {last.path}, is intact: free some space and continue with "
+        f"solotune train --resume {run_dir}"
+        if last
+        else "no checkpoint was written before it"
+    )
+    return (
+        f"checkpoint of step {step}: the disk is full ({needed_bytes / 2**20:,.1f} MiB to write, "
+        f"{free / 2**20:,.1f} MiB free under {run_dir}); nothing of it was kept, and {resume}"
+    )
 
 
 def trained_state(model, optimizer, keep: bool = True) -> tuple[dict, dict]:
