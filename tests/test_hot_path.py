@@ -17,7 +17,7 @@ from solotune.attention import padding_free_attention
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, collate, collate_packed, tokenize_records
 from solotune.memory import PeakSteps, step_size
-from solotune.model_setup import COMPILE_MIN_STEPS, CompiledLayers, choose_compile
+from solotune.model_setup import CompiledLayers, choose_compile
 from solotune.optim import make_optimizer
 from solotune.precision import resolve_policy
 from solotune.step import train_step
@@ -130,10 +130,19 @@ def test_compiled_steps_run_beside_tracked_eager_ones(tokenizer, monkeypatch):
     assert compiled.compile_s > 0 and eager.compile_s == 0
 
 
-def test_compile_auto_turns_on_where_it_pays_back():
+def test_compile_auto_turns_on_only_where_it_was_measured_to_pay_back(monkeypatch):
+    from solotune import model_setup
+
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert choose_compile("auto", "peak", cuda, COMPILE_MIN_STEPS)[0]
-    assert not choose_compile("auto", "peak", cuda, COMPILE_MIN_STEPS - 1)[0]
+    assert model_setup.COMPILE_PAYS_BACK_FROM == {}  # nowhere yet: auto never compiles
+    for device in (cuda, cpu):
+        on, why = choose_compile("auto", "peak", device, 10_000)
+        assert (
+            not on and why == f"compile: off (auto: not yet measured to pay back on {device.type}; --train.compile on)"
+        )
+    monkeypatch.setitem(model_setup.COMPILE_PAYS_BACK_FROM, "cuda", 100)  # as a measurement would set it
+    assert choose_compile("auto", "peak", cuda, 100)[0]
+    assert not choose_compile("auto", "peak", cuda, 99)[0]
     assert not choose_compile("auto", "peak", cpu, 10_000)[0]
     assert not choose_compile("auto", "always", cuda, 10_000)[0]
     on, why = choose_compile("on", "off", cpu, 3)

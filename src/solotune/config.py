@@ -133,16 +133,18 @@ class TrainConfig:
     # memory; sgd: no state (see optim.py).
     optim: str = field(default="adamw", metadata=choices("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd"))
     # torch.compile each decoder layer for the steps the memory tracker does not follow (shapes
-    # dynamic, so record lengths do not recompile); its time is reported apart from the runtime.
-    # auto: on where it pays back (CUDA, long runs; see loop.choose_compile).
+    # dynamic, a bounded number of graphs); its time is reported apart from the runtime. auto: on
+    # only where it was measured to pay back (model_setup.choose_compile).
     compile: str = field(default="auto", metadata=switch("auto", "on", "off", on="on"))
     # Split the peak into parameters / gradients / optimizer state / activations: a Python hook
-    # on every tensor op (memory.TensorMemoryTracker). peak: only on the steps that can set the
-    # peak (the first, any larger than all before, any after the optimizer state grew); always:
-    # every step; off: the measured peak only.
+    # on every tensor op (memory.TensorMemoryTracker). peak: on a rehearsal of the largest step
+    # before the loop (an update that changes nothing), then only on a step of the loop that can
+    # still set the peak (normally none), so the loop runs untracked; always: every step; off:
+    # the measured peak only.
     track_memory: str = field(default="peak", metadata=switch("peak", "always", "off", on="peak"))
     # Fused GPU kernels from Liger-Kernel (RMSNorm, RoPE; kernels.py): auto = on a CUDA GPU
-    # where the liger-kernel package is installed, each checked against the plain forward.
+    # where the liger-kernel package is installed, each checked against the plain forward, kept
+    # only where a timed step is faster, never in a compiled run.
     kernels: str = field(default="auto", metadata=choices("auto", "liger", "none"))
     epochs: int = 1
     max_steps: int | None = None  # stop early after this many optimizer steps
@@ -150,7 +152,7 @@ class TrainConfig:
     # Each epoch's largest step (records x the longest, then tokens: the data alone decides)
     # runs first, as HF's length-grouped sampler puts its longest batch first; the optimizer
     # state exists before it (optim.create_state). A run that does not fit stops in its first
-    # step, and the memory breakdown (track_memory peak) follows few steps: later ones are smaller.
+    # step, and the memory breakdown's rehearsal of it (track_memory peak) covers the epoch.
     # Only with shuffle: unshuffled, the data's own order is kept.
     largest_first: bool = True
     lr: float = 2e-4

@@ -60,25 +60,29 @@ def enable_checkpointing(model) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-COMPILE_MIN_STEPS = 100  # --train.compile auto: on CUDA, runs at least this long compile
+# --train.compile auto: the devices where compiling has been measured to pay back, and from how
+# many steps (benchmarks/vs_trl.py --focus compiled; device_gpu.sh on a GPU). None yet: on the
+# H200 it stalled (a graph per step, before the graphs were bounded) and has not been measured
+# since; on a 2-core CPU it won 1.08x on 32 long steps, less than its variance elsewhere.
+COMPILE_PAYS_BACK_FROM: dict[str, int] = {}
 
 
 def choose_compile(requested: str, track_memory: str, device: torch.device, n_steps: int) -> tuple[bool, str]:
     """Whether the loop compiles its layers, and the line that says why.
 
-    auto compiles on a GPU for runs of COMPILE_MIN_STEPS steps or more, where the compile time
-    (tens of seconds) pays back; on the CPU the gain depends on the step's length (measured 1.19x
-    at 16-second steps), so it stays a choice there.
+    auto compiles only where it has been measured to pay back (COMPILE_PAYS_BACK_FROM) for a run
+    of that many steps.
     """
     if requested != "auto":
         return requested == "on", f"compile: {requested} (requested)"
     if track_memory == "always":
         return False, "compile: off (auto: every step is tracked, and tracked steps run eager)"
-    if device.type != "cuda":
-        return False, "compile: off (auto: on the CPU compiling pays back only for long steps; --train.compile)"
-    if n_steps < COMPILE_MIN_STEPS:
+    min_steps = COMPILE_PAYS_BACK_FROM.get(device.type)
+    if min_steps is None:
+        return False, f"compile: off (auto: not yet measured to pay back on {device.type}; --train.compile on)"
+    if n_steps < min_steps:
         return False, f"compile: off (auto: {n_steps} steps are too few to pay back the compile time)"
-    return True, f"compile: on (auto: a GPU and {n_steps} steps)"
+    return True, f"compile: on (auto: measured to pay back on {device.type} from {min_steps} steps)"
 
 
 # A compile past either bound stops, and the run goes on eager (loop.py): graphs past this many mean
