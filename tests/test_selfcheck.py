@@ -141,3 +141,64 @@ def test_check_gradients_allows_a_zero_lora_a_gradient_only_while_its_b_is_zero(
     a.grad[0, 0] = float("nan")
     with pytest.raises(SolotuneError, match=r"1 got inf/NaN gradients: .*lora_A"):
         check_gradients(model)
+
+
+BF16 = resolve_policy(PrecisionConfig(mp="bf16"), "cpu", frozen_base=True)
+
+
+def noisy_bf16_attention(module, query, key, value, attention_mask, **kwargs):
+    """A sound padding-free attention whose 16-bit results carry rounding noise of the size a
+    real model showed in bf16 (2.8e-2 relative on the embedded default); exact in fp32."""
+    out, weights = attention.varlen_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+    if out.dtype != torch.float32:
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(out.shape, generator=generator).to(out.dtype)
+        out = out + 0.06 * out.abs().mean() * noise
+    return out, weights
+
+
+def bf16_model(tokenizer):
+    return apply_lora(make_model(tokenizer).to(torch.bfloat16), LoraConfig(r=4))
+
+
+def test_16bit_rounding_noise_does_not_turn_a_sound_path_off(tokenizer):
+    """The fp32 twin decides the structure; the model in bf16 then needs only to be near (SANITY),
+    so a sound path whose bf16 error passes the old 3e-2 bound is kept."""
+    from solotune.selfcheck import SANITY, TOLERANCE
+
+    AttentionInterface.register(attention.NAME, noisy_bf16_attention)
+    try:
+        model = bf16_model(tokenizer)
+        fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, BF16, TrainConfig(), 512)
+    finally:
+        AttentionInterface.register(attention.NAME, attention.varlen_sdpa_attention)
+    assert fast.padding_free and fast.notes == []
+    assert TOLERANCE[torch.bfloat16] < fast.largest_difference < SANITY  # the old bound would have refused it
+
+
+def test_16bit_runs_find_a_leak_between_records_in_fp32_on_a_twin(tokenizer):
+    AttentionInterface.register(attention.NAME, leaking_attention)
+    try:
+        model = bf16_model(tokenizer)
+        fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, BF16, TrainConfig(), 512)
+    finally:
+        AttentionInterface.register(attention.NAME, attention.varlen_sdpa_attention)
+    assert not fast.padding_free and fast.fused_swiglu and fast.ce_chunk
+    (note,) = fast.notes
+    assert note.startswith("padding-free rows off for this model: it differs from the model's plain forward by ")
+    assert note.endswith("(relative; tolerance 1e-04) (fp32, on a 1-layer twin)")
+    assert float(note.split(" by ")[1].split(" ")[0]) > 0.5  # far from any rounding
+
+
+def test_a_model_that_soft_caps_its_logits_keeps_the_full_head_by_declaration(tokenizer):
+    """Gemma 2 caps its final logits after the head: the chunked head would leave that out, and
+    a probe's small logits hide it from a measure. Its config says so."""
+    from solotune.testing import make_architecture
+
+    model = make_architecture("gemma", tokenizer, model_type="gemma2", final_logit_softcapping=30.0)
+    fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, FP32, TrainConfig(), 512)
+    assert fast.ce_chunk == 0
+    assert (
+        "chunked LM head + cross-entropy off for this model: its logits are soft-capped after the head "
+        "(final_logit_softcapping = 30.0)" in fast.notes
+    )

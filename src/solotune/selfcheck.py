@@ -16,9 +16,11 @@ Two checks, cheap enough to stay on by default:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from solotune import sharding
 from solotune.attention import disable_padding_free, enable_padding_free, padding_free_attention
@@ -39,6 +41,10 @@ PROBE_TOKENS = 48  # each cut to this many: the check costs a few short forwards
 # at 2^-8 (bf16) or 2^-11 (fp16). Faults measure far more: Granite's logit scale left out, 3.0;
 # records that see each other in a padding-free row, 1.5 (both on tiny random models, fp32).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+# In 16 bits, after the fp32 twin has decided the structure: the model's own paths must agree to
+# this, far above their rounding (2.8e-2 the largest seen, bf16 on the embedded default) and
+# below a path that computes something else (faults measure 1 and more).
+SANITY = 0.25
 
 
 @dataclass
@@ -74,13 +80,13 @@ class FastPaths:
         )
 
 
-def probe_examples(examples: list[Example]) -> list[Example]:
+def probe_examples(examples: list[Example], vocab_size: int | None = None) -> list[Example]:
     """The first few records, cut short, with every next token a target: the paths are compared
-    as functions, so which positions carry loss in training does not matter here."""
-    return [
-        Example(e.input_ids[:PROBE_TOKENS], list(e.input_ids[:PROBE_TOKENS]), e.record_index)
-        for e in examples[:PROBE_RECORDS]
-    ]
+    as functions, so which positions carry loss in training does not matter here. `vocab_size`:
+    token ids folded into a smaller vocabulary (the structural twin's)."""
+    fold = (lambda ids: [t % vocab_size for t in ids]) if vocab_size else list
+    probe = [fold(e.input_ids[:PROBE_TOKENS]) for e in examples[:PROBE_RECORDS]]
+    return [Example(ids, list(ids), e.record_index) for ids, e in zip(probe, examples)]
 
 
 def choose_fast_paths(
@@ -97,43 +103,161 @@ def choose_fast_paths(
     Each comparison changes one thing, so that only a fault, not the rounding of other kernels
     on other shapes, can tell the two apart: the fused SwiGLU against the model's MLPs on the
     same padded batch; a padding-free row against each record run alone; the chunked head
-    against the model's logits on the same batch. Liger's kernels, under `--train.kernels auto`,
-    must also be faster at the run's shape (timed), and stay out of a compiled run (`compiling`):
-    inductor fuses the norms and the rotary embedding itself, and Triton kernels traced by
-    dynamo fail to compile.
+    against the model's logits on the same batch.
+
+    In fp32 the model itself is compared, to TOLERANCE. In 16 bits a sound path and a faulty
+    one can differ by the same amount (bf16, the embedded default: padding-free rows 2.8e-2
+    sound, a leak between records 3.2e-2 to 3.9e-2 elsewhere), so the structure is decided in
+    fp32 on the model's twin (`structural_twin`: its architecture, one or two layers, random
+    weights), to 1e-4, where faults measure 1.3 and more; the model itself must then agree to
+    SANITY in its own precision: its kernels run (flash attention's variable-length path, say)
+    and give nothing far off. A model that changes its logits after the head (soft-capping,
+    scaling) keeps the full head by declaration (`declared_logit_change`).
+
+    Liger's kernels are numerics, not structure: compared on the model in its precision, to
+    TOLERANCE; under `--train.kernels auto` kept only where faster at the run's shape (timed),
+    and never in a compiled run (`compiling`): inductor fuses the norms and the rotary embedding
+    itself, and Triton kernels traced by dynamo fail to compile.
     """
-    probe = probe_examples(examples)
-    padded = collate(probe, pad_id).to(policy.device)
-    tolerance = TOLERANCE[policy.compute_dtype if policy.compute_dtype != torch.float32 else policy.base_dtype]
     fast = FastPaths(fused_swiglu=False, padding_free=False, ce_chunk=0)
-    was_training, attention = model.training, model.config._attn_implementation
-    model.eval()  # no dropout: the paths must agree up to rounding
-    undo_liger = None
-    try:
-        with torch.no_grad(), policy.autocast():
-            liger, why = choose_kernels(cfg.kernels, policy.device)
-            if liger and compiling:
-                fast.notes.append("Liger RMSNorm + RoPE off: the run compiles, and inductor fuses both itself")
-            elif liger:
-                undo_liger = _check_liger(model, padded, fast, tolerance)
-                fast.kernels = "liger" if undo_liger else "none"
-            elif policy.device.type == "cuda" and cfg.kernels == "auto":
-                fast.notes.append(why)  # on a GPU, say what installing them would bring
-            if cfg.fused_swiglu:
-                fast.fused_swiglu = _check_fused_swiglu(model, padded, fast, tolerance)
-            if cfg.padding_free:
-                fast.padding_free = _check_padding_free(model, probe, pad_id, max_len, fast, tolerance)
-            if cfg.ce_chunk:
-                batch = collate_packed(probe).to(policy.device) if fast.padding_free else padded
-                chunked = _keep(fast, "chunked LM head + cross-entropy", tolerance,
-                                lambda: _chunked_difference(model, batch, cfg.ce_chunk))  # fmt: skip
-                fast.ce_chunk = cfg.ce_chunk if chunked else 0
-    finally:
-        model.train(was_training)
-        disable_padding_free(model, attention)  # the loop switches it on for its steps alone
+    declared = declared_logit_change(model.config)
+    if declared and cfg.ce_chunk:
+        fast.notes.append(f"chunked LM head + cross-entropy off for this model: {declared}")
+        cfg = replace(cfg, ce_chunk=0)
+    dtype = policy.compute_dtype if policy.compute_dtype != torch.float32 else policy.base_dtype
+    tolerance = TOLERANCE[dtype]
+    undo_liger = _choose_liger(model, examples, pad_id, policy, cfg, compiling, fast, tolerance)
+    if dtype != torch.float32:
+        twin = structural_twin(model)
+        if twin is not None:
+            FP32 = PrecisionPolicy(policy.device, torch.float32, torch.float32, policy.scaler)
+            structure = _check_paths(twin, examples, pad_id, FP32, cfg, max_len, TOLERANCE[torch.float32])
+            fast.notes += [f"{note} (fp32, on a {_layers(twin)}-layer twin)" for note in structure.notes]
+            cfg = replace(
+                cfg,
+                fused_swiglu=structure.fused_swiglu,
+                padding_free=structure.padding_free,
+                ce_chunk=structure.ce_chunk,
+            )
+            tolerance = SANITY
+            del twin
+    paths = _check_paths(model, examples, pad_id, policy, cfg, max_len, tolerance)
+    fast.fused_swiglu, fast.padding_free, fast.ce_chunk = paths.fused_swiglu, paths.padding_free, paths.ce_chunk
+    fast.largest_difference = max(fast.largest_difference, paths.largest_difference)
+    fast.notes += paths.notes
     if undo_liger and cfg.kernels == "auto":
         _time_liger(model, examples, pad_id, policy, cfg, max_len, fast, undo_liger)
     return fast
+
+
+def _choose_liger(model, examples, pad_id, policy, cfg: TrainConfig, compiling: bool, fast: FastPaths, tolerance):
+    """Liger's kernels in `model` where they can run and match its plain forward; their undo, or None."""
+    liger, why = choose_kernels(cfg.kernels, policy.device)
+    if not liger:
+        if policy.device.type == "cuda" and cfg.kernels == "auto":
+            fast.notes.append(why)  # on a GPU, say what installing them would bring
+        return None
+    if compiling:
+        fast.notes.append("Liger RMSNorm + RoPE off: the run compiles, and inductor fuses both itself")
+        return None
+    padded = collate(probe_examples(examples), pad_id).to(policy.device)
+    with _probing(model), torch.no_grad(), policy.autocast():
+        undo = _check_liger(model, padded, fast, tolerance)
+    fast.kernels = "liger" if undo else "none"
+    return undo
+
+
+def _check_paths(model, examples, pad_id: int, policy: PrecisionPolicy, cfg: TrainConfig, max_len: int, tolerance):
+    """The fused SwiGLU, padding-free rows and the chunked head that `cfg` asks for, each compared
+    with `model`'s plain forward to `tolerance` and kept or undone; what was kept, and why not."""
+    fast = FastPaths(fused_swiglu=False, padding_free=False, ce_chunk=0)
+    vocab = model.config.vocab_size
+    probe, pad_id = probe_examples(examples, vocab), pad_id % vocab  # the twin's vocabulary is smaller
+    padded = collate(probe, pad_id).to(policy.device)
+    with _probing(model), torch.no_grad(), policy.autocast():
+        if cfg.fused_swiglu:
+            fast.fused_swiglu = _check_fused_swiglu(model, padded, fast, tolerance)
+        if cfg.padding_free:
+            fast.padding_free = _check_padding_free(model, probe, pad_id, max_len, fast, tolerance)
+        if cfg.ce_chunk:
+            batch = collate_packed(probe).to(policy.device) if fast.padding_free else padded
+            chunked = _keep(fast, "chunked LM head + cross-entropy", tolerance,
+                            lambda: _chunked_difference(model, batch, cfg.ce_chunk))  # fmt: skip
+            fast.ce_chunk = cfg.ce_chunk if chunked else 0
+    return fast
+
+
+@contextlib.contextmanager
+def _probing(model):
+    """Eval mode (no dropout: the paths must agree up to rounding) and the model's own attention
+    afterwards: the loop switches padding-free attention on for its steps alone."""
+    was_training, attention = model.training, model.config._attn_implementation
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        disable_padding_free(model, attention)
+
+
+# Logits changed after the LM head, by a config field: the chunked head would leave it out. Known
+# by declaration, since a measure sees the change only where it exceeds the tolerance (a soft cap
+# hardly touches the small logits of a probe).
+LOGIT_CHANGES = {
+    "final_logit_softcapping": "its logits are soft-capped after the head (final_logit_softcapping = {})",
+    "logits_scaling": "its logits are scaled after the head (logits_scaling = {})",
+    "logit_scale": "its logits are scaled after the head (logit_scale = {})",
+}
+
+
+def declared_logit_change(config) -> str | None:
+    """Why the model's logits are not its LM head's output alone, where its config says so."""
+    for field_name, why in LOGIT_CHANGES.items():
+        value = getattr(config, field_name, None)
+        if value not in (None, 0, 1, 1.0):
+            return why.format(value)
+    return None
+
+
+STRUCTURE_VOCAB = 1024  # the twin's vocabulary: the head's structure, not its size, is checked
+INTERMEDIATE_SIZE = 1024  # likewise its MLP width
+
+
+def structural_twin(model):
+    """The model's architecture in fp32 on its device, with random weights: one layer (two where
+    the config sets layer types, such as sliding and full attention in turn), a small vocabulary
+    and MLP. What the fast paths could get wrong is structure, which a layer shows as well as
+    thirty, in fp32 far above rounding; the twin costs ~0.3 GiB for a 7B model. None where the
+    architecture cannot be built again from its config."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = copy.deepcopy(base.config)
+    layers = 2 if getattr(config, "layer_types", None) else 1
+    changes = dict(num_hidden_layers=layers, vocab_size=min(config.vocab_size, STRUCTURE_VOCAB))
+    if isinstance(getattr(config, "intermediate_size", None), int):
+        changes["intermediate_size"] = min(config.intermediate_size, INTERMEDIATE_SIZE)
+    if getattr(config, "layer_types", None):
+        changes["layer_types"] = list(config.layer_types[:layers])
+    for name, value in changes.items():
+        setattr(config, name, value)
+    for token in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(config, token, None), int) and getattr(config, token) >= config.vocab_size:
+            setattr(config, token, None)
+    config.quantization_config = None
+    device = base.get_input_embeddings().weight.device
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            twin = type(base)(config).to(torch.float32)
+    except Exception:  # an architecture whose config does not rebuild it: the model alone decides
+        return None
+    if _layers(twin) != layers:  # the class did not build from num_hidden_layers
+        return None
+    twin.set_attn_implementation(base.config._attn_implementation)
+    return twin.eval()
+
+
+def _layers(model) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
 
 
 def _time_liger(model, examples, pad_id, policy, cfg: TrainConfig, max_len: int, fast: FastPaths, undo) -> None:
