@@ -65,7 +65,7 @@ else
   SHAPE="hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4"
   COMPILE=on
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$RESULTS/gpu.txt"
-  part "0. wheels" 60 install_wheels
+  part "0. wheels" 30 install_wheels
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$RESULTS/gpu.txt"
@@ -75,7 +75,7 @@ cuda_tests() {
   tail -4 "$RESULTS/pytest.txt"
 }
 export -f cuda_tests
-part "1. the CUDA tests" 90 cuda_tests
+part "1. the CUDA tests" 80 cuda_tests
 
 # Alpaca-format records long enough to fill 512 byte-level tokens (a short instruction, a long
 # answer), and the 1B-class model, made here: nothing to carry.
@@ -94,7 +94,7 @@ model.save_pretrained("/tmp/solotune-1b"); tok.save_pretrained("/tmp/solotune-1b
 EOF
 }
 export -f make_inputs
-part "2a. the 1B-class model" 30 make_inputs
+part "2a. the 1B-class model" 25 make_inputs
 
 train_1b() {  # NAME OPTIONS...: one `solotune train` on the 1B-class shape; its last lines
   local name=$1
@@ -107,13 +107,13 @@ train_1b() {  # NAME OPTIONS...: one `solotune train` on the 1B-class shape; its
   return $rc
 }
 export -f train_1b
-part "2b. fp16 with loss scaling" 35 train_1b fp16 --samples 64 --mp "$FP16"
+part "2b. fp16 with loss scaling" 30 train_1b fp16 --samples 64 --mp "$FP16"
 compiled() {
   TORCH_LOGS=recompiles train_1b compile --samples "$RECORDS" --mp "$MP" --train.compile "$COMPILE"
   echo "recompiles: $(grep -c 'Recompiling function' "$RESULTS/compile.log")"
 }
 export -f compiled
-part "2c. --train.compile $COMPILE" 60 compiled
+part "2c. --train.compile $COMPILE" 50 compiled
 
 vs_trl() {
   $PY benchmarks/vs_trl.py --focus overhead --device "$DEVICE" --model /tmp/solotune-1b \
@@ -121,14 +121,14 @@ vs_trl() {
     --peer-micro 8 --out "$RESULTS/vs_trl.md" > "$RESULTS/vs_trl.log" 2>&1 || tail -5 "$RESULTS/vs_trl.log"
 }
 export -f vs_trl
-part "3. vs TRL, 1B-class shape" 120 vs_trl
+part "3. vs TRL, 1B-class shape" 100 vs_trl
 
 gpu_step() {
   $PY benchmarks/gpu_step.py --shape "$STEP_SHAPE" --device "$DEVICE" --steps "$STEPS" --seq-len "$SEQ_LEN" \
     --out "$RESULTS/gpu_step.md" > "$RESULTS/gpu_step.log" 2>&1 || tail -5 "$RESULTS/gpu_step.log"
 }
 export -f gpu_step
-part "4. Llama-2-7B-shaped step" 150 gpu_step
+part "4. Llama-2-7B-shaped step" 105 gpu_step
 
 {
   echo "== summary ($(head -1 "$RESULTS/gpu.txt"); $((SECONDS - START)) s in all)"

@@ -87,12 +87,22 @@ def test_every_family_trains_merges_and_generates_with_the_defaults(family, data
     assert "generations (" in capsys.readouterr().out
 
 
-def test_granite_logits_scaling_turns_the_chunked_head_off(data_file, tmp_path, capsys):
+def test_granite_logits_scaling_turns_the_chunked_head_off(data_file, tmp_path, capsys, monkeypatch):
     """Granite divides the logits by logits_scaling after the LM head, which the chunked loss
-    would skip: the set-up check finds the difference and the run computes the full logits."""
+    would skip: its config declares it, and where no declaration were known the set-up check
+    finds the difference; either way the run computes the full logits."""
+    from solotune import selfcheck
+
     model_dir = save_architecture_folder(tmp_path / "granite", "granite")
     fast = train(model_dir, data_file, tmp_path / "run", "--max-steps", "2", "--no-generate.enabled")
     assert fast["fast_paths"]["ce_chunk"] == 0 and fast["fast_paths"]["padding_free"]
+    assert (
+        "chunked LM head + cross-entropy off for this model: its logits are scaled after the head "
+        "(logits_scaling = 4.0)" in capsys.readouterr().out
+    )
+    monkeypatch.setattr(selfcheck, "LOGIT_CHANGES", {})
+    measured = train(model_dir, data_file, tmp_path / "measured", "--max-steps", "2", "--no-generate.enabled")
+    assert measured["fast_paths"]["ce_chunk"] == 0
     assert "chunked LM head + cross-entropy off for this model: it differs" in capsys.readouterr().out
     full = train(
         model_dir, data_file, tmp_path / "full", "--max-steps", "2", "--no-generate.enabled", "--train.ce-chunk", "0"
