@@ -108,3 +108,42 @@ def test_granite_logits_scaling_turns_the_chunked_head_off(data_file, tmp_path, 
         model_dir, data_file, tmp_path / "full", "--max-steps", "2", "--no-generate.enabled", "--train.ce-chunk", "0"
     )
     assert fast["train"]["loss_curve"] == full["train"]["loss_curve"]
+
+
+def test_a_model_without_attention_trains_or_says_in_one_line_what_to_adapt(data_file, tmp_path, capsys):
+    """Mamba has no attention heads (its FLOPs had no attention width to read: a traceback) and
+    no attention projections; peft refuses two of its linear layers (a traceback too)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from solotune.testing import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    folder = tmp_path / "mamba"
+    config = MambaConfig(vocab_size=len(tokenizer), hidden_size=64, state_size=8, num_hidden_layers=2, pad_token_id=0)
+    MambaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    args = ["--max-steps", "2", "--no-generate.enabled"]
+    with pytest.raises(AssertionError):  # exit status 2, one line
+        train(folder, data_file, tmp_path / "refused", *args)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("solotune: error: LoRA cannot adapt MambaForCausalLM this way: ")
+    assert "Its linear layers: dt_proj, in_proj, lm_head, out_proj, x_proj; choose with --lora.target-modules" in error
+    metrics = train(folder, data_file, tmp_path / "run", *args, "--lora.target-modules", "in_proj", "x_proj")
+    assert metrics["train"]["steps"] == 2 and metrics["train"]["mfu"] > 0
+
+
+def test_a_generation_transformers_cannot_make_is_skipped_and_named(data_file, tmp_path, capsys, monkeypatch):
+    from solotune import train as train_module
+
+    def broken(*_):
+        raise ValueError("this model's generation config is invalid\nmore detail")
+
+    monkeypatch.setattr(train_module, "generate", broken)
+    model_dir = save_architecture_folder(tmp_path / "llama", "llama")
+    metrics = train(model_dir, data_file, tmp_path / "run", "--max-steps", "2")
+    assert metrics["train"]["steps"] == 2
+    out = capsys.readouterr().out
+    assert (
+        "generations: skipped, transformers could not generate with this model "
+        "(ValueError: this model's generation config is invalid)" in out
+    )

@@ -133,7 +133,14 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
     )
     # autocast_adapter_dtype keeps the adapter weights in fp32 when the base is bf16/fp16:
     # they are the trained weights, and small updates must not round away.
-    model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+    linears = linear_module_names(model)  # before peft, which may have wrapped some when it refuses
+    try:
+        model = get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+    except ValueError as e:  # peft refuses a target it cannot adapt (Mamba's out_proj, say)
+        raise SolotuneError(
+            f"LoRA cannot adapt {type(model).__name__} this way: {str(e).strip().splitlines()[0]} "
+            f"Its linear layers: {', '.join(linears)}; choose with --lora.target-modules"
+        ) from None
     if cfg.shared_dropout and cfg.dropout > 0:
         share_dropout_masks(model)
     return model

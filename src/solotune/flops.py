@@ -45,8 +45,12 @@ class FlopModel:
         matrices.pop(id(head), None)
         matrices.pop(id(embed), None)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        width = cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
+        heads = getattr(cfg, "num_attention_heads", None)
+        if heads:
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+            width = cfg.num_hidden_layers * heads * head_dim
+        else:  # no attention (a state-space model): its mixing is counted as the weights it uses
+            width = 0
         return cls(
             body_weights=sum(p.numel() for p in matrices.values()),
             trained_body_weights=sum(p.numel() for p in matrices.values() if p.requires_grad),

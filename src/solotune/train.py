@@ -30,7 +30,7 @@ from solotune.flops import matmul_peak_flops
 from solotune.generate import Generation, generate, print_generations
 from solotune.loop import train_loop
 from solotune.loss import ResponseLoss
-from solotune.memory import apply_memory_limit
+from solotune.memory import apply_memory_limit, is_out_of_memory
 from solotune.metrics import RunOutcome, collect_metrics, library_versions, print_summary
 from solotune.model_setup import build_model, choose_compile
 from solotune.models import copy_gguf_origin, load_tokenizer, resolve_model_source
@@ -276,10 +276,22 @@ def _describe_dist(mode: str, world: dist.World) -> str:
 
 def _generate(model, tokenizer, cfg: RunConfig, policy) -> list[Generation]:
     """`generate`, drawing from a generator seeded by the run's seed: ranks generating in step
-    (FSDP2) draw the same tokens, so they stop after the same number of forwards."""
+    (FSDP2) draw the same tokens, so they stop after the same number of forwards.
+
+    The sample generations are a report, not the run: where transformers cannot generate with
+    this model, the run goes on without them and says why in one line."""
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if policy.device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)
-        return generate(model, tokenizer, cfg.generate, policy)
+        try:
+            return generate(model, tokenizer, cfg.generate, policy)
+        except Exception as e:
+            if is_out_of_memory(e) or isinstance(e, SolotuneError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(
+                f"generations: skipped, transformers could not generate with this model ({type(e).__name__}: {first})"
+            )
+            return []
 
 
 def _generations_before(
