@@ -138,11 +138,31 @@ def _padded_slots(offsets: torch.Tensor, T: int, longest: int) -> torch.Tensor:
     return segment * longest + t - offsets[segment]
 
 
+class _Simulated(threading.local):
+    device_type: str | None = None
+
+
+_simulated = _Simulated()
+
+
+@contextlib.contextmanager
+def simulating(device_type: str):
+    """Attention as it would run on `device_type`, for the estimator's fake CPU tensors (a fake
+    CUDA tensor aborts a CPU-only PyTorch): on "cuda", the flash variable-length path, whose
+    custom op has a shape-only implementation, and so its layout of saved tensors."""
+    saved = _simulated.device_type
+    _simulated.device_type = device_type
+    try:
+        yield
+    finally:
+        _simulated.device_type = saved
+
+
 def _flash_varlen_applies(query: torch.Tensor, kwargs: dict) -> bool:
     training_dropout = kwargs.get("dropout", 0.0)
     return (
         varlen_attn is not None
-        and query.is_cuda
+        and (query.is_cuda or _simulated.device_type == "cuda")
         and query.dtype in (torch.float16, torch.bfloat16)
         and query.shape[0] == 1
         and not training_dropout
