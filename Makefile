@@ -35,9 +35,11 @@ test: lint
 	$(PY) -m pytest -q
 
 # ruff: lint and format at 120 columns (pyproject.toml); `make format` rewrites in place.
+# lint-imports: the layers of src/solotune import only downwards (pyproject.toml's contract).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks

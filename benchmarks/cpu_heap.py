@@ -75,7 +75,7 @@ def child(variant: str, train_args: list[str]) -> None:
     """Patch the loop's gradient accumulation, then run the CLI in this process."""
     import torch
 
-    import solotune.step as step
+    import solotune.training.step as step
     from solotune.cli import main
 
     slabs = Slabs()

@@ -36,7 +36,7 @@ LAYOUTS = {
 
 
 def _sliced(g, w):
-    from solotune.cpu_bf16 import matmul
+    from solotune.fastpaths.cpu_bf16 import matmul
 
     return matmul(g, w)  # where bf16 is emulated, W column-major 4,096 rows at a time
 
@@ -69,11 +69,11 @@ def step_seconds(variant: dict, batch: int, seq: int, steps: int) -> float:
     import torch
 
     from solotune.config import RunConfig
-    from solotune.cpu_bf16 import restore_layouts
-    from solotune.loss import full_response_loss_sum
-    from solotune.model_setup import build_model
-    from solotune.models import resolve_model_source
-    from solotune.precision import resolve_policy
+    from solotune.fastpaths.cpu_bf16 import restore_layouts
+    from solotune.fastpaths.loss import full_response_loss_sum
+    from solotune.model.models import resolve_model_source
+    from solotune.model.precision import resolve_policy
+    from solotune.training.setup import build_model
 
     cfg = RunConfig()
     cfg.precision.mp, cfg.precision.base_dtype = variant["mp"], variant["base_dtype"]
@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, args)
-    from solotune.precision import cpu_has_native_bf16
+    from solotune.model.precision import cpu_has_native_bf16
 
     print(f"native bf16 on this CPU: {cpu_has_native_bf16()}; batch {args.batch} x {args.seq} tokens")
     runs = {name: [] for name in VARIANTS}

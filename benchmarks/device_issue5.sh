@@ -6,7 +6,7 @@ OUT=${OUT:-/tmp/solotune-device}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/src:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fastpath.py 2>&1 | tee "$OUT/pytest.txt" | tail -8
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fastpaths.py 2>&1 | tee "$OUT/pytest.txt" | tail -8
 # A larger model for the side-by-side benchmark: TinyLlama-1.1B's shape with a 49k vocabulary,
 # random weights (throughput and memory do not depend on them; both tools train the same one).
 python3 -c "

@@ -14,12 +14,12 @@ import warnings
 
 from solotune.config import RunConfig
 from solotune.data import Record, tokenize_records
-from solotune.estimate import PRESETS, estimate_memory, model_config
-from solotune.loop import train_loop
-from solotune.model_setup import build_model
-from solotune.models import load_tokenizer, resolve_model_source
-from solotune.precision import resolve_policy
+from solotune.experiment.estimate import PRESETS, estimate_memory, model_config
+from solotune.model.models import load_tokenizer, resolve_model_source
+from solotune.model.precision import resolve_policy
 from solotune.testing import save_model_folder
+from solotune.training.loop import train_loop
+from solotune.training.setup import build_model
 
 CONFIGS = {
     "LoRA fp32": {},

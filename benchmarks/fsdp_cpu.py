@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from solotune.config import RunConfig
-from solotune.estimate import estimate_memory, model_config
+from solotune.experiment.estimate import estimate_memory, model_config
 from solotune.testing import save_model_folder
 
 SEQ = 128  # prompt 100 + response 27 + EOS

@@ -18,8 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from solotune.config import REFERENCE_PROMPTS, ModelConfig
-from solotune.export import export_gguf
-from solotune.models import resolve_model_source
+from solotune.model.models import resolve_model_source
+from solotune.run.export import export_gguf
 
 TYPES = ("f16", "bf16", "q8_0", "q4_0")
 NEW_TOKENS = 16

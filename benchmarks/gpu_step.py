@@ -3,7 +3,7 @@
 LoRA r=16 on q, k, v, batch 8 x 512 tokens, bf16: plain, with gradient checkpointing, and QLoRA
 (NF4 base, double quantization) with checkpointing. Random weights (no hub needed; memory and
 speed depend on shapes, not values), records of random tokens at full length, every position a
-target. Each configuration runs `solotune`'s own set-up and loop (`model_setup.prepare_model`,
+target. Each configuration runs `solotune`'s own set-up and loop (`training.setup.prepare_model`,
 `loop.train_loop`) in a process of its own, and `solotune estimate`'s simulation of the same
 configuration. Reported per configuration: the CUDA allocator's peak over the loop and the
 tracked tensor peak, the estimate of both, tokens/s and MFU (model FLOPs over the measured
@@ -51,7 +51,7 @@ WARMUP_STEPS = 2  # left out of the steady-state figures
 def model_config(shape: str):
     from transformers import AutoConfig
 
-    from solotune.estimate import model_config as preset_config
+    from solotune.experiment.estimate import model_config as preset_config
 
     settings = dict(SHAPES[shape])
     if "model" in settings:
@@ -66,11 +66,11 @@ def run_config(cfg_name: str, shape: str, device: str, steps: int, seq_len: int)
 
     from solotune.config import RunConfig
     from solotune.data import Example
-    from solotune.estimate import estimate_memory
-    from solotune.flops import matmul_peak_flops
-    from solotune.loop import train_loop
-    from solotune.model_setup import prepare_model
-    from solotune.precision import resolve_policy
+    from solotune.experiment.estimate import estimate_memory
+    from solotune.measure.flops import matmul_peak_flops
+    from solotune.model.precision import resolve_policy
+    from solotune.training.loop import train_loop
+    from solotune.training.setup import prepare_model
 
     checkpointing, quant = CONFIGS[cfg_name]
     cfg = RunConfig(device=device)
@@ -137,8 +137,8 @@ def run_peer(shape: str, device: str, steps: int, seq_len: int) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from solotune.data import Example, collate_packed
-    from solotune.flops import FlopModel, matmul_peak_flops
-    from solotune.memory import PeakMemoryProbe
+    from solotune.measure.flops import FlopModel, matmul_peak_flops
+    from solotune.measure.memory import PeakMemoryProbe
     from solotune.testing import make_tokenizer
 
     config = model_config(shape)
@@ -210,7 +210,7 @@ def quantize_nf4(model, device, compute_dtype):
     import bitsandbytes as bnb
     import torch
 
-    from solotune.quant import BLOCKSIZE_4BIT, keep_4bit_layout_trainable
+    from solotune.model.quant import BLOCKSIZE_4BIT, keep_4bit_layout_trainable
 
     for name, linear in list(model.named_modules()):
         if not isinstance(linear, torch.nn.Linear) or name.endswith("lm_head"):

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from solotune.config import DEFAULT_CUDA_OVERHEAD_MIB, RunConfig
-from solotune.estimate import estimate_memory, model_config
+from solotune.experiment.estimate import estimate_memory, model_config
 
 GPU_MIB = 8e9 / 2**20  # 8 GB as sold
 SEQ_LEN = 512

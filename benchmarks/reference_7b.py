@@ -19,7 +19,7 @@ import platform
 import warnings
 
 from solotune.config import RunConfig
-from solotune.estimate import estimate_memory, model_config
+from solotune.experiment.estimate import estimate_memory, model_config
 
 PLAIN_LOOP = {
     "train.padding_free": False,

@@ -130,7 +130,7 @@ def plan(precisions: list[str], peer_micros: list[int], focus: str = "all") -> l
 def tokenized_examples(args):
     from solotune.config import DataConfig, ModelConfig
     from solotune.data import read_records, tokenize_records
-    from solotune.models import load_tokenizer, resolve_model_source
+    from solotune.model.models import load_tokenizer, resolve_model_source
 
     mcfg = ModelConfig(name=args.model)
     source = resolve_model_source(mcfg)
@@ -211,8 +211,8 @@ def run_trl(s: Setting, args, out_dir: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from solotune.data import IGNORE_INDEX, collate_packed
-    from solotune.flops import FlopModel, matmul_peak_flops
-    from solotune.memory import PeakMemoryProbe
+    from solotune.measure.flops import FlopModel, matmul_peak_flops
+    from solotune.measure.memory import PeakMemoryProbe
 
     source, examples = tokenized_examples(args)
     rows = [{"input_ids": e.input_ids, "completion_mask": [int(y != IGNORE_INDEX) for y in e.labels]} for e in examples]
@@ -312,7 +312,7 @@ def run_one(s: Setting, args) -> dict | None:
     ] + (["--model", args.model] if args.model else [])
     env = dict(os.environ)
     if s.tool == "trl" and s.allocator != "glibc":  # solotune preloads its own (--cpu-allocator)
-        from solotune.allocator import choose
+        from solotune.measure.allocator import choose
 
         env["LD_PRELOAD"] = choose(s.allocator)[1]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, start_new_session=True)  # setsid
@@ -409,7 +409,7 @@ def default_precisions(device: str) -> list[str]:
     """bf16 and fp32 where bf16 is native; fp32 alone on CPUs that emulate bf16 (~20x slower)."""
     if device == "cuda":
         return ["bf16", "fp32"]
-    from solotune.precision import cpu_has_native_bf16
+    from solotune.model.precision import cpu_has_native_bf16
 
     return ["bf16", "fp32"] if cpu_has_native_bf16() else ["fp32"]
 

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from solotune.ablate import AXES, cell_argv, failure_reason, parse_axes, plan_cells
 from solotune.cli import main
 from solotune.config import RunConfig
 from solotune.errors import SolotuneError
-from solotune.report import axis_effects, load_grid, table1_rows, table2_text
+from solotune.experiment.ablate import AXES, cell_argv, failure_reason, parse_axes, plan_cells
+from solotune.experiment.report import axis_effects, load_grid, table1_rows, table2_text
 from solotune.testing import save_model_folder
 
 

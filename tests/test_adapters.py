@@ -2,9 +2,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from solotune.adapters import apply_lora, count_parameters, merge_adapter, resolve_targets, save_trained
 from solotune.config import LoraConfig
 from solotune.errors import SolotuneError
+from solotune.model.adapters import apply_lora, count_parameters, merge_adapter, resolve_targets, save_trained
 from solotune.testing import make_architecture, make_model
 
 

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from solotune import allocator
-from solotune.allocator import choose
 from solotune.cli import main
 from solotune.errors import SolotuneError
+from solotune.measure import allocator
+from solotune.measure.allocator import choose
 
 INSTALLED = {name: allocator.find_library(name) for name in allocator.LIBRARIES}
 

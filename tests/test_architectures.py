@@ -91,7 +91,7 @@ def test_granite_logits_scaling_turns_the_chunked_head_off(data_file, tmp_path, 
     """Granite divides the logits by logits_scaling after the LM head, which the chunked loss
     would skip: its config declares it, and where no declaration were known the set-up check
     finds the difference; either way the run computes the full logits."""
-    from solotune import selfcheck
+    from solotune.fastpaths import selfcheck
 
     model_dir = save_architecture_folder(tmp_path / "granite", "granite")
     fast = train(model_dir, data_file, tmp_path / "run", "--max-steps", "2", "--no-generate.enabled")
@@ -133,7 +133,7 @@ def test_a_model_without_attention_trains_or_says_in_one_line_what_to_adapt(data
 
 
 def test_a_generation_transformers_cannot_make_is_skipped_and_named(data_file, tmp_path, capsys, monkeypatch):
-    from solotune import train as train_module
+    from solotune.run import train as train_module
 
     def broken(*_):
         raise ValueError("this model's generation config is invalid\nmore detail")

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from solotune import cpu_bf16
-from solotune.adapters import apply_lora
 from solotune.config import DataConfig, LoraConfig, RunConfig, TrainConfig
 from solotune.data import Record, collate_packed, tokenize_records
-from solotune.loop import train_loop
-from solotune.loss import ResponseLoss
-from solotune.model_setup import build_model
-from solotune.precision import resolve_policy
+from solotune.fastpaths import cpu_bf16
+from solotune.fastpaths.loss import ResponseLoss
+from solotune.model.adapters import apply_lora
+from solotune.model.precision import resolve_policy
 from solotune.testing import make_model, save_model_folder
 from solotune.testing import varied_examples as examples
+from solotune.training.loop import train_loop
+from solotune.training.setup import build_model
 
 BF16 = torch.bfloat16
 
@@ -163,7 +163,7 @@ def test_matmul_copies_a_slice_of_rows_at_a_time_where_bf16_is_emulated(monkeypa
 
 def test_a_peak_cached_on_a_cpu_with_bf16_is_not_read_on_one_without(monkeypatch):
     """The matmul peak's cache key tells the two apart: their bf16 peaks differ a hundredfold."""
-    from solotune import flops
+    from solotune.measure import flops
 
     monkeypatch.setattr(flops, "cpu_has_native_bf16", lambda: True)
     with_bf16 = flops._device_name(torch.device("cpu"))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from solotune.config import RunConfig
+from solotune.run.train import run_training
 from solotune.testing import save_model_folder
-from solotune.train import run_training
 
 pytestmark = [
     pytest.mark.cuda,
@@ -85,8 +85,8 @@ def test_activation_offloading_lowers_the_cuda_peak_with_the_same_losses(wide_mo
 
 def test_padding_free_flash_attention_matches_the_padded_batch(tokenizer):
     """bf16 on CUDA: the row goes through varlen flash attention; per-record logits match SDPA's padded ones."""
-    from solotune.attention import enable_padding_free, varlen_attn
     from solotune.data import collate, collate_packed
+    from solotune.fastpaths.attention import enable_padding_free, varlen_attn
     from solotune.testing import make_model, varied_examples
 
     if varlen_attn is None:
@@ -132,14 +132,14 @@ def test_one_device_sync_per_optimizer_step_on_cuda(tokenizer, mp):
     that read."""
     import warnings
 
-    from solotune.adapters import apply_lora
-    from solotune.attention import padding_free_attention
     from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
     from solotune.data import collate_packed
-    from solotune.optim import make_optimizer
-    from solotune.precision import resolve_policy
-    from solotune.step import train_step
+    from solotune.fastpaths.attention import padding_free_attention
+    from solotune.model.adapters import apply_lora
+    from solotune.model.precision import resolve_policy
     from solotune.testing import make_model, varied_examples
+    from solotune.training.optim import make_optimizer
+    from solotune.training.step import train_step
 
     policy = resolve_policy(PrecisionConfig(mp=mp), "cuda", frozen_base=True)
     model = apply_lora(make_model(tokenizer).to("cuda", policy.base_dtype), LoraConfig(r=4)).train()
@@ -164,13 +164,13 @@ def test_one_device_sync_per_optimizer_step_on_cuda(tokenizer, mp):
 def test_liger_kernels_give_the_plain_loss_and_gradients(tokenizer):
     """bf16 on CUDA: Liger's RMSNorm and RoPE against the model's own, loss and LoRA gradients
     (bf16 rounding: 1e-2 relative), and the set-up check keeps them."""
-    from solotune.adapters import apply_lora
     from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
     from solotune.data import collate_packed
-    from solotune.kernels import use_liger
-    from solotune.loss import ResponseLoss
-    from solotune.precision import resolve_policy
-    from solotune.selfcheck import choose_fast_paths
+    from solotune.fastpaths.kernels import use_liger
+    from solotune.fastpaths.loss import ResponseLoss
+    from solotune.fastpaths.selfcheck import choose_fast_paths
+    from solotune.model.adapters import apply_lora
+    from solotune.model.precision import resolve_policy
     from solotune.testing import make_model, varied_examples
 
     policy = resolve_policy(PrecisionConfig(mp="bf16"), "cuda", frozen_base=True)
@@ -184,7 +184,7 @@ def test_liger_kernels_give_the_plain_loss_and_gradients(tokenizer):
         loss.backward()
         return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
-    from solotune.attention import padding_free_attention
+    from solotune.fastpaths.attention import padding_free_attention
 
     with padding_free_attention(model, 512):
         plain_loss, plain = loss_and_grads()

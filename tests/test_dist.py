@@ -212,7 +212,7 @@ def test_the_launcher_passes_the_ranks_output_and_keeps_torchruns_report_apart()
     shown; the ranks' lines and progress redraws pass, each error line once."""
     import io
 
-    from solotune.launch import first_failure, relay
+    from solotune.parallel.launch import first_failure, relay
 
     stream = (
         b"train:  50%|#####     | 1/2\rtrain: 100%|##########| 2/2\n"
@@ -241,7 +241,7 @@ def test_the_launcher_passes_the_ranks_output_and_keeps_torchruns_report_apart()
 
 def test_more_processes_than_gpus_is_refused_before_any_starts(monkeypatch):
     from solotune.errors import SolotuneError
-    from solotune.launch import check_devices
+    from solotune.parallel.launch import check_devices
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -3,12 +3,12 @@ import pytest
 from solotune.config import RunConfig
 from solotune.data import Record, tokenize_records
 from solotune.errors import SolotuneError
-from solotune.estimate import PRESETS, estimate_memory, model_config, search
-from solotune.loop import train_loop
-from solotune.model_setup import build_model
-from solotune.models import load_tokenizer, resolve_model_source
-from solotune.precision import resolve_policy
+from solotune.experiment.estimate import PRESETS, estimate_memory, model_config, search
+from solotune.model.models import load_tokenizer, resolve_model_source
+from solotune.model.precision import resolve_policy
 from solotune.testing import save_model_folder
+from solotune.training.loop import train_loop
+from solotune.training.setup import build_model
 
 PARTS = ("parameters", "gradients", "optimizer_state", "activations")
 SEQ = 128  # every record below is exactly this long: prompt 100 + response 27 + EOS
@@ -76,7 +76,7 @@ def test_a_gpu_is_estimated_with_its_own_attention_layout(monkeypatch):
     per layer, where every record fills the row."""
     import functools
 
-    from solotune import attention
+    from solotune.fastpaths import attention
 
     config = model_config("llama2-7b")
     shape = dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=4, intermediate_size=1024)

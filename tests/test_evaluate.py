@@ -11,9 +11,9 @@ from solotune.cli import main
 from solotune.config import PrecisionConfig
 from solotune.data import IGNORE_INDEX, Record
 from solotune.errors import SolotuneError
-from solotune.evaluate import HeldOut, hold_out, task_accuracy
-from solotune.loss import ResponseLoss
-from solotune.precision import resolve_policy
+from solotune.fastpaths.loss import ResponseLoss
+from solotune.model.precision import resolve_policy
+from solotune.run.evaluate import HeldOut, hold_out, task_accuracy
 from solotune.testing import make_model
 from solotune.testing import varied_examples as examples
 
@@ -124,7 +124,7 @@ def test_bad_evaluation_options_are_refused_in_one_line(tiny_model_dir, tmp_path
 
 def test_question_and_answer_follow_the_training_prompt():
     from solotune.data import format_instruction
-    from solotune.evaluate import question_and_answer
+    from solotune.run.evaluate import question_and_answer
 
     r = Record({"instruction": "Add 2 and 3.", "input": "", "output": "5"}, "row 0")
     assert question_and_answer(r, "alpaca") == (format_instruction("Add 2 and 3.", ""), "5")

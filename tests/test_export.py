@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from solotune.adapters import merged_model
 from solotune.cli import main
 from solotune.config import REFERENCE_PROMPTS, ModelConfig
-from solotune.export import export_gguf
-from solotune.models import GGUF_ORIGIN_FILE, gguf_origin, resolve_model_source
+from solotune.model.adapters import merged_model
+from solotune.model.models import GGUF_ORIGIN_FILE, gguf_origin, resolve_model_source
+from solotune.run.export import export_gguf
 from solotune.testing import make_architecture, make_sentencepiece_tokenizer, save_architecture_folder
 
 # Strings whose token ids must survive the round trip: ASCII, accents, emoji, code, digits.
@@ -158,7 +158,7 @@ def test_the_embedded_default_round_trips_with_its_tokenizer_and_chat_template(s
 
 def test_weights_trained_from_a_gguf_keep_its_origin(smollm2, tmp_path):
     """A run's saved adapter carries the GGUF origin of its base (what `export` reads)."""
-    from solotune.models import copy_gguf_origin
+    from solotune.model.models import copy_gguf_origin
 
     copy_gguf_origin(smollm2, tmp_path)
     assert gguf_origin(tmp_path) == gguf_origin(smollm2) and (tmp_path / GGUF_ORIGIN_FILE).is_file()

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from solotune.adapters import merged_model
 from solotune.config import REFERENCE_PROMPTS, RunConfig
-from solotune.export import export_gguf
+from solotune.model.adapters import merged_model
+from solotune.run.export import export_gguf
 
 pytestmark = pytest.mark.llamacpp
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-gguf)")
@@ -24,7 +24,7 @@ CHAT = [{"role": "user", "content": "What is 27 + 15?"}]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(the GGUF file, transformers' model read from it, the tokenizer, llama.cpp's model)."""
-    from solotune.train import run_training
+    from solotune.run.train import run_training
 
     root = tmp_path_factory.mktemp("llamacpp")
     with pytest.MonkeyPatch.context() as env:

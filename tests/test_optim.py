@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from solotune.data import collate
-from solotune.loss import ResponseLoss
-from solotune.memory import optimizer_state_bytes
-from solotune.optim import create_state, new_optimizer
+from solotune.fastpaths.loss import ResponseLoss
+from solotune.measure.memory import optimizer_state_bytes
 from solotune.testing import make_model
 from solotune.testing import varied_examples as examples
+from solotune.training.optim import create_state, new_optimizer
 
 
 def weights_after_steps(tokenizer, optim: str, eager: bool, steps: int = 3) -> list[torch.Tensor]:

@@ -3,7 +3,7 @@ import torch
 
 from solotune.config import PrecisionConfig
 from solotune.errors import SolotuneError
-from solotune.precision import cpu_has_native_bf16, resolve_policy
+from solotune.model.precision import cpu_has_native_bf16, resolve_policy
 
 
 def test_off_is_fp32_without_autocast_or_scaler():

@@ -5,18 +5,18 @@ import json
 import pytest
 import torch
 
-from solotune.adapters import load_adapter, save_trained
 from solotune.cli import main
 from solotune.config import DataConfig, RunConfig, TrainConfig, validate
 from solotune.data import Record, collate, tokenize_records
 from solotune.errors import SolotuneError
-from solotune.loop import train_loop
-from solotune.memory import MIB
-from solotune.model_setup import build_model
-from solotune.models import load_model
-from solotune.precision import resolve_policy
-from solotune.quant import quant_state_tensors, quantization_config, quantized_linears
+from solotune.measure.memory import MIB
+from solotune.model.adapters import load_adapter, save_trained
+from solotune.model.models import load_model
+from solotune.model.precision import resolve_policy
+from solotune.model.quant import quant_state_tensors, quantization_config, quantized_linears
 from solotune.testing import save_model_folder
+from solotune.training.loop import train_loop
+from solotune.training.setup import build_model
 
 pytest.importorskip("bitsandbytes")  # in requirements.txt; a user's install may lack it
 
@@ -214,7 +214,7 @@ def test_a_weight_repacked_for_cpu_inference_is_converted_back(model_dir, tokeni
     put back in the standard layout, and trains: backward reaches the adapters again."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from solotune.quant import keep_4bit_layout_trainable
+    from solotune.model.quant import keep_4bit_layout_trainable
 
     cfg = config("nf4")
     model = load_model(
@@ -232,7 +232,7 @@ def test_a_weight_repacked_for_cpu_inference_is_converted_back(model_dir, tokeni
         after = model(**batch.model_inputs()).logits
     # bitsandbytes' inverse is lossy: the scales went to bf16 and are quantized to 8 bits anew (measured 2%)
     assert (after - before).abs().max() <= 5e-2 * before.abs().max()
-    from solotune.adapters import apply_lora
+    from solotune.model.adapters import apply_lora
 
     adapted = apply_lora(model, cfg.lora).train()
     out = adapted(**batch.model_inputs()).logits
@@ -244,9 +244,9 @@ def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, 
     """The merged model answers as the adapter on the 4-bit base did (fp32: within 1e-5 of the largest logit),
     and loads as a plain model; `generate` runs the adapter on the same 4-bit base; `export` writes
     the same merged model as GGUF (f32, read back by transformers)."""
-    from solotune.adapters import merge_to_folder
-    from solotune.generate import load_for_inference
-    from solotune.quant import read_record, save_record
+    from solotune.model.adapters import merge_to_folder
+    from solotune.model.quant import read_record, save_record
+    from solotune.run.generate import load_for_inference
 
     cfg = config("nf4")
     model, _ = train(model_dir, tokenizer, cfg, steps=3)
@@ -269,7 +269,7 @@ def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, 
         torch.testing.assert_close(merged_logits, model(**batch.model_inputs()).logits, rtol=1e-5, atol=2e-4)
     from transformers import AutoModelForCausalLM
 
-    from solotune.export import export_gguf
+    from solotune.run.export import export_gguf
 
     export_gguf(tmp_path / "qlora.gguf", "f32", adapter=str(tmp_path / "adapter"), model=str(model_dir))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qlora.gguf", dtype=torch.float32).eval()
@@ -282,9 +282,9 @@ def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, 
 def test_a_qlora_run_with_8bit_adamw_resumes_exactly_from_a_checkpoint(model_dir, tokenizer, tmp_path):
     """The 8-bit moments and their scales go through the checkpoint: the resumed step equals the
     uninterrupted one bitwise (fp32)."""
-    from solotune import checkpoint
-    from solotune.optim import make_optimizer
-    from solotune.step import train_step
+    from solotune.training import checkpoint
+    from solotune.training.optim import make_optimizer
+    from solotune.training.step import train_step
 
     cfg = config("nf4", "adamw8bit", r=32)
     policy = resolve_policy(cfg.precision, "cpu", frozen_base=True)

@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-from solotune import loop as loop_module
-from solotune import train as train_module
-from solotune.adapters import apply_lora
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, tokenize_records
 from solotune.errors import SolotuneError
-from solotune.loop import train_loop
-from solotune.precision import resolve_policy
+from solotune.model.adapters import apply_lora
+from solotune.model.precision import resolve_policy
+from solotune.run import train as train_module
 from solotune.testing import make_model
+from solotune.training import loop as loop_module
+from solotune.training.loop import train_loop
 
 FP32 = PrecisionConfig(mp="off")
 
@@ -96,7 +96,7 @@ def test_the_trained_weights_are_saved_before_anything_after_the_loop_can_fail(t
 
 
 def test_a_damaged_matmul_peak_cache_is_measured_again(monkeypatch, tmp_path):
-    from solotune.flops import matmul_peak_flops
+    from solotune.measure.flops import matmul_peak_flops
 
     monkeypatch.setenv("SOLOTUNE_CACHE", str(tmp_path))
     (tmp_path / "matmul_peak.json").write_text('{"half a file": ')

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from solotune.checkpoint import latest
 from solotune.testing import save_model_folder
+from solotune.training.checkpoint import latest
 
 STEPS = 12
 
@@ -147,12 +147,12 @@ def test_a_full_disk_while_a_checkpoint_is_written_stops_in_one_line(tokenizer, 
     checkpoint to resume from, which stays intact, and nothing of the failed one is kept."""
     import safetensors.torch
 
-    from solotune import checkpoint
-    from solotune.adapters import apply_lora
     from solotune.config import LoraConfig, TrainConfig
     from solotune.errors import SolotuneError
-    from solotune.optim import make_optimizer
+    from solotune.model.adapters import apply_lora
     from solotune.testing import make_model
+    from solotune.training import checkpoint
+    from solotune.training.optim import make_optimizer
 
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4))
     optimizer, scheduler = make_optimizer(model, TrainConfig(), total_steps=4)

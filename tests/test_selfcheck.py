@@ -8,14 +8,16 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from solotune import attention, step, train
-from solotune.adapters import apply_lora
 from solotune.cli import main
 from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
 from solotune.errors import SolotuneError
-from solotune.precision import resolve_policy
-from solotune.selfcheck import check_gradients, choose_fast_paths
+from solotune.fastpaths import attention
+from solotune.fastpaths.selfcheck import check_gradients, choose_fast_paths
+from solotune.model.adapters import apply_lora
+from solotune.model.precision import resolve_policy
+from solotune.run import train
 from solotune.testing import make_model, save_architecture_folder, varied_examples
+from solotune.training import step
 
 FP32 = resolve_policy(PrecisionConfig(mp="off"), "cpu", frozen_base=True)
 
@@ -164,7 +166,7 @@ def bf16_model(tokenizer):
 def test_16bit_rounding_noise_does_not_turn_a_sound_path_off(tokenizer):
     """The fp32 twin decides the structure; the model in bf16 then needs only to be near (SANITY),
     so a sound path whose bf16 error passes the old 3e-2 bound is kept."""
-    from solotune.selfcheck import SANITY, TOLERANCE
+    from solotune.fastpaths.selfcheck import SANITY, TOLERANCE
 
     AttentionInterface.register(attention.NAME, noisy_bf16_attention)
     try:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from solotune.cli import main
-from solotune.trackers import flatten
+from solotune.run.trackers import flatten
 
 for library in ("tensorboard", "mlflow", "wandb", "trackio"):
     pytest.importorskip(library, reason=f"{library} is not installed (the trackers extra)")

@@ -4,16 +4,16 @@ import pytest
 import torch
 import transformers
 
-from solotune.adapters import apply_lora, prepare_full_finetune
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import Record, collate, split_micro_batches, tokenize_records
 from solotune.errors import SolotuneError
-from solotune.loop import train_loop
-from solotune.model_setup import enable_checkpointing
-from solotune.optim import make_optimizer
-from solotune.precision import resolve_policy
-from solotune.step import accumulate_gradients, train_step
+from solotune.model.adapters import apply_lora, prepare_full_finetune
+from solotune.model.precision import resolve_policy
 from solotune.testing import make_model
+from solotune.training.loop import train_loop
+from solotune.training.optim import make_optimizer
+from solotune.training.setup import enable_checkpointing
+from solotune.training.step import accumulate_gradients, train_step
 
 FP32 = PrecisionConfig(mp="off")
 

@@ -109,3 +109,13 @@ def machine_info() -> dict:
     except (OSError, ValueError):
         pass
     return info
+
+
+GRID_FILE = "grid.json"  # an ablation grid's axes and cells (ablate.py)
+CELLS_DIR = "cells"  # a grid's run folders, one per cell, by name
+
+
+def grid_of(run_dir: Path) -> Path | None:
+    """The grid folder a run folder is a cell of, if it is one."""
+    grid = run_dir.parent.parent
+    return grid if run_dir.parent.name == CELLS_DIR and (grid / GRID_FILE).is_file() else None

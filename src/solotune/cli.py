@@ -88,7 +88,7 @@ def train_config(args: argparse.Namespace) -> RunConfig:
     if not args.resume:
         return config_from_args(args)
     from solotune.artifacts import CONFIG_FILE
-    from solotune.checkpoint import find_run
+    from solotune.training.checkpoint import find_run
 
     run_dir = find_run(args.resume)
     args.config = args.config or str(run_dir / CONFIG_FILE)
@@ -98,7 +98,7 @@ def train_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from solotune.train import run_training
+    from solotune.run.train import run_training
 
     run_training(train_config(args), resume=bool(args.resume))
 
@@ -106,8 +106,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from solotune.ablate import parse_axes, run_grid
-    from solotune.report import write_report
+    from solotune.experiment.ablate import parse_axes, run_grid
+    from solotune.experiment.report import write_report
 
     cfg = config_from_args(args)
     if args.resume:
@@ -121,8 +121,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from solotune.ablate import GRID_FILE
-    from solotune.report import write_report
+    from solotune.artifacts import GRID_FILE
+    from solotune.experiment.report import write_report
 
     folder = Path(args.grid)
     if not (folder / GRID_FILE).is_file():
@@ -132,7 +132,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> None:
     from solotune.config import parse_size, validate
-    from solotune.estimate import estimate_memory, model_config, print_estimate, print_search, search
+    from solotune.experiment.estimate import estimate_memory, model_config, print_estimate, print_search, search
 
     cfg = validate(config_from_args(args))
     seq_len = args.seq_len or cfg.data.max_len
@@ -151,7 +151,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from solotune.generate import generate, load_for_inference, print_generations
+    from solotune.run.generate import generate, load_for_inference, print_generations
 
     defaults = GenerateConfig()
     given = bool(args.prompt or args.instruction)
@@ -168,13 +168,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from solotune.adapters import merge_to_folder
+    from solotune.model.adapters import merge_to_folder
 
     merge_to_folder(args.adapter, args.output, args.model)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from solotune.export import describe, export_gguf
+    from solotune.run.export import describe, export_gguf
 
     result = export_gguf(args.gguf, args.type, args.adapter, args.model or args.base, args.ollama)
     print(describe(result))
@@ -271,7 +271,7 @@ def _add_merge(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    from solotune.export import SUPPORTED, TYPES
+    from solotune.run.export import SUPPORTED, TYPES
 
     export = sub.add_parser(
         "export",
@@ -303,13 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if argv is None and args.func is cmd_train:
-            from solotune import dist
-            from solotune.allocator import reexec_with
+            from solotune.measure.allocator import reexec_with
+            from solotune.parallel import dist
 
             cfg = train_config(args)
             if cfg.nproc > 1 and not dist.launched_by_torchrun():
                 from solotune.config import validate
-                from solotune.launch import check_devices, launch
+                from solotune.parallel.launch import check_devices, launch
 
                 validate(cfg)  # one line here, not one per rank under torchrun
                 check_devices(cfg.nproc, cfg.device)
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print("solotune: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from solotune.memory import is_out_of_memory
+        from solotune.errors import is_out_of_memory
 
         lost = _lost_a_rank(e)
         if lost:
@@ -342,7 +342,7 @@ def _lost_a_rank(e: BaseException) -> str | None:
     (the launcher names the rank that failed first), not this rank's traceback."""
     import torch.distributed as torch_dist
 
-    from solotune import dist
+    from solotune.parallel import dist
 
     # Gloo reports a peer that died as a plain RuntimeError from its transport.
     gloo_peer_gone = isinstance(e, RuntimeError) and any(m in str(e) for m in ("closed by peer", "reset by peer"))

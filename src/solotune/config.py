@@ -18,7 +18,6 @@ from typing import Any, Union
 import yaml
 
 from solotune.errors import SolotuneError
-from solotune.trackers import parse_report_to
 
 # What a CUDA process holds beyond its tensors, which `estimate` adds to its tensor peak: the
 # context (~500 MiB on recent GPUs) and the cuBLAS workspaces and allocator rounding (64-180 MiB
@@ -134,7 +133,7 @@ class TrainConfig:
     optim: str = field(default="adamw", metadata=choices("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd"))
     # torch.compile each decoder layer for the steps the memory tracker does not follow (shapes
     # dynamic, a bounded number of graphs); its time is reported apart from the runtime. auto: on
-    # only where it was measured to pay back (model_setup.choose_compile).
+    # only where it was measured to pay back (training.compile.choose_compile).
     compile: str = field(default="auto", metadata=switch("auto", "on", "off", on="on"))
     # Split the peak into parameters / gradients / optimizer state / activations: a Python hook
     # on every tensor op (memory.TensorMemoryTracker). peak: on a rehearsal of the largest step
@@ -487,3 +486,15 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")  # --report-to (trackers.py)
+
+
+def parse_report_to(value: str) -> list[str]:
+    """The tracker names of `--report-to a,b` ("none": no tracker)."""
+    names = [n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise SolotuneError(f"--report-to {name}: unknown tracker; supported: {', '.join(TRACKERS)}, or none")
+    return names

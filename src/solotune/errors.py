@@ -15,3 +15,15 @@ class RunStopped(SolotuneError):
     """The run was asked to stop (SIGINT / SIGTERM) and saved a checkpoint to resume from."""
 
     exit_code = 130
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for the ways PyTorch and Python report a failed allocation (torch.OutOfMemoryError by
+    its name: this module is imported where torch need not be)."""
+    text = str(e).lower()
+    return (
+        isinstance(e, MemoryError)
+        or any(cls.__name__ == "OutOfMemoryError" for cls in type(e).__mro__)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )

@@ -1,0 +1,1 @@
+"""Experiments over runs: the technique grid, its report, and the memory estimate."""

@@ -1,0 +1,1 @@
+"""The loop's fast paths, each checked against the model's plain forward (selfcheck)."""

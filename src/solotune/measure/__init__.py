@@ -1,0 +1,1 @@
+"""Measurement: peak memory and its breakdown, FLOPs and MFU, the CPU allocator."""

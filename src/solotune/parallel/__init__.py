@@ -1,0 +1,1 @@
+"""Several processes: torchrun, data parallelism, FSDP2 sharding."""

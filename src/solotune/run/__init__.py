@@ -1,0 +1,1 @@
+"""One `solotune train` run end to end: the run, its evaluation, generations, metrics, trackers, export."""

@@ -1,0 +1,334 @@
+"""A `solotune train` run, from config to artifacts.
+
+Flow: config -> precision policy and device checks -> tokenizer + data (checked before any model
+work) -> model, prepared for LoRA or full fine-tuning (training.setup) -> set-up self-check of the
+fast paths (selfcheck) -> generations before -> the loop (loop, step) -> the trained weights ->
+generations after -> metrics.json and the summary (metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from solotune import artifacts
+from solotune.artifacts import grid_of
+from solotune.config import RunConfig, TrainConfig, parse_report_to, parse_size, to_dict, validate
+from solotune.data import Example, count_steps, read_records, tokenize_records
+from solotune.errors import SolotuneError, is_out_of_memory
+from solotune.fastpaths import selfcheck
+from solotune.fastpaths.kernels import choose_kernels
+from solotune.fastpaths.loss import ResponseLoss
+from solotune.measure import allocator
+from solotune.measure.flops import matmul_peak_flops
+from solotune.measure.memory import apply_memory_limit
+from solotune.model.adapters import ParamSummary, count_parameters, save_trained
+from solotune.model.models import copy_gguf_origin, load_tokenizer, resolve_model_source
+from solotune.model.precision import PrecisionPolicy, resolve_policy
+from solotune.model.quant import QuantizedLinears, quantized_linears, save_record
+from solotune.parallel import dist, sharding
+from solotune.run.evaluate import Evaluation, evaluation_for
+from solotune.run.generate import Generation, generate, print_generations
+from solotune.run.metrics import RunOutcome, collect_metrics, library_versions, print_summary
+from solotune.run.trackers import RunIdentity, Trackers, run_summary
+from solotune.training import checkpoint
+from solotune.training.checkpoint import Checkpointer
+from solotune.training.compile import choose_compile
+from solotune.training.loop import train_loop
+from solotune.training.setup import build_model
+
+GENERATIONS_BEFORE_FILE = "generations-before.json"  # kept for a resumed run
+EVAL_BEFORE_FILE = "eval-before.json"  # likewise
+
+
+def run_training(cfg: RunConfig, resume: bool = False) -> dict:
+    """A whole `solotune train` run; returns the metrics it also writes to metrics.json.
+
+    `resume`: continue the unfinished run in `cfg.output_dir` from its newest checkpoint.
+    """
+    validate(cfg)
+    transformers.set_seed(cfg.train.seed)
+    policy = resolve_policy(cfg.precision, cfg.device, frozen_base=cfg.lora.enabled)
+    world = dist.init(cfg.nproc, policy.device)
+    if not world.main:
+        sys.stdout = open(os.devnull, "w")  # for the process's life: rank 0 speaks for the job
+    print(policy.describe())
+    check_device_support(cfg.train, policy.device)
+    if cfg.dist_mode() == "fsdp" and policy.scaler.is_enabled():  # --mp auto chose fp16 (no bf16 here)
+        raise SolotuneError("--dist fsdp: this GPU has no bf16 and FSDP2 does not run fp16 here; use --mp off")
+    print(allocator.describe(cfg.cpu_allocator))
+    if cfg.mem_limit:
+        print(apply_memory_limit(parse_size(cfg.mem_limit), policy.device))
+    # Rank 0 makes the run folder and writes in it; the others read its checkpoints.
+    try:
+        with artifacts.run_folder(cfg.output_dir) if world.main else contextlib.nullcontext() as out_dir:
+            out_dir = Path(dist.broadcast(str(out_dir) if world.main else None))
+            if world.main:
+                artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
+            with _trackers(cfg, out_dir, world) as trackers:
+                return _run(cfg, policy, out_dir, resume, world, trackers)
+    finally:
+        dist.finish()
+
+
+def _trackers(cfg: RunConfig, out_dir: Path, world: dist.World) -> Trackers:
+    """The experiment trackers rank 0 reports to (a missing library fails here, before any model
+    work); a run that fails is closed in them as failed."""
+    grid = grid_of(out_dir)
+    run = RunIdentity(out_dir, to_dict(cfg), library_versions(), grid.name if grid else None)
+    return Trackers(parse_report_to(cfg.report_to) if world.main else [], run)
+
+
+def _run(
+    cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, world: dist.World, trackers: Trackers
+) -> dict:
+    records = read_records(cfg.data)  # a missing or unreadable data file fails before any model work
+    source = resolve_model_source(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    examples, data_stats, data_format = tokenize_records(records, tokenizer, cfg.data)
+    _print_data(examples, data_stats, data_format, cfg)
+    examples, evaluation = evaluation_for(cfg, records, examples, data_format, tokenizer)  # held out before anything
+    if evaluation:
+        print(evaluation.describe())
+    checkpoints = _checkpointer(cfg, examples, out_dir, resume)
+
+    setup = _set_up_model(source, cfg, policy, examples, tokenizer, world)
+    model, train_cfg, sharded = setup.model, setup.train_cfg, setup.sharded
+
+    # Under FSDP2 every rank takes part in each forward (it holds a shard of every layer), so
+    # every rank generates, in step; rank 0 keeps what they generated.
+    generates = world.main or sharded
+    before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume, world) if generates else []
+    loss_fn = ResponseLoss(train_cfg.ce_chunk)
+    if evaluation:
+        evaluation.held_out.packed = train_cfg.padding_free  # as the set-up check decided
+        if cfg.eval.keep_best:
+            evaluation.held_out.on_best = lambda step: _save_weights(model, tokenizer, cfg, out_dir, world, step)
+        _evaluate_before(evaluation, model, tokenizer, policy, loss_fn, out_dir, resume, world)
+        if trackers:
+            trackers.log(0, {"eval/loss": evaluation.results["loss_before"]})
+    held_out = evaluation.held_out if evaluation else None
+    log = trackers.log if trackers else None
+    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints, world, held_out, log)
+    # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
+    saved = _save_weights(model, tokenizer, cfg, out_dir, world)
+    after = _generate(model, tokenizer, cfg, policy) if generates and cfg.generate.enabled else []
+    if evaluation:  # every rank: under FSDP2 each forward needs them all
+        evaluation.run("after", model, tokenizer, policy, loss_fn, len(loop.losses))
+    if not world.main:
+        return {}
+    if setup.quantized:
+        save_record(saved, cfg.quant, policy.compute_dtype)
+    # Measured after the loop (and cached) on this rank's device and threads; the job has N of them.
+    peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype) * world.size
+
+    outcome = RunOutcome(
+        cfg,
+        policy,
+        source,
+        setup.load_s,
+        setup.params,
+        data_stats,
+        data_format,
+        setup.fast,
+        setup.quantized,
+        loop,
+        before,
+        after,
+        saved,
+        peak_flops,
+        evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
+    )
+    metrics = collect_metrics(outcome)
+    if cfg.export.gguf != "none":
+        metrics["export"] = _export(cfg, saved, out_dir)
+    if trackers:
+        if evaluation:
+            trackers.log(len(loop.losses), {"eval/loss": evaluation.results["loss_after"]})
+        trackers.finish(len(loop.losses), run_summary(metrics))
+    artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
+    if before:
+        print_generations("before fine-tuning", before)
+        print_generations("after fine-tuning", after)
+    print_summary(metrics, out_dir)
+    return metrics
+
+
+def _export(cfg: RunConfig, saved: Path, out_dir: Path) -> dict:
+    """--export.gguf: the saved weights (an adapter merged first) as one GGUF file."""
+    from solotune.run.export import export_gguf
+
+    kind = "adapter" if cfg.lora.enabled else "model"
+    result = export_gguf(
+        out_dir / f"model-{cfg.export.gguf}.gguf", cfg.export.gguf, ollama=cfg.export.ollama, **{kind: str(saved)}
+    )
+    return dataclasses.asdict(result)
+
+
+def _print_data(examples: list[Example], stats, data_format: str, cfg: RunConfig) -> None:
+    print(
+        f"data: {len(examples)} examples ({data_format}) from {cfg.data.path or 'the built-in data set'}, "
+        f"{stats.tokens:,} tokens, {stats.truncated} truncated, {stats.dropped} dropped"
+    )
+    if stats.skipped:
+        print(f"data: {stats.skipped} malformed records skipped, e.g. " + "; ".join(stats.skip_reasons))
+
+
+def _checkpointer(cfg: RunConfig, examples: list[Example], out_dir: Path, resume: bool) -> Checkpointer:
+    """Checkpointing for this run; when resuming, the checkpoint to start from, checked against
+    this run's config and data before any model work."""
+    run_fingerprint = checkpoint.fingerprint(to_dict(cfg), examples)
+    start = None
+    if resume:
+        start = checkpoint.latest(out_dir)
+        if start is None:
+            raise SolotuneError(f"--resume: no complete checkpoint in {out_dir / checkpoint.CHECKPOINTS_DIR}")
+        checkpoint.check_compatible(start.state["fingerprint"], run_fingerprint, start.path)
+    return Checkpointer(out_dir, cfg.train.save_every, cfg.train.keep, run_fingerprint, start)
+
+
+def _evaluate_before(
+    evaluation: Evaluation, model, tokenizer, policy, loss_fn, out_dir: Path, resume: bool, world: dist.World
+) -> None:
+    """The held-out loss and accuracy before training; a resumed run reuses its first part's."""
+    saved = out_dir / EVAL_BEFORE_FILE
+    if resume and saved.is_file():
+        evaluation.results.update(artifacts.read_json(saved))
+        evaluation.held_out.best = evaluation.results["loss_before"]
+        return
+    evaluation.run("before", model, tokenizer, policy, loss_fn, step=0)
+    if world.main:
+        artifacts.write_json(saved, evaluation.results)
+
+
+@dataclasses.dataclass
+class ModelSetup:
+    """The model as the loop trains it, and what setting it up measured and decided."""
+
+    model: torch.nn.Module
+    load_s: float
+    params: ParamSummary
+    quantized: QuantizedLinears | None
+    fast: selfcheck.FastPaths
+    train_cfg: TrainConfig  # with the fast paths the set-up check kept
+    sharded: bool  # FSDP2 (sharding.py)
+
+
+def _set_up_model(
+    source: str, cfg: RunConfig, policy: PrecisionPolicy, examples: list[Example], tokenizer, world: dist.World
+) -> ModelSetup:
+    """Load and prepare the model, check its fast paths, and shard it under FSDP2."""
+    start = time.perf_counter()
+    model = build_model(source, cfg, policy)
+    load_s = time.perf_counter() - start
+    params = count_parameters(model)
+    print(params.line())
+    quantized = quantized_linears(model)
+    if quantized:
+        print(quantized.line())
+    t = cfg.train
+    n_steps = count_steps(len(examples), t.batch, t.epochs, t.max_steps)
+    compiling, why = choose_compile(t.compile, t.track_memory, policy.device, n_steps)
+    print(why)
+    fast = selfcheck.choose_fast_paths(
+        model, examples, tokenizer.pad_token_id, policy, t, cfg.data.max_len, compiling=compiling
+    )
+    print("\n".join([fast.line(), *fast.notes]))
+    train_cfg = dataclasses.replace(
+        t,
+        fused_swiglu=fast.fused_swiglu,
+        padding_free=fast.padding_free,
+        ce_chunk=fast.ce_chunk,
+        compile="on" if compiling else "off",  # decided: the loop does not decide again
+    )
+    sharded = cfg.dist_mode() == "fsdp"
+    if world.size > 1:
+        print(_describe_dist(cfg.dist_mode(), world))
+    if sharded:  # after the set-up check, which compares paths on the whole model
+        sharding.shard_model(model, policy.compute_dtype)
+    return ModelSetup(model, load_s, params, quantized, fast, train_cfg, sharded)
+
+
+def _save_weights(
+    model, tokenizer, cfg: RunConfig, out_dir: Path, world: dist.World, best_step: int | None = None
+) -> Path:
+    """Save the trained adapter (or model); returns its folder. `best_step`: --eval.keep-best's
+    copy of the lowest eval loss so far, beside the final weights, with its step."""
+    name = "adapter" if cfg.lora.enabled else "model"
+    folder = out_dir / (name if best_step is None else f"best-{name}")
+    if sharding.is_sharded(model):  # every rank gathers, rank 0 writes
+        sharding.save_whole(model, tokenizer, folder, world.main)
+    elif world.main:
+        save_trained(model, tokenizer, folder)
+    if world.main:
+        copy_gguf_origin(resolve_model_source(cfg.model), folder)  # for `solotune export`
+    if world.main and best_step is not None:
+        artifacts.write_json(folder / "best.json", {"step": best_step})
+    return folder
+
+
+def _describe_dist(mode: str, world: dist.World) -> str:
+    if mode == "fsdp":
+        return f"dist: fsdp over {world.size} processes (each holds 1/{world.size} of the weights, gradients and optimizer state)"
+    return f"dist: ddp over {world.size} processes (each holds the whole model; one all-reduce a step)"
+
+
+def _generate(model, tokenizer, cfg: RunConfig, policy) -> list[Generation]:
+    """`generate`, drawing from a generator seeded by the run's seed: ranks generating in step
+    (FSDP2) draw the same tokens, so they stop after the same number of forwards.
+
+    The sample generations are a report, not the run: where transformers cannot generate with
+    this model, the run goes on without them and says why in one line."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if policy.device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)
+        try:
+            return generate(model, tokenizer, cfg.generate, policy)
+        except Exception as e:
+            if is_out_of_memory(e) or isinstance(e, SolotuneError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(
+                f"generations: skipped, transformers could not generate with this model ({type(e).__name__}: {first})"
+            )
+            return []
+
+
+def _generations_before(
+    model, tokenizer, cfg: RunConfig, policy, out_dir: Path, resume: bool, world: dist.World
+) -> list[Generation]:
+    """The generations before training; a resumed run reuses those its first part recorded."""
+    saved = out_dir / GENERATIONS_BEFORE_FILE
+    if not cfg.generate.enabled:
+        return []
+    if resume and saved.is_file():
+        return [Generation.from_dict(g) for g in artifacts.read_json(saved)["generations"]]
+    before = _generate(model, tokenizer, cfg, policy)
+    if world.main:
+        artifacts.write_json(saved, {"generations": [g.as_dict() for g in before]})
+    return before
+
+
+def check_device_support(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before any model work, the settings that need a GPU when the run has none.
+
+    Every device-dependent refusal lives here, so that a run fails on the first one in one line.
+    """
+    choose_kernels(cfg.kernels, device)  # --train.kernels liger without a GPU or the package
+    if device.type == "cuda":
+        return
+    if cfg.offload_activations:
+        raise SolotuneError(
+            "train.offload_activations moves activations from the GPU to CPU memory; it needs --device cuda"
+        )
+    if cfg.optim.startswith("paged"):
+        raise SolotuneError(
+            f"--optim {cfg.optim}: paged optimizers keep their state in CUDA unified memory and need a GPU; "
+            "on the CPU use --optim adamw8bit or adamw"
+        )

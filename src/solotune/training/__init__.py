@@ -1,0 +1,1 @@
+"""The steps: the model's set-up, compile, the loop, one step, the optimizer, checkpoints."""

@@ -1,0 +1,427 @@
+"""The training loop: every optimizer step of a run, timed and measured, with checkpoints.
+
+The loop measures itself: wall time less checkpoint writes and torch.compile's time, tokens,
+model FLOPs and the peak memory of the loop alone. With a `Checkpointer` it resumes from a
+checkpoint, saves on schedule, and on SIGINT/SIGTERM saves after the current step and stops
+with the command that resumes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+
+from solotune import artifacts
+from solotune.config import TrainConfig
+from solotune.data import Batch, Example, count_loss_tokens, largest_step_early, plan_steps, split_micro_batches
+from solotune.errors import RunStopped, SolotuneError
+from solotune.fastpaths.attention import padding_free_attention
+from solotune.fastpaths.loss import ResponseLoss
+from solotune.measure.flops import FlopModel
+from solotune.measure.memory import MemoryBreakdown, PeakMemoryProbe, memory_report, step_size
+from solotune.model.precision import PrecisionPolicy
+from solotune.parallel import dist, sharding
+from solotune.training import checkpoint
+from solotune.training.checkpoint import Checkpointer, StopRequests
+from solotune.training.compile import CompiledLayers, choose_compile, compile_seconds
+from solotune.training.optim import NoSchedule, NoUpdate, create_state, make_optimizer
+from solotune.training.step import NonFiniteStep, StepResult, make_batch, train_step
+
+
+class HeldOut(Protocol):
+    """What the loop asks of a held-out set (evaluate.HeldOut): whether an evaluation is due,
+    its loss, and to record it (the lowest so far in `best`)."""
+
+    best: float
+
+    def due(self, done: int, n_steps: int) -> bool: ...
+
+    def loss(self, model, policy: PrecisionPolicy, loss_fn: ResponseLoss) -> float: ...
+
+    def record(self, step: int, loss: float) -> None: ...
+
+
+MANY_SKIPS = 5  # consecutive fp16 overflow skips before a warning
+NONFINITE_FILE = "nonfinite-step.json"  # in the run folder: the step and records that gave NaN/inf
+
+
+@dataclass
+class LoopResult:
+    """What the loop measured. A checkpoint keeps all of it but `memory` (see `_records`)."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    tokens: int = 0  # non-padding tokens processed
+    flops: float = 0.0  # model FLOPs of the steps (flops.py)
+    positions: int = 0  # all positions, padding included
+    runtime_s: float = 0.0  # the loop's wall time, less checkpoint writes, evaluation and compilation
+    compile_s: float = 0.0  # torch.compile's time inside the loop (--train.compile)
+    rehearsal_s: float = 0.0  # the memory breakdown's rehearsal of the largest step, before the loop
+    eval_curve: list = field(default_factory=list)  # [step, eval loss] during training (--eval.every)
+    eval_s: float = 0.0  # the evaluations' time inside the loop
+    memory: dict = field(default_factory=dict)
+
+
+class LoopClock:
+    """The loop's training time: wall time less checkpoint writes, evaluations and torch.compile's
+    time, added to what a resumed run's first part measured."""
+
+    def __init__(self, result: LoopResult):
+        self.runtime_before, self.compile_before = result.runtime_s, result.compile_s
+        self.start, self.saving_s = time.perf_counter(), 0.0  # saving_s: checkpoint writes and evaluations
+
+    def runtime(self, result: LoopResult) -> float:
+        compiling = result.compile_s - self.compile_before
+        return self.runtime_before + time.perf_counter() - self.start - self.saving_s - compiling
+
+
+@dataclass
+class LoopState:
+    """What every step of the loop works on and adds to."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    policy: PrecisionPolicy
+    cfg: TrainConfig
+    checkpoints: Checkpointer | None
+    flop_model: FlopModel
+    loss_fn: ResponseLoss
+    world: dist.World = field(default_factory=dist.World)
+    result: LoopResult = field(default_factory=LoopResult)
+    probe: PeakMemoryProbe | None = None
+    peaks: list = field(default_factory=list)  # the probe's peaks before each checkpoint write
+    consecutive_skips: int = 0
+    gradients_checked: bool = False  # on the first step whose update applied (step.train_step)
+
+
+def train_loop(
+    model,
+    examples: list[Example],
+    pad_id: int,
+    policy: PrecisionPolicy,
+    cfg: TrainConfig,
+    checkpoints: Checkpointer | None = None,
+    world: dist.World = dist.World(),
+    held_out: HeldOut | None = None,
+    log: Callable[[int, dict], None] | None = None,
+) -> LoopResult:
+    """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone.
+
+    Across ranks (`world`, dist.py) each runs its share of every step's micro-batches; the
+    counts and the memory are then the job's: tokens summed, each rank's peak listed.
+    `held_out`: the eval loss every `held_out.every` steps, kept out of the training time.
+    `log(step, values)`: each step's numbers, for the experiment trackers (trackers.py).
+    """
+    steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
+    steps = steps[: cfg.max_steps] if cfg.max_steps else steps
+    if cfg.largest_first and cfg.shuffle:  # unshuffled, the data's own order is kept
+        size = functools.partial(_padded_size, lengths=[len(e.input_ids) for e in examples])
+        steps = largest_step_early(steps, -(-len(examples) // cfg.batch), size)
+    optimizer, scheduler = make_optimizer(model, cfg, len(steps))
+    create_state(optimizer)  # before the first step, which is then the only one PeakSteps follows
+    loss_fn = ResponseLoss(cfg.ce_chunk)
+    run = LoopState(model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), loss_fn, world)
+    run.probe = PeakMemoryProbe(policy.device)
+    breakdown = MemoryBreakdown(cfg.track_memory, model, optimizer, policy.device)
+    compile_layers, why = choose_compile(cfg.compile, cfg.track_memory, policy.device, len(steps))
+    if cfg.compile == "auto":  # a run decides at set-up (train.py), and says why there
+        print(why)
+    first = _resume(run, len(steps))
+    if held_out:  # a resumed run's earlier evaluations count for --eval.keep-best
+        held_out.best = min([held_out.best, *(loss for _, loss in run.result.eval_curve)])
+    model.train()
+    clock = LoopClock(run.result)
+    bar = _progress_bar(first, len(steps), world)
+    longest = max(len(e.input_ids) for e in examples)
+    sharded = sharding.is_sharded(model)
+    with (
+        padding_free_attention(model, longest) if cfg.padding_free else contextlib.nullcontext(),
+        CompiledLayers(model) if compile_layers else contextlib.nullcontext() as compiled,
+        breakdown,
+        # Under several processes a signal stops the job (torchrun passes it on); it resumes from
+        # the last periodic checkpoint, since the ranks could not agree on the step to save at.
+        StopRequests() if checkpoints and world.size == 1 else contextlib.nullcontext() as stop,
+    ):
+        if cfg.track_memory == "peak" and world.size == 1 and first == 0:  # one process, from the start
+            with compiled.eager() if compiled else contextlib.nullcontext():
+                _rehearse(run, breakdown, _largest(steps, cfg.batch, examples), examples, pad_id, clock)
+        run.probe.reset()  # the loop's own peak, from here
+        for step in bar:
+            split = split_micro_batches(steps[step], cfg.grad_accum * world.size)
+            step_records = [[examples[i] for i in mb] for mb in split]
+            records = world.shard(step_records)
+            lengths = [[len(e.input_ids) for e in r] for r in records] or [[0]]
+            followed = breakdown.follows(step_size(lengths, cfg.padding_free))
+            eager = compiled.eager() if compiled and followed else contextlib.nullcontext()
+            with breakdown.step(followed), eager:
+                micro = [make_batch(r, pad_id, cfg.padding_free) for r in records]
+                n_loss_tokens = _step_loss_tokens(micro, steps[step], examples, world)
+                idle = make_batch(step_records[0], pad_id, cfg.padding_free) if not micro and sharded else None
+                out = _run_step(run, micro, step, n_loss_tokens, idle_batch=idle)
+            stopped = compiled.stop_if_over_budget(run.result.compile_s) if compiled else None
+            if stopped:
+                tqdm.write(stopped)
+            _show_progress(bar, run, out, clock)
+            if log:
+                log(step + 1, _step_values(run.result))
+            if held_out and held_out.due(step + 1, len(steps)):
+                _evaluate(run, held_out, step + 1, clock, log)
+            _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
+    run.result.runtime_s = clock.runtime(run.result)
+    peak = max(run.peaks + [run.probe.read()], key=lambda p: p.peak_mib)
+    run.result.memory = {
+        **memory_report(peak, breakdown.tracker(), breakdown.part_max_mib()),
+        "tracked_steps": breakdown.tracked_steps,
+        "rehearsal_s": run.result.rehearsal_s,
+    }
+    if world.size > 1:
+        _sum_over_ranks(run.result)
+    return run.result
+
+
+def _largest(steps: list[list[int]], batch: int, examples: list[Example]) -> list[int]:
+    """The first epoch's largest step, by `_padded_size` (with largest_first, the first step)."""
+    size = functools.partial(_padded_size, lengths=[len(e.input_ids) for e in examples])
+    return max(steps[: -(-len(examples) // batch)], key=size)
+
+
+def _rehearse(run: LoopState, breakdown: MemoryBreakdown, indices: list[int], examples, pad_id: int, clock) -> None:
+    """The memory breakdown of the run's largest step, measured before the loop on a step that
+    changes nothing: the real forward and backward, then an update that allocates and computes
+    what a real one does at learning rate 0 on zero gradients (optim.NoUpdate), the random
+    stream and the loss scale kept as they were. The loop then follows no step that this one is
+    at least as large as: the breakdown's per-op tracking (~10 untracked steps' time on a GPU)
+    costs the loop nothing. Its time is kept apart, as the rehearsal's."""
+    cfg, policy = run.cfg, run.policy
+    records = [[examples[i] for i in mb] for mb in split_micro_batches(indices, cfg.grad_accum)]
+    size = step_size([[len(e.input_ids) for e in r] for r in records], cfg.padding_free)
+    scale = policy.scaler.state_dict()
+    start = time.perf_counter()
+    devices = [policy.device] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), breakdown.rehearsal(size):
+        micro = [make_batch(r, pad_id, cfg.padding_free).to(policy.device) for r in records]  # as a step's are
+        try:
+            train_step(
+                run.model, micro, NoUpdate(run.optimizer), NoSchedule(), policy, cfg.max_grad_norm, run.loss_fn,
+                offload=cfg.offload_activations,
+            )  # fmt: skip
+        except NonFiniteStep:  # the loop's first step names the records
+            pass
+    if policy.scaler.is_enabled():
+        policy.scaler.load_state_dict(scale)
+    run.result.rehearsal_s = time.perf_counter() - start
+    clock.saving_s += run.result.rehearsal_s
+
+
+def _padded_size(step: list[int], lengths: list[int]) -> tuple[int, int]:
+    """What orders the steps for largest_first: the step as a padded batch (records x the
+    longest), then its tokens. From the data alone, so that every technique (padding-free or
+    not, any accumulation or process count) trains in the same order and an ablation's cells
+    stay comparable. The padded size also bounds the layout padding-free attention may pad a
+    row into, so the step it picks is rarely exceeded in any of `step_size`'s measures."""
+    return len(step) * max(lengths[i] for i in step), sum(lengths[i] for i in step)
+
+
+def _step_values(result: LoopResult) -> dict:
+    """The last step's numbers, as the trackers get them."""
+    return {
+        "train/loss": result.losses[-1],
+        "train/lr": result.lrs[-1],
+        "train/grad_norm": result.grad_norms[-1],
+        "train/step_seconds": result.step_seconds[-1],
+    }
+
+
+def _evaluate(run: LoopState, held_out: HeldOut, done: int, clock: LoopClock, log) -> None:
+    """The eval loss after step `done`, kept out of the training time, shown and logged."""
+    start = time.perf_counter()
+    loss = held_out.loss(run.model, run.policy, run.loss_fn)
+    run.result.eval_curve.append([done, loss])
+    held_out.record(done, loss)
+    seconds = time.perf_counter() - start
+    run.result.eval_s += seconds
+    clock.saving_s += seconds
+    if run.world.main:
+        tqdm.write(f"step {done}: eval loss {loss:.4f}")
+    if log:
+        log(done, {"eval/loss": loss})
+
+
+def _progress_bar(first: int, n_steps: int, world: dist.World) -> tqdm:
+    return tqdm(
+        range(first, n_steps),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        initial=first,
+        total=n_steps,
+        disable=not world.main,  # rank 0 shows the job's progress
+    )
+
+
+def _step_loss_tokens(micro: list[Batch], step_indices: list[int], examples: list[Example], world: dist.World) -> int:
+    """The whole step's response tokens, where `micro` is this rank's share: every rank counts the
+    others' records on the host too, so no rank has to ask."""
+    if world.size == 1:
+        return sum(mb.n_loss_tokens for mb in micro)
+    return count_loss_tokens([examples[i] for i in step_indices])
+
+
+def _sum_over_ranks(result: LoopResult) -> None:
+    """The job's counts (tokens, positions, FLOPs summed) and every rank's peak memory."""
+    result.tokens, result.positions, result.flops = (
+        int(v) if i < 2 else v for i, v in enumerate(dist.sum_counts(result.tokens, result.positions, result.flops))
+    )
+    result.memory["per_rank_peak_mib"] = dist.gather(result.memory["peak_mib"])
+
+
+def _resume(run: LoopState, n_steps: int) -> int:
+    """Restore the checkpoint the run resumes from, if any; returns the first step to run."""
+    start = run.checkpoints.resume_from if run.checkpoints else None
+    if start is None:
+        return 0
+    restored = checkpoint.restore(start, run.model, run.optimizer, run.scheduler, run.policy.scaler, run.world.rank)
+    run.result = LoopResult(**restored)
+    print(f"resumed from {start.path}: step {start.step} of {n_steps}")
+    return start.step
+
+
+def _run_step(
+    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, idle_batch: Batch | None
+) -> StepResult:
+    """One optimizer step, timed, with its records added to the loop's (`idle_batch`: train_step's)."""
+    result = run.result
+    result.flops += run.flop_model.step_flops(micro)  # on the host copies: no device sync
+    micro = [mb.to(run.policy.device) for mb in micro]
+    result.lrs.append(run.scheduler.get_last_lr()[0])
+    start, compiled_before = time.perf_counter(), compile_seconds()
+    idle_batch = idle_batch.to(run.policy.device) if idle_batch is not None else None
+    out = _guarded_step(run, micro, step, n_loss_tokens, idle_batch)
+    run.gradients_checked = run.gradients_checked or out.checked
+    compile_s = compile_seconds() - compiled_before
+    result.step_seconds.append(time.perf_counter() - start - compile_s)
+    result.compile_s += compile_s
+    result.losses.append(out.loss)
+    result.grad_norms.append(out.grad_norm)
+    result.skipped_steps += out.skipped
+    result.tokens += sum(mb.n_tokens for mb in micro)
+    result.positions += sum(mb.n_positions for mb in micro)
+    run.consecutive_skips = run.consecutive_skips + 1 if out.skipped else 0
+    if run.consecutive_skips == MANY_SKIPS:
+        tqdm.write(
+            f"warning: fp16: the last {MANY_SKIPS} steps were all skipped by the gradient scaler "
+            f"(inf/NaN gradients; loss scale now {run.policy.scaler.get_scale():g}); consider --mp bf16"
+        )
+    return out
+
+
+def _guarded_step(
+    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, idle_batch: Batch | None
+) -> StepResult:
+    """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
+    scaler skips such steps) before it reaches the weights, naming the records of the step."""
+    cfg = run.cfg
+    try:
+        return train_step(
+            run.model,
+            micro,
+            run.optimizer,
+            run.scheduler,
+            run.policy,
+            cfg.max_grad_norm,
+            run.loss_fn,
+            offload=cfg.offload_activations,
+            check_gradients=not run.gradients_checked,
+            n_loss_tokens=n_loss_tokens,
+            world=run.world,
+            idle_batch=idle_batch,
+        )
+    except NonFiniteStep as e:
+        records = [i for mb in micro for i in mb.record_indices]
+        where = f"step {step + 1}, records {records} (0-based indices in the data file)"
+        if run.checkpoints and run.world.main:
+            run_dir = run.checkpoints.run_dir
+            artifacts.write_json(run_dir / NONFINITE_FILE, {"step": step + 1, "records": records, "what": str(e)})
+            last = checkpoint.latest(run_dir)
+            where += f"; written to {run_dir / NONFINITE_FILE}"
+            where += f"; last good checkpoint: {last.path}" if last else "; no checkpoint yet (see --train.save-every)"
+        raise SolotuneError(f"{e} at {where}. Lower --lr, check these records, or use --mp bf16/off") from None
+
+
+def _show_progress(bar: tqdm, run: LoopState, out: StepResult, clock: LoopClock) -> None:
+    bar.set_postfix(
+        loss=f"{out.loss:.4f}",
+        tok_s=f"{run.result.tokens / clock.runtime(run.result):.0f}",
+        peak_mib=f"{run.probe.read().peak_mib:.0f}",
+    )
+
+
+def _checkpoint_if_due(run: LoopState, done: int, n_steps: int, stop: StopRequests | None, clock: LoopClock) -> None:
+    """Save when the schedule says so, at the end of a run that saves, or when a signal asks the
+    run to stop; then stop with the command that resumes it."""
+    ckpt = run.checkpoints
+    if ckpt is None:
+        return
+    stopping = stop is not None and stop.signal_name is not None
+    if not (ckpt.due(done) or stopping or (run.cfg.save_every and done == n_steps)):
+        return
+    run.result.runtime_s = clock.runtime(run.result)
+    saved = _save_checkpoint(run, done, clock)
+    if stopping:
+        raise RunStopped(
+            f"stopped by {stop.signal_name} after step {done} of {n_steps}; checkpoint: {saved}; "
+            f"continue with: solotune train --resume {ckpt.run_dir}"
+        )
+
+
+def _save_checkpoint(run: LoopState, step: int, clock: LoopClock) -> Path:
+    """Save a checkpoint and return where.
+
+    Writing a checkpoint is not training: the peak reached so far is kept in `run.peaks` and the
+    probe restarts after the write, and the clock leaves the write's seconds out of the runtime.
+    """
+    run.peaks.append(run.probe.read())
+    start = time.perf_counter()
+    ckpt = run.checkpoints
+    rank_rngs = dist.gather(checkpoint.rng_state()) if run.world.size > 1 else None
+    saved = ckpt.run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:06d}"
+    # The trained state is the same on every rank, or (FSDP2) gathered from their shards by
+    # every rank together: rank 0 writes it.
+    trained = None
+    if sharding.is_sharded(run.model):
+        trained = checkpoint.trained_state(run.model, run.optimizer, keep=run.world.main)
+    if run.world.main:
+        saved = checkpoint.save(
+            ckpt.run_dir,
+            step,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.policy.scaler,
+            _records(run.result),
+            ckpt.fingerprint,
+            run.cfg.keep,
+            rank_rngs,
+            trained,
+        )
+    clock.saving_s += time.perf_counter() - start
+    run.probe.reset()
+    return saved
+
+
+def _records(result: LoopResult) -> dict:
+    """The loop's records so far, as a checkpoint keeps them (the memory report is per process)."""
+    return {k: v for k, v in dataclasses.asdict(result).items() if k != "memory"}
