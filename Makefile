@@ -32,7 +32,7 @@ demo: $(STAMP)
 		--generate.max-new-tokens 16 --output-dir runs/train-demo-$(DEMO_ID)
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 # ruff: lint and format at 120 columns (pyproject.toml); `make format` rewrites in place.
 # lint-imports: the layers of src/solotune import only downwards (pyproject.toml's contract).
