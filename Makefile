@@ -39,7 +39,7 @@ test: lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks
