@@ -124,7 +124,10 @@ def print_summary(m: dict, out_dir: Path) -> None:
     """The run's headline numbers: parameters, loss, peak memory and its parts, speed."""
     t, mem = m["train"], m["memory"]
     where = "CUDA allocator peak" if mem["kind"] == "cuda_allocator" else "peak RSS of the loop"
-    compiled = f" + compilation {t['compile_s']:.1f} s" if t.get("compile_s") else ""
+    # Time kept out of the loop's runtime: compiling, and the memory breakdown's rehearsal of the
+    # largest step before the loop (training/loop.py).
+    apart = f" + compilation {t['compile_s']:.1f} s" if t.get("compile_s") else ""
+    apart += f" + breakdown rehearsal {mem['rehearsal_s']:.1f} s" if mem.get("rehearsal_s") else ""
     reserved = f", reserved {mem['reserved_mib']:,.0f} MiB" if mem["reserved_mib"] is not None else ""
     per_rank = mem.get("per_rank_peak_mib")
     ranks = f" (rank 0; each rank: {' / '.join(f'{p:,.0f}' for p in per_rank)} MiB)" if per_rank else ""
@@ -132,7 +135,7 @@ def print_summary(m: dict, out_dir: Path) -> None:
         f"\n== run summary ==\n{m['params']['line']}\n"
         f"steps: {t['steps']}  average loss: {t['avg_loss']:.4f}  final loss: {t['final_loss']:.4f}\n"
         f"{where}: {mem['peak_mib']:,.0f} MiB{reserved}{ranks}\n{_memory_parts(mem)}\n"
-        f"runtime: {t['runtime_s']:.1f} s{compiled} (model load {m['model']['load_s']:.1f} s)  "
+        f"runtime: {t['runtime_s']:.1f} s{apart} (model load {m['model']['load_s']:.1f} s)  "
         f"throughput: {t['tokens_per_s']:.0f} tokens/s  padding: {100 * t['padding_fraction']:.1f}%  "
         f"MFU: {100 * t['mfu']:.0f}% ({t['model_gflops_per_s']:.0f} of {t['matmul_peak_gflops_per_s']:.0f} GFLOP/s, "
         "the measured matmul peak)\n"
