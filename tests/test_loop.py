@@ -419,8 +419,8 @@ def test_a_compiled_run_leaves_liger_out_and_says_so(tokenizer, monkeypatch):
     assert fast.kernels == "liger" and applied  # not compiling: checked and kept (asked for, so not timed)
 
 
-def _compiled_run(tokenizer, monkeypatch, padding_free: bool, steps: int = 32):
-    """A 32-step LoRA run of varied record lengths under --train.compile on, its graphs counted by
+def _compiled_run(tokenizer, monkeypatch, padding_free: bool, steps: int = 16):
+    """A 16-step LoRA run of varied record lengths under --train.compile on, its graphs counted by
     dynamo's CompileCounter backend: what recompiles is dynamo's capture, whatever backend then
     compiles the graphs (Inductor takes minutes per graph on this CPU)."""
     from torch._dynamo.testing import CompileCounter
@@ -441,21 +441,23 @@ def _compiled_run(tokenizer, monkeypatch, padding_free: bool, steps: int = 32):
 def test_compiled_layers_compile_a_bounded_number_of_graphs(tokenizer, monkeypatch, padding_free):
     """Record lengths vary in every step; the graphs do not grow with them. Padding-free rows
     used to pass their segment lengths, a tuple of ints, through the compiled layer: a graph per
-    step until dynamo's cache gave up (the H200's first compiled step took 80 s). Now: the
-    layer's graph before and after the attention (left out of the graph), one variant of the
-    second for the attention module's other caller; a padded batch, one graph with a mask and
-    one without. The losses are those of the eager loop."""
+    step until dynamo's cache gave up (7 graphs in these 16 steps at 236e039; the H200's first
+    compiled step took 80 s). Now, padding-free: the layer's graph before and after the attention
+    (left out of the graph), a variant of the second for the attention module's other caller,
+    and one the first steps' layouts add (4 to 5, by the data); padded: one graph with a mask
+    and one without. Both well inside the bound at which a run gives up compiling. The losses
+    are those of the eager loop."""
     from solotune.training.compile import MAX_GRAPHS
 
     compiled, counter = _compiled_run(tokenizer, monkeypatch, padding_free)
-    assert len(compiled.losses) == 32
-    assert counter.frame_count <= (MAX_GRAPHS if padding_free else 2), counter.frame_count
+    assert len(compiled.losses) == 16
+    assert counter.frame_count <= (5 if padding_free else 2) < MAX_GRAPHS, counter.frame_count
     monkeypatch.undo()
     eager = run_loop_eager(tokenizer, padding_free)
     assert compiled.losses == pytest.approx(eager, rel=1e-5)
 
 
-def run_loop_eager(tokenizer, padding_free: bool, steps: int = 32) -> list[float]:
+def run_loop_eager(tokenizer, padding_free: bool, steps: int = 16) -> list[float]:
     rows = [{"prompt": "q" * (5 + (i * 37) % 90), "response": "a" * (3 + (i * 53) % 70)} for i in range(2 * steps)]
     examples, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
     torch.manual_seed(0)

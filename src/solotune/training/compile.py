@@ -41,8 +41,9 @@ def choose_compile(requested: str, track_memory: str, device: torch.device, n_st
 
 
 # A compile past either bound stops, and the run goes on eager (loop.py): graphs past this many mean
-# something recompiles per shape; seconds past this many cost more than compiling can win back.
-MAX_GRAPHS = 4
+# something recompiles per shape (a sound run makes 2 to 5; dynamo's own limit is 8 per frame);
+# seconds past this many cost more than compiling can win back.
+MAX_GRAPHS = 8
 COMPILE_BUDGET_S = 240.0
 
 
