@@ -31,6 +31,7 @@ DRY=${DRY:-0}
 OUT=${OUT:-/tmp/solotune-device}
 PY=${PY:-python3}
 RESULTS=$(mktemp -d)
+RUNS=$(mktemp -d)  # the runs' folders (adapters: kept out of the tarball)
 mkdir -p "$OUT"
 START=$SECONDS
 export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -100,7 +101,7 @@ train_1b() {  # NAME OPTIONS...: one `solotune train` on the 1B-class shape; its
   local name=$1
   shift
   $PY -m solotune.cli train --model /tmp/solotune-1b --data "$RESULTS/long-records.json" --max-len "$MAX_LEN" \
-    --batch 8 --no-generate.enabled --device "$DEVICE" --output-dir "/tmp/run-$name" "$@" > "$RESULTS/$name.log" 2>&1
+    --batch 8 --no-generate.enabled --device "$DEVICE" --output-dir "$RUNS/$name" "$@" > "$RESULTS/$name.log" 2>&1
   local rc=$?
   grep -E "^(mixed precision|gradient scaling|compile|kernels|set-up check|Liger)|skipped|steps:|throughput|error" \
     "$RESULTS/$name.log" | tail -8
