@@ -428,13 +428,18 @@ def _compiled_run(tokenizer, monkeypatch, padding_free: bool, steps: int = 16):
     torch._dynamo.reset()
     counter = CompileCounter()
     monkeypatch.setattr(loop_module, "CompiledLayers", functools.partial(CompiledLayers, backend=counter))
+    return _varied_lengths_run(tokenizer, padding_free, steps, compile="on"), counter
+
+
+def _varied_lengths_run(tokenizer, padding_free: bool, steps: int, compile: str):
+    """`steps` LoRA steps of 2 records each, whose lengths change from step to step."""
     rows = [{"prompt": "q" * (5 + (i * 37) % 90), "response": "a" * (3 + (i * 53) % 70)} for i in range(2 * steps)]
     examples, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
     torch.manual_seed(0)
     model = apply_lora(make_model(tokenizer, num_hidden_layers=3), LoraConfig(r=4, dropout=0.0))
     policy = resolve_policy(FP32, "cpu", frozen_base=True)
-    cfg = TrainConfig(batch=2, epochs=1, compile="on", padding_free=padding_free, track_memory="off")
-    return loop_module.train_loop(model, examples, tokenizer.pad_token_id, policy, cfg), counter
+    cfg = TrainConfig(batch=2, epochs=1, compile=compile, padding_free=padding_free, track_memory="off")
+    return loop_module.train_loop(model, examples, tokenizer.pad_token_id, policy, cfg)
 
 
 @pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
@@ -458,13 +463,7 @@ def test_compiled_layers_compile_a_bounded_number_of_graphs(tokenizer, monkeypat
 
 
 def run_loop_eager(tokenizer, padding_free: bool, steps: int = 16) -> list[float]:
-    rows = [{"prompt": "q" * (5 + (i * 37) % 90), "response": "a" * (3 + (i * 53) % 70)} for i in range(2 * steps)]
-    examples, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
-    torch.manual_seed(0)
-    model = apply_lora(make_model(tokenizer, num_hidden_layers=3), LoraConfig(r=4, dropout=0.0))
-    policy = resolve_policy(FP32, "cpu", frozen_base=True)
-    cfg = TrainConfig(batch=2, epochs=1, compile="off", padding_free=padding_free, track_memory="off")
-    return loop_module.train_loop(model, examples, tokenizer.pad_token_id, policy, cfg).losses
+    return _varied_lengths_run(tokenizer, padding_free, steps, compile="off").losses
 
 
 def test_a_compile_past_its_bounds_goes_on_eager_and_says_so(tokenizer, monkeypatch, capsys):

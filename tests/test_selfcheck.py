@@ -159,8 +159,14 @@ def noisy_bf16_attention(module, query, key, value, attention_mask, **kwargs):
     return out, weights
 
 
-def bf16_model(tokenizer):
-    return apply_lora(make_model(tokenizer).to(torch.bfloat16), LoraConfig(r=4))
+def bf16_fast_paths(tokenizer, padding_free_attention):
+    """The set-up check of a bf16 LoRA model whose padding-free rows run `padding_free_attention`."""
+    AttentionInterface.register(attention.NAME, padding_free_attention)
+    try:
+        model = apply_lora(make_model(tokenizer).to(torch.bfloat16), LoraConfig(r=4))
+        return choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, BF16, TrainConfig(), 512)
+    finally:
+        AttentionInterface.register(attention.NAME, attention.varlen_sdpa_attention)
 
 
 def test_16bit_rounding_noise_does_not_turn_a_sound_path_off(tokenizer):
@@ -168,23 +174,13 @@ def test_16bit_rounding_noise_does_not_turn_a_sound_path_off(tokenizer):
     so a sound path whose bf16 error passes the old 3e-2 bound is kept."""
     from solotune.fastpaths.selfcheck import SANITY, TOLERANCE
 
-    AttentionInterface.register(attention.NAME, noisy_bf16_attention)
-    try:
-        model = bf16_model(tokenizer)
-        fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, BF16, TrainConfig(), 512)
-    finally:
-        AttentionInterface.register(attention.NAME, attention.varlen_sdpa_attention)
+    fast = bf16_fast_paths(tokenizer, noisy_bf16_attention)
     assert fast.padding_free and fast.notes == []
     assert TOLERANCE[torch.bfloat16] < fast.largest_difference < SANITY  # the old bound would have refused it
 
 
 def test_16bit_runs_find_a_leak_between_records_in_fp32_on_a_twin(tokenizer):
-    AttentionInterface.register(attention.NAME, leaking_attention)
-    try:
-        model = bf16_model(tokenizer)
-        fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, BF16, TrainConfig(), 512)
-    finally:
-        AttentionInterface.register(attention.NAME, attention.varlen_sdpa_attention)
+    fast = bf16_fast_paths(tokenizer, leaking_attention)
     assert not fast.padding_free and fast.fused_swiglu and fast.ce_chunk
     (note,) = fast.notes
     assert note.startswith("padding-free rows off for this model: it differs from the model's plain forward by ")
