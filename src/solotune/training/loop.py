@@ -127,11 +127,12 @@ def train_loop(
     """
     steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
     steps = steps[: cfg.max_steps] if cfg.max_steps else steps
+    size = functools.partial(_padded_size, lengths=[len(e.input_ids) for e in examples])
+    steps_per_epoch = -(-len(examples) // cfg.batch)
     if cfg.largest_first and cfg.shuffle:  # unshuffled, the data's own order is kept
-        size = functools.partial(_padded_size, lengths=[len(e.input_ids) for e in examples])
-        steps = largest_step_early(steps, -(-len(examples) // cfg.batch), size)
+        steps = largest_step_early(steps, steps_per_epoch, size)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
-    create_state(optimizer)  # before the first step, which is then the only one PeakSteps follows
+    create_state(optimizer)  # before the rehearsal and the first step: nothing that persists grows later
     loss_fn = ResponseLoss(cfg.ce_chunk)
     run = LoopState(model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), loss_fn, world)
     run.probe = PeakMemoryProbe(policy.device)
@@ -157,7 +158,8 @@ def train_loop(
     ):
         if cfg.track_memory == "peak" and world.size == 1 and first == 0:  # one process, from the start
             with compiled.eager() if compiled else contextlib.nullcontext():
-                _rehearse(run, breakdown, _largest(steps, cfg.batch, examples), examples, pad_id, clock)
+                largest = max(steps[:steps_per_epoch], key=size)  # with largest_first, the first step
+                _rehearse(run, breakdown, largest, examples, pad_id, clock)
         run.probe.reset()  # the loop's own peak, from here
         for step in bar:
             split = split_micro_batches(steps[step], cfg.grad_accum * world.size)
@@ -190,12 +192,6 @@ def train_loop(
     if world.size > 1:
         _sum_over_ranks(run.result)
     return run.result
-
-
-def _largest(steps: list[list[int]], batch: int, examples: list[Example]) -> list[int]:
-    """The first epoch's largest step, by `_padded_size` (with largest_first, the first step)."""
-    size = functools.partial(_padded_size, lengths=[len(e.input_ids) for e in examples])
-    return max(steps[: -(-len(examples) // batch)], key=size)
 
 
 def _rehearse(run: LoopState, breakdown: MemoryBreakdown, indices: list[int], examples, pad_id: int, clock) -> None:
