@@ -128,13 +128,38 @@ def speed(tokens: int, flops: float, runtime_s: float, step_seconds: list[float]
     }
 
 
+def peer_settings(device: str, steps: int, seq_len: int):
+    """TRL's settings for the same batches: micro-batch 8, no accumulation, bf16, no
+    checkpointing, records in order, nothing saved or reported."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir="/tmp/trl-gpu-step",
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=2e-4,
+        bf16=True,
+        use_cpu=device == "cpu",
+        max_length=seq_len,
+        completion_only_loss=True,
+        gradient_checkpointing=False,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
 def run_peer(shape: str, device: str, steps: int, seq_len: int) -> dict:
     """TRL's SFTTrainer + PEFT LoRA on the same shape, batches and settings (in a process of its own)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from solotune.data import Example, collate_packed
     from solotune.measure.flops import FlopModel, matmul_peak_flops
@@ -162,24 +187,7 @@ def run_peer(shape: str, device: str, steps: int, seq_len: int) -> dict:
             torch.cuda.synchronize() if device == "cuda" else None
             step_seconds.append(time.perf_counter() - self.start)
 
-    args = SFTConfig(
-        output_dir="/tmp/trl-gpu-step",
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=1,
-        max_steps=steps,
-        learning_rate=2e-4,
-        bf16=True,
-        use_cpu=device == "cpu",
-        max_length=seq_len,
-        completion_only_loss=True,
-        gradient_checkpointing=False,
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    args = peer_settings(device, steps, seq_len)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])
     tokenizer = make_tokenizer()  # the records are token ids already: it pads, with id 0
     trainer = SFTTrainer(
