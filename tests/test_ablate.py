@@ -23,7 +23,7 @@ def test_cells_cover_every_combination_in_the_reference_order():
     )
     argv = cell_argv("base.yaml", "out", cells[0])
     assert "--no-lora.enabled" in argv and argv[argv.index("--train.grad-accum") + 1] == "1"
-    with pytest.raises(SolotuneError, match="unknown axis qlora; choose from ga, mp, lora, gc, pf"):
+    with pytest.raises(SolotuneError, match="unknown axis qlora; choose from ga, mp, lora, gc, swiglu, pf"):
         parse_axes("lora,qlora")
     assert set(AXES) == {"ga", "mp", "lora", "gc", "pf", "cce", "swiglu", "sdrop", "compile", "quant", "optim", "base"}
     assert [c.overrides for c in plan_cells(cfg, parse_axes("quant,optim"))[-1:]] == [

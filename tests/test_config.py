@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from solotune.cli import build_parser, config_from_args
-from solotune.config import RunConfig, apply_override, load_yaml, validate
+from solotune.config import RunConfig, apply_override, config_paths, load_yaml, validate
 from solotune.errors import SolotuneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,3 +134,25 @@ def test_switches_read_booleans_from_yaml(tmp_path):
     f.write_text("train:\n  compile: sometimes\n")
     with pytest.raises(SolotuneError, match="train.compile: 'sometimes' is not one of auto, on, off"):
         validate(load_yaml(f))
+
+
+def test_every_table_of_config_paths_names_fields_that_exist():
+    """The tables that spell config paths as strings are checked against the schema: a renamed
+    field fails loudly, here and at import, instead of silently missing a table."""
+    from solotune.cli import ALIASES
+    from solotune.experiment.ablate import AXES, plan_cells
+    from solotune.run.trackers import HPARAMS
+    from solotune.training.checkpoint import FREE_ON_RESUME
+
+    for table, name in ((ALIASES, "aliases"), (FREE_ON_RESUME, "resume"), (HPARAMS.values(), "hparams")):
+        assert config_paths(table, name) is table
+    for axis in AXES.values():  # each axis, both values (plan_cells checks each override)
+        assert len(plan_cells(RunConfig(), [axis])) == len(axis.values)
+    with pytest.raises(AssertionError, match="not a config path: train.grad_acum"):
+        config_paths(["train.grad_accum", "train.grad_acum"], "a table")
+
+
+def test_the_micro_batch_is_the_batch_split_over_accumulation_and_processes():
+    cfg = RunConfig()
+    cfg.train.batch, cfg.train.grad_accum, cfg.nproc = 16, 2, 4
+    assert cfg.micro_batch() == 2

@@ -139,21 +139,21 @@ def test_one_device_sync_per_optimizer_step_on_cuda(tokenizer, mp):
     from solotune.model.precision import resolve_policy
     from solotune.testing import make_model, varied_examples
     from solotune.training.optim import make_optimizer
-    from solotune.training.step import train_step
+    from solotune.training.step import StepContext, train_step
 
     policy = resolve_policy(PrecisionConfig(mp=mp), "cuda", frozen_base=True)
     model = apply_lora(make_model(tokenizer).to("cuda", policy.base_dtype), LoraConfig(r=4)).train()
     rows = [collate_packed(varied_examples(tokenizer, n=n)) for n in (5, 6, 7, 8)]  # other lengths each step
     optimizer, scheduler = make_optimizer(model, TrainConfig(), total_steps=len(rows))
     with padding_free_attention(model, 512):
-        train_step(model, [rows[0].to(policy.device)], optimizer, scheduler, policy, 1.0)
+        train_step(StepContext(model, optimizer, scheduler, policy), [rows[0].to(policy.device)])
         for row in rows[1:]:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    train_step(model, [row.to(policy.device)], optimizer, scheduler, policy, 1.0)
+                    train_step(StepContext(model, optimizer, scheduler, policy), [row.to(policy.device)])
             finally:
                 torch.cuda.set_sync_debug_mode(0)
             syncs = [w for w in caught if "synchroniz" in str(w.message)]

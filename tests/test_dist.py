@@ -28,12 +28,19 @@ def run_args(model_dir, data_file, out, *extra):
 
 
 def test_two_processes_train_exactly_as_one_with_accumulation(tiny_model_dir, data_file, tmp_path):
-    """`--nproc 2` (torchrun, gloo) against one process with `--grad-accum 2`: the same micro-batches,
-    so the same per-step losses and the same adapter, to 1e-5 (fp32)."""
-    assert main(run_args(tiny_model_dir, data_file, tmp_path / "one", "--grad-accum", "2")) == 0
+    """`--nproc 2` (torchrun, gloo) against one process with `--grad-accum 2`, LoRA dropout on: the
+    same micro-batches and the same dropout masks (keyed to the records, not to the process), so
+    the same per-step losses and the same adapter, to 1e-5 (fp32)."""
+    dropout = ["--lora.dropout", "0.1"]
+    assert main(run_args(tiny_model_dir, data_file, tmp_path / "one", "--grad-accum", "2", *dropout)) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "solotune.cli", *run_args(tiny_model_dir, data_file, tmp_path / "two", "--nproc", "2")],
+        [
+            sys.executable,
+            "-m",
+            "solotune.cli",
+            *run_args(tiny_model_dir, data_file, tmp_path / "two", "--nproc", "2", *dropout),
+        ],
         capture_output=True,
         text=True,
         env=env,

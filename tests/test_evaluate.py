@@ -11,7 +11,7 @@ from solotune.cli import main
 from solotune.config import PrecisionConfig
 from solotune.data import IGNORE_INDEX, Record
 from solotune.errors import SolotuneError
-from solotune.fastpaths.loss import ResponseLoss
+from solotune.fastpaths.registry import FastPaths
 from solotune.model.precision import resolve_policy
 from solotune.run.evaluate import HeldOut, hold_out, task_accuracy
 from solotune.testing import make_model
@@ -40,8 +40,8 @@ def test_eval_loss_is_the_plain_forwards_mean_over_the_held_out_response_tokens(
     the same number as a plain forward of each record alone (fp32, 1e-5)."""
     model = make_model(tokenizer).train()  # dropout is 0; eval mode is the evaluation's to set
     exs = examples(tokenizer, n=5)
-    held = HeldOut(exs, tokenizer.pad_token_id, micro=2, packed=packed)
-    loss = held.loss(model, FP32, ResponseLoss(chunk))
+    held = HeldOut(exs, tokenizer.pad_token_id, micro=2)
+    loss = held.loss(model, FP32, FastPaths({"fused_swiglu": False, "padding_free": packed, "ce_chunk": chunk}))
     assert loss == pytest.approx(plain_mean_loss(model, exs), rel=1e-5)
     assert model.training  # left as it was found
 

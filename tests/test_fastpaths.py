@@ -11,13 +11,12 @@ from solotune.fastpaths.attention import enable_padding_free
 from solotune.fastpaths.loss import ResponseLoss, chunked_response_loss_sum, full_response_loss_sum
 from solotune.fastpaths.swiglu import SiluMul, use_fused_swiglu
 from solotune.measure.memory import MIB
-from solotune.model.adapters import SharedDropout, apply_lora
+from solotune.model.adapters import apply_lora
 from solotune.model.precision import resolve_policy
 from solotune.testing import make_model, save_model_folder
 from solotune.testing import varied_examples as examples
 from solotune.training.loop import train_loop
-from solotune.training.setup import build_model, enable_checkpointing
-from solotune.training.step import accumulate_gradients
+from solotune.training.setup import build_model
 
 
 def per_token_losses(logits, labels):
@@ -206,64 +205,6 @@ def test_bf16_frozen_base_holds_no_fp32_copy(tokenizer, tmp_path):
     assert result.memory["parameters_mib"] == pytest.approx(expected_mib, rel=0.05)
 
 
-def lora_inputs(model):
-    """Record the tensor each adapter's lora_A receives, per adapted layer name."""
-    seen = {}
-    for name, m in model.named_modules():
-        if name.endswith("lora_A.default"):
-            m.register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: args[0]}))
-    return seen
-
-
-def test_shared_dropout_draws_one_mask_per_block_input(tokenizer):
-    exs = examples(tokenizer)
-    model = apply_lora(
-        make_model(tokenizer), LoraConfig(r=4, dropout=0.5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    )
-    blocks = [m for m in model.modules() if isinstance(m, SharedDropout)]
-    assert len(blocks) == 2  # one per attention block
-    seen = lora_inputs(model.train())
-    model(**collate(exs, tokenizer.pad_token_id).model_inputs())
-    for layer in range(2):
-        q, k, v, o = (seen[f"base_model.model.model.layers.{layer}.self_attn.{p}_proj.lora_A.default"] for p in "qkvo")
-        assert q is k is v  # one dropped copy of the block's input for q, k and v
-        zeros = (q == 0).float().mean().item()
-        assert 0.4 < zeros < 0.6  # dropout at p = 0.5 did happen
-        assert o is not q  # o_proj reads another input: its own mask
-    assert all(b._cached is None and b.input_key is None for b in blocks)  # nothing outlives the block
-
-
-def test_shared_dropout_keeps_a_one_byte_mask_and_the_dropout_gradient():
-    """Backward keeps a bool mask (not a float copy) and gives mask / (1 - p) times the incoming gradient."""
-    x = torch.randn(64, 32, requires_grad=True)
-    dropout = SharedDropout(0.25).train()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = dropout(x)
-    assert [t.dtype for t in saved] == [torch.bool]
-    grad_out = torch.randn_like(y)
-    y.backward(grad_out)
-    kept = y != 0
-    assert 0.65 < kept.float().mean().item() < 0.85
-    assert torch.allclose(y, x.detach() * kept / 0.75, rtol=1e-6)
-    assert torch.allclose(x.grad, grad_out * kept / 0.75, rtol=1e-6)
-
-
-def test_shared_dropout_replays_the_same_mask_under_checkpointing(tokenizer):
-    """Checkpointed recomputation redraws the same masks: gradients equal the un-checkpointed run's."""
-    exs = examples(tokenizer)
-    batch = collate(exs, tokenizer.pad_token_id)
-    grads = []
-    for checkpointing in (False, True):
-        model = make_model(tokenizer)
-        if checkpointing:
-            enable_checkpointing(model)
-        model = apply_lora(model, LoraConfig(r=4, dropout=0.3)).train()
-        torch.manual_seed(1)
-        grads.append(loss_and_grads(model, batch, ResponseLoss())[1])
-    assert_same_gradients(grads[1], grads[0], rel=1e-6)
-
-
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
 def test_fused_swiglu_equals_autograd_and_saves_less(tokenizer, full):
     """Same loss and gradients as the model's own MLP (fp32, 1e-5), one activation fewer per MLP."""
@@ -347,16 +288,3 @@ def test_fused_swiglu_backward_is_autograds_bit_for_bit_with_no_larger_peak(dtyp
     (ref_g, ref_u, ref_peak), (g_grad, u_grad, peak) = results["autograd"], results["fused"]
     assert torch.equal(g_grad, ref_g) and torch.equal(u_grad, ref_u)
     assert peak <= ref_peak, (peak, ref_peak)
-
-
-def test_shared_dropout_holds_nothing_after_a_step_under_checkpointing(tokenizer):
-    """Non-reentrant checkpointing stops its replay after the last tensor backward needs, before
-    the hook that clears the shared mask's cache: the step itself releases what is left."""
-    base = make_model(tokenizer)
-    enable_checkpointing(base)
-    model = apply_lora(base, LoraConfig(r=4, dropout=0.1, target_modules=["all-linear"])).train()
-    shared = [m for m in model.modules() if isinstance(m, SharedDropout)]
-    assert len(shared) == 4  # q/k/v and gate/up, in each of 2 layers
-    policy = resolve_policy(PrecisionConfig(mp="off"), "cpu", frozen_base=True)
-    accumulate_gradients(model, [collate(examples(tokenizer), tokenizer.pad_token_id)], policy)
-    assert all(s._cached is None and s.input_key is None for s in shared)

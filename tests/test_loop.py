@@ -21,7 +21,7 @@ from solotune.testing import make_model
 from solotune.training import loop as loop_module
 from solotune.training.compile import CompiledLayers, choose_compile
 from solotune.training.optim import make_optimizer
-from solotune.training.step import train_step
+from solotune.training.step import StepContext, train_step
 
 FP32 = PrecisionConfig(mp="off")
 
@@ -298,11 +298,11 @@ def test_one_host_read_per_optimizer_step(tokenizer, mp, full, padding_free, gra
     optimizer, scheduler = make_optimizer(model, TrainConfig(), total_steps=3)
     attention = padding_free_attention(model, 512) if padding_free else contextlib.nullcontext()  # as the loop does
     with attention:
-        train_step(model, micro, optimizer, scheduler, policy, 1.0, check_gradients=True)  # step 1 checks more
+        train_step(StepContext(model, optimizer, scheduler, policy), micro, check_gradients=True)  # step 1 checks more
         for _ in range(2):
             with HostSyncs(optimizer) as syncs:  # the batch's move to the device included, as the loop does
                 on_device = [mb.to(policy.device) for mb in micro]
-                out = train_step(model, on_device, optimizer, scheduler, policy, 1.0)
+                out = train_step(StepContext(model, optimizer, scheduler, policy), on_device)
             counts = syncs.counts
             assert counts["reads"] == 1, syncs.where
             # transformers reads a padded batch's mask back to see whether it may skip it; a

@@ -284,7 +284,7 @@ def test_a_qlora_run_with_8bit_adamw_resumes_exactly_from_a_checkpoint(model_dir
     uninterrupted one bitwise (fp32)."""
     from solotune.training import checkpoint
     from solotune.training.optim import make_optimizer
-    from solotune.training.step import train_step
+    from solotune.training.step import StepContext, train_step
 
     cfg = config("nf4", "adamw8bit", r=32)
     policy = resolve_policy(cfg.precision, "cpu", frozen_base=True)
@@ -295,13 +295,13 @@ def test_a_qlora_run_with_8bit_adamw_resumes_exactly_from_a_checkpoint(model_dir
         return (model, *make_optimizer(model, cfg.train, total_steps=4))
 
     model, optimizer, scheduler = fresh()
-    for _ in range(2):
-        train_step(model, batch, optimizer, scheduler, policy, max_grad_norm=1.0)
-    checkpoint.save(tmp_path, 2, model, optimizer, scheduler, policy.scaler, {}, {}, keep=1)
-    expected = train_step(model, batch, optimizer, scheduler, policy, max_grad_norm=1.0).loss
+    for step in range(2):
+        train_step(StepContext(model, optimizer, scheduler, policy), batch, step)
+    checkpoint.save(tmp_path, checkpoint.Payload(2, model, optimizer, scheduler, policy.scaler, {}), {}, keep=1)
+    expected = train_step(StepContext(model, optimizer, scheduler, policy), batch, 2).loss
 
     resumed, optimizer2, scheduler2 = fresh()
     checkpoint.restore(checkpoint.latest(tmp_path), resumed, optimizer2, scheduler2, policy.scaler)
-    assert train_step(resumed, batch, optimizer2, scheduler2, policy, max_grad_norm=1.0).loss == expected
+    assert train_step(StepContext(resumed, optimizer2, scheduler2, policy), batch, 2).loss == expected
     for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name

@@ -157,7 +157,7 @@ def test_a_full_disk_while_a_checkpoint_is_written_stops_in_one_line(tokenizer, 
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4))
     optimizer, scheduler = make_optimizer(model, TrainConfig(), total_steps=4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    first = checkpoint.save(tmp_path, 1, model, optimizer, scheduler, scaler, {}, {}, keep=2)
+    first = checkpoint.save(tmp_path, checkpoint.Payload(1, model, optimizer, scheduler, scaler, {}), {}, keep=2)
 
     def fill_the_disk(tensors, path):
         path.write_bytes(b"\0" * 100)  # part of a file, as a full disk leaves it
@@ -167,7 +167,7 @@ def test_a_full_disk_while_a_checkpoint_is_written_stops_in_one_line(tokenizer, 
 
     monkeypatch.setattr(checkpoint, "save_file", fill_the_disk)
     with pytest.raises(SolotuneError) as stopped:
-        checkpoint.save(tmp_path, 2, model, optimizer, scheduler, scaler, {}, {}, keep=2)
+        checkpoint.save(tmp_path, checkpoint.Payload(2, model, optimizer, scheduler, scaler, {}), {}, keep=2)
     message = str(stopped.value)
     assert message.startswith("checkpoint of step 2: the disk is full (") and "\n" not in message
     assert "MiB to write" in message and "MiB free under" in message

@@ -10,14 +10,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from solotune.cli import main
 from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
+from solotune.data import make_batch
 from solotune.errors import SolotuneError
 from solotune.fastpaths import attention
-from solotune.fastpaths.selfcheck import check_gradients, choose_fast_paths
+from solotune.fastpaths.selfcheck import choose_fast_paths
 from solotune.model.adapters import apply_lora
 from solotune.model.precision import resolve_policy
 from solotune.run import train
 from solotune.testing import make_model, save_architecture_folder, varied_examples
 from solotune.training import step
+from solotune.training.gradients import check_gradients
 
 FP32 = resolve_policy(PrecisionConfig(mp="off"), "cpu", frozen_base=True)
 
@@ -129,7 +131,7 @@ def test_a_parameter_backward_does_not_reach_stops_the_run_and_names_it(
 
 def test_check_gradients_allows_a_zero_lora_a_gradient_only_while_its_b_is_zero(tokenizer):
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0)).train()
-    batch = step.make_batch(varied_examples(tokenizer), tokenizer.pad_token_id, padding_free=False)
+    batch = make_batch(varied_examples(tokenizer), tokenizer.pad_token_id, padding_free=False)
     step.accumulate_gradients(model, [batch], FP32)
     check_gradients(model)  # B = 0 at init: every A's gradient is zero, and that is expected
     a = next(p for n, p in model.named_parameters() if "lora_A" in n)

@@ -13,7 +13,7 @@ from solotune.testing import make_model
 from solotune.training.loop import train_loop
 from solotune.training.optim import make_optimizer
 from solotune.training.setup import enable_checkpointing
-from solotune.training.step import accumulate_gradients, train_step
+from solotune.training.step import StepContext, accumulate_gradients, train_step
 
 FP32 = PrecisionConfig(mp="off")
 
@@ -133,13 +133,13 @@ def test_fp16_uses_the_scaler_and_skips_overflowing_steps(tokenizer):
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
 
     policy.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # a scale this model's fp16 gradients take
-    first = train_step(model, micro, optimizer, scheduler, policy, max_grad_norm=1.0)
+    first = train_step(StepContext(model, optimizer, scheduler, policy), micro)
     assert not first.skipped and any(p.abs().sum() > 0 for p in lora_b)  # a real update happened
 
     policy.scaler.update(2.0**120)  # so large that the scaled fp16 gradients overflow
     snapshot = [p.detach().clone() for p in lora_b]
     lr = scheduler.get_last_lr()
-    second = train_step(model, micro, optimizer, scheduler, policy, max_grad_norm=1.0)
+    second = train_step(StepContext(model, optimizer, scheduler, policy), micro, 1)
     assert second.skipped and policy.scaler.get_scale() < 2.0**120
     assert all(torch.equal(p, s) for p, s in zip(lora_b, snapshot))
     assert scheduler.get_last_lr() == lr and scheduler.last_epoch == 1  # the schedule waits for a real update

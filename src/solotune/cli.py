@@ -21,6 +21,7 @@ from solotune.config import (
     PrecisionConfig,
     RunConfig,
     apply_override,
+    config_paths,
     leaf_fields,
     load_yaml,
 )
@@ -46,6 +47,7 @@ ALIASES = {
     "train.seed": ["--seed"],
     "nproc": ["--nproc", "--processes", "--gpus"],
 }
+config_paths(ALIASES, "cli.ALIASES")
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:

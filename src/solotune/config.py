@@ -85,7 +85,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     # One dropout mask per layer input shared by the adapters that read it (q, k and v), not a
-    # separate full-width mask for each (see adapters.share_dropout_masks).
+    # separate full-width mask for each (see model/dropout.py).
     shared_dropout: bool = True
     # "attention": the model's attention input projections (q, k and v in Llama, as the reference
     # experiment adapts; c_attn in GPT-2, qkv_proj in Phi-3, ...; see adapters.attention_projections).
@@ -241,6 +241,11 @@ class RunConfig:
     # Experiment trackers the run also reports to, a comma list (trackers.py): tensorboard, or none.
     report_to: str = "none"
 
+    def micro_batch(self) -> int:
+        """Records in one process's micro-batch: the step's `batch`, split `grad_accum` ways on
+        each of `nproc` processes (validate makes it divide evenly)."""
+        return self.train.batch // (self.train.grad_accum * self.nproc)
+
     def dist_mode(self) -> str:
         """What `dist` resolves to: "single" for one process, else "ddp" or "fsdp"."""
         if self.nproc == 1:
@@ -358,6 +363,26 @@ def leaf_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any,
         else:
             leaves.append((path, tp, f))
     return leaves
+
+
+def config_paths(paths, where: str):
+    """`paths` (dotted config paths, as an iterable or a dict's keys), checked against the schema:
+    each must name a leaf or a section of RunConfig. The tables of paths elsewhere (the CLI's
+    aliases, what may change on resume, the trackers' hyperparameters, the ablation's axes) go
+    through here, so that a renamed field fails at import, not by silently missing a table."""
+    known = {path for path, _, _ in leaf_fields()}
+    known |= {p.rsplit(".", 1)[0] for p in known if "." in p}
+    unknown = [p for p in paths if p not in known]
+    if unknown:
+        raise AssertionError(f"{where}: not a config path: {', '.join(unknown)}")
+    return paths
+
+
+def get_path(config: dict, dotted: str) -> Any:
+    """The value at `dotted` in a config as a dict (`to_dict`)."""
+    for key in dotted.split("."):
+        config = config[key]
+    return config
 
 
 def apply_override(cfg: RunConfig, dotted: str, raw: Any, from_cli: bool = True) -> None:

@@ -95,6 +95,9 @@ class Batch:
     # with it: attention built from the lengths on the device would copy them there in every
     # step, and a copy from pageable host memory waits for the device (a sync).
     segment_offsets: torch.Tensor | None = None  # padding-free only
+    # (B, T) int32: each position's record and place in it, which key its dropout masks
+    # (model/dropout.py): the same in any layout of the same records.
+    token_keys: torch.Tensor | None = None
 
     @property
     def n_positions(self) -> int:
@@ -126,7 +129,15 @@ class Batch:
         """The batch on `device`, without waiting for it: on CUDA each tensor goes through pinned
         host memory as an asynchronous copy, queued behind the work already on the GPU; a copy
         from pageable memory would be a device sync for every tensor of every micro-batch."""
-        names = ("input_ids", "attention_mask", "labels", "loss_positions", "position_ids", "segment_offsets")
+        names = (
+            "input_ids",
+            "attention_mask",
+            "labels",
+            "loss_positions",
+            "position_ids",
+            "segment_offsets",
+            "token_keys",
+        )
         return replace(self, **{n: _to_device(getattr(self, n), device) for n in names if getattr(self, n) is not None})
 
 
@@ -412,6 +423,11 @@ def split_micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
+def make_batch(examples: list[Example], pad_id: int, padding_free: bool) -> Batch:
+    """A micro-batch as one padding-free row, or padded to its longest record."""
+    return collate_packed(examples) if padding_free else collate(examples, pad_id)
+
+
 def collate(examples: list[Example], pad_id: int) -> Batch:
     """Right-pad a list of examples to the longest one."""
     T = max(len(e.input_ids) for e in examples)
@@ -425,6 +441,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
     targets = loss_positions(examples, [row * T for row in range(B)])
+    keys = torch.stack([token_keys(e.record_index, torch.arange(T)) for e in examples])
     return Batch(
         input_ids,
         attention_mask,
@@ -433,6 +450,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         n_tokens=sum(len(e.input_ids) for e in examples),
         n_loss_tokens=len(targets),
         loss_positions=targets,
+        token_keys=keys,
     )
 
 
@@ -443,13 +461,15 @@ def collate_packed(examples: list[Example]) -> Batch:
     the previous record. In a padded batch that position is never a target either, so the
     per-record losses are the same as `collate`'s.
     """
-    input_ids, labels, positions, starts = [], [], [], []
+    input_ids, labels, positions, starts, records = [], [], [], [], []
     for e in examples:
         starts.append(len(input_ids))
+        records += [e.record_index] * len(e.input_ids)
         input_ids += e.input_ids
         labels += [IGNORE_INDEX] + e.labels[1:]
         positions += range(len(e.input_ids))
     row, targets = torch.tensor([input_ids]), loss_positions(examples, starts)
+    position_ids = torch.tensor([positions])
     return Batch(
         row,
         torch.ones_like(row),
@@ -458,10 +478,20 @@ def collate_packed(examples: list[Example]) -> Batch:
         n_tokens=row.shape[1],
         n_loss_tokens=len(targets),
         loss_positions=targets,
-        position_ids=torch.tensor([positions]),
+        position_ids=position_ids,
         segment_lengths=tuple(len(e.input_ids) for e in examples),
         segment_offsets=torch.tensor(starts + [len(input_ids)], dtype=torch.int32),
+        token_keys=token_keys(torch.tensor(records), position_ids[0]).unsqueeze(0),
     )
+
+
+RECORD_STRIDE = 0x9E3779B1  # odd: records far apart in the key space, before the dropout's hash
+
+
+def token_keys(record_index, positions: torch.Tensor) -> torch.Tensor:
+    """Each token's identity as an int32: its record and its position in it (wrapping)."""
+    keys = (torch.as_tensor(record_index, dtype=torch.int64) * RECORD_STRIDE + positions) % (1 << 32)
+    return (keys - (keys >= 1 << 31).long() * (1 << 32)).to(torch.int32)
 
 
 def loss_positions(examples: list[Example], starts: list[int]) -> torch.Tensor:

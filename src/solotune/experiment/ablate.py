@@ -20,8 +20,11 @@ from pathlib import Path
 
 from solotune import artifacts
 from solotune.artifacts import CELLS_DIR, GRID_FILE
-from solotune.config import RunConfig, to_dict, validate
+from solotune.config import RunConfig, config_paths, to_dict, validate
 from solotune.errors import OUT_OF_MEMORY_EXIT, SolotuneError
+from solotune.fastpaths.registry import FAST_PATHS
+from solotune.fastpaths.technique import FastPath
+from solotune.model.precision import sixteen_bit
 
 RESULTS_FILE = "results.json"  # each finished cell's status
 BASE_CONFIG_FILE = "base.yaml"  # the configuration every cell shares
@@ -37,29 +40,22 @@ class Axis:
     overrides: Callable[[RunConfig, str], dict]
 
 
-def _mp_on(cfg: RunConfig) -> str:
-    """The 16-bit type "MP ON" means here: bf16 where the device has it natively, else fp16 on CUDA."""
-    import torch
+def fast_path_axis(path: FastPath) -> Axis:
+    """A fast path's ON and OFF cells (fastpaths/technique.py)."""
 
-    if cfg.device != "cpu" and torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"  # on CPUs fp16 is slower still: bf16 is native on AVX512-BF16 / AMX, emulated elsewhere
+    def overrides(cfg: RunConfig, value: str) -> dict:
+        return {f"train.{path.field}": path.on_value(cfg.train) if value == "ON" else path.off}
+
+    return Axis(path.axis, path.label, ("OFF", "ON"), overrides)
 
 
 AXES = {
     "ga": Axis("ga", "GA", ("OFF", "ON"), lambda c, v: {"train.grad_accum": c.train.batch if v == "ON" else 1}),
-    "mp": Axis("mp", "MP", ("OFF", "ON"), lambda c, v: {"precision.mp": _mp_on(c) if v == "ON" else "off"}),
+    "mp": Axis("mp", "MP", ("OFF", "ON"), lambda c, v: {"precision.mp": sixteen_bit(c.device) if v == "ON" else "off"}),
     "lora": Axis("lora", "LoRA", ("OFF", "ON"), lambda c, v: {"lora.enabled": v == "ON"}),
     "gc": Axis("gc", "GC", ("OFF", "ON"), lambda c, v: {"train.grad_checkpointing": v == "ON"}),
-    # The performance techniques (issue 5), each against its plain form.
-    "pf": Axis("pf", "Padding-free", ("OFF", "ON"), lambda c, v: {"train.padding_free": v == "ON"}),
-    "cce": Axis(
-        "cce",
-        "Chunked CE",
-        ("OFF", "ON"),
-        lambda c, v: {"train.ce_chunk": (c.train.ce_chunk or 1024) if v == "ON" else 0},
-    ),
-    "swiglu": Axis("swiglu", "Fused SwiGLU", ("OFF", "ON"), lambda c, v: {"train.fused_swiglu": v == "ON"}),
+    # The fast paths, each against its plain form: an axis per registered path.
+    **{path.axis: fast_path_axis(path) for path in FAST_PATHS},
     "sdrop": Axis("sdrop", "Shared dropout", ("OFF", "ON"), lambda c, v: {"lora.shared_dropout": v == "ON"}),
     # The frozen base in 4 bits (QLoRA; needs LoRA), 8-bit optimizer moments, and the old fp32
     # storage of frozen weights under mixed precision (an fp32 copy plus autocast's 16-bit one).
@@ -97,7 +93,7 @@ def plan_cells(cfg: RunConfig, axes: list[Axis]) -> list[Cell]:
         values = {a.key: v for a, v in zip(axes, combo)}
         overrides = {}
         for a, v in zip(axes, combo):
-            overrides.update(a.overrides(cfg, v))
+            overrides.update(config_paths(a.overrides(cfg, v), f"ablate axis {a.key}"))
         cells.append(Cell("_".join(f"{k}-{v.lower()}" for k, v in values.items()), values, overrides))
     return cells
 

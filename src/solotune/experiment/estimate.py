@@ -40,8 +40,7 @@ from solotune.config import QuantConfig, RunConfig
 from solotune.data import Example
 from solotune.errors import SolotuneError
 from solotune.fastpaths import attention
-from solotune.fastpaths.attention import enable_padding_free
-from solotune.fastpaths.loss import ResponseLoss
+from solotune.fastpaths.registry import FastPaths
 from solotune.measure.memory import TensorMemoryTracker
 from solotune.model.adapters import count_parameters
 from solotune.model.precision import resolve_policy
@@ -50,7 +49,7 @@ from solotune.model.quant import compute_dtype as quant_compute_dtype
 from solotune.parallel import dist, sharding
 from solotune.training.optim import make_optimizer
 from solotune.training.setup import prepare_model
-from solotune.training.step import accumulate_gradients, make_batch
+from solotune.training.step import accumulate_gradients
 
 # Shapes as published in each model's config.json (Llama / Mistral / Qwen2 code paths).
 PRESETS = {
@@ -185,8 +184,6 @@ def estimate_memory(config: PretrainedConfig, cfg: RunConfig, seq_len: int) -> E
     if cfg.quant.method != "none":  # as loading quantizes the base, before any set-up
         quantize_fake(model, cfg.quant, quant_compute_dtype(cfg.quant, policy.compute_dtype), fake_mode)
     model = prepare_model(model, cfg)  # train's own set-up (training.setup)
-    if cfg.train.padding_free:  # where train's loop switches it on
-        enable_padding_free(model, seq_len)
     counts = count_parameters(model)
     _make_parameters_fake(model, fake_mode)
     sharded = cfg.dist_mode() == "fsdp"
@@ -217,21 +214,20 @@ def _fake_ranks(n: int):
 def _simulate_steps(model, cfg: RunConfig, policy, seq_len: int, fake_mode: FakeTensorMode, sharded: bool) -> dict:
     """Two optimizer steps of one rank, under the tracker: its breakdown (`Estimate.parts_mib`)."""
     model.train()
-    micro = cfg.train.batch // (cfg.train.grad_accum * cfg.nproc)  # one rank's (dist.py)
+    fast = FastPaths.asked(cfg.train)  # each assumed to apply, as it does to the models it was written for
     # Every record at full length, every position a target: the worst case of a step.
-    records = [Example([0] * seq_len, [0] * seq_len, i) for i in range(micro)]
-    batch = make_batch(records, pad_id=0, padding_free=cfg.train.padding_free)
-    loss_fn = ResponseLoss(cfg.train.ce_chunk)
+    records = [Example([0] * seq_len, [0] * seq_len, i) for i in range(cfg.micro_batch())]  # one rank's
+    batch = fast.batch(records, pad_id=0)
     # A paged optimizer's state has the size of the unpaged one's; paging changes where it lives.
     # Made outside fake mode: bitsandbytes computes its code books from data when it is created.
     train_cfg = dataclasses.replace(cfg.train, optim=cfg.train.optim.removeprefix("paged_"))
     optimizer, _ = make_optimizer(model, train_cfg, total_steps=2)
-    with fake_mode, warnings.catch_warnings():
+    with fake_mode, warnings.catch_warnings(), fast.during_steps(model, seq_len):
         warnings.simplefilter("ignore")  # transformers' deprecation notes, once per simulated step
         tracker = TensorMemoryTracker(model, optimizer, torch.device("cpu"))
         with tracker:
             for _ in range(2):  # the second step holds the optimizer state the first created
-                loss = accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy, loss_fn)
+                loss = accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy, fast.loss_fn())
                 if cfg.nproc > 1 and not sharded:  # DDP's all-reduce buffer, alive beside the gradients
                     dist.step_buffer([p.grad for p in model.parameters() if p.grad is not None], loss)
                 optimizer.step()
@@ -264,7 +260,7 @@ def _make_parameters_fake(model: torch.nn.Module, fake_mode: FakeTensorMode) -> 
 def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: float, gpu_mib: float | None) -> None:
     """The breakdown, the total with the CUDA overhead, and whether it fits."""
     p = est.parts_mib
-    micro = cfg.train.batch // (cfg.train.grad_accum * cfg.nproc)
+    micro = cfg.micro_batch()
     total = est.total_mib(overhead_mib)
     ranks = f"; per process of {cfg.nproc} ({cfg.dist_mode()})" if cfg.nproc > 1 else ""
     print(

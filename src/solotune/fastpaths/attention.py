@@ -27,7 +27,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from solotune.data import collate, collate_packed
 from solotune.errors import SolotuneError
+from solotune.fastpaths.technique import FastPath, Probe, largest_difference, logits
 
 NAME = "solotune_varlen"
 
@@ -241,3 +243,28 @@ def disable_padding_free(model, attn_implementation: str) -> None:
     """Back to the attention the model had before `enable_padding_free`."""
     if model.config._attn_implementation == NAME:
         model.set_attn_implementation(attn_implementation)
+
+
+class PaddingFree(FastPath):
+    """A micro-batch as one row of its records back to back, each attending only to itself
+    (data.collate_packed), against each record run alone."""
+
+    name, field, axis, label = "padding-free rows", "padding_free", "pf", "Padding-free"
+
+    def enable(self, model, probe: Probe) -> bool:
+        return True  # in `difference`: a model it cannot serve raises there, and the path is off
+
+    def difference(self, model, probe: Probe, kept: dict) -> float:
+        alone = [logits(model, collate([e], probe.pad_id).to(probe.device))[0] for e in probe.records]  # (T_i, V)
+        packed = collate_packed(probe.records).to(probe.device)
+        enable_padding_free(model, probe.max_len)
+        return largest_difference(logits(model, packed), alone, packed)
+
+    def undo(self, model, probe: Probe) -> None:
+        disable_padding_free(model, probe.attention)
+
+    def during_steps(self, model, max_len: int):
+        return padding_free_attention(model, max_len)
+
+
+PADDING_FREE = PaddingFree()

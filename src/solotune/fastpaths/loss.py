@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from solotune.data import IGNORE_INDEX, Batch
+from solotune.data import IGNORE_INDEX, Batch, collate_packed
+from solotune.errors import SolotuneError
 from solotune.fastpaths.cpu_bf16 import matmul
+from solotune.fastpaths.technique import FastPath, Probe, largest_difference, logits
 from solotune.parallel import sharding
 
 
@@ -154,3 +156,29 @@ def supports_chunked_head(model) -> bool:
     soft-capping, Granite's logits_scaling, Cohere's logit_scale, ...), is the set-up check's to
     find out (selfcheck.py), for any architecture."""
     return model.get_output_embeddings() is not None and hasattr(model, "get_decoder")
+
+
+class ChunkedHead(FastPath):
+    """The LM head and cross-entropy in chunks of positions (`ResponseLoss`), never building
+    the (tokens x vocabulary) logits, against the model's own logits on the same batch. Right
+    only where the logits are exactly the head's output, with nothing done after it."""
+
+    name, field, off, axis, label = "chunked LM head + cross-entropy", "ce_chunk", 0, "cce", "Chunked CE"
+
+    def on_value(self, train_cfg) -> int:
+        return train_cfg.ce_chunk or 1024
+
+    def difference(self, model, probe: Probe, kept: dict) -> float:
+        if not supports_chunked_head(model):
+            raise SolotuneError("the model has no separate decoder and LM head to split")
+        batch = collate_packed(probe.records).to(probe.device) if kept.get("padding_free") else probe.padded
+        full_logits = logits(model, batch)
+        hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
+        head = model.get_output_embeddings()(hidden).float()
+        full = full_response_loss_sum(full_logits, batch.labels)
+        loss = ResponseLoss(kept["ce_chunk"])(model, batch)
+        loss_difference = ((loss - full).abs() / full.abs().clamp_min(1e-6)).item()
+        return max(largest_difference(head, full_logits, batch), loss_difference)
+
+
+CHUNKED_HEAD = ChunkedHead()

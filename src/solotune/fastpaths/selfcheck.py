@@ -1,41 +1,37 @@
-"""Set-up self-checks: a run that cannot train correctly says so, instead of reporting a loss.
+"""The set-up check: a fast path the model cannot take is turned off, and says why.
 
-Two checks, cheap enough to stay on by default:
-
-- Before the loop, each fast path (the fused SwiGLU, padding-free rows, the chunked LM head and
-  cross-entropy) runs on a short probe batch and is compared with the model's own plain forward
-  (a padded batch, the full logits). A fast path that disagrees beyond the rounding of the
-  compute dtype, or that fails, is turned off for this model, with a line saying why. This is
-  what keeps an architecture the fast paths were not written for (absolute positions, logits
-  scaled or capped after the LM head, sliding windows, attention without SDPA) trainable.
-- After the first applied step's backward (fp16 skips overflowed steps), every trainable
-  parameter holds a finite gradient that is not all zero. A parameter backward never reached (a kernel without autograd, a detached
-  path) stops the run with exit status 2, naming it.
+Before the loop, each fast path the run asks for (registry.FAST_PATHS: the fused SwiGLU,
+padding-free rows, the chunked LM head and cross-entropy) runs on a short probe batch and is
+compared with the model's own plain forward (a padded batch, the full logits). A fast path that
+disagrees beyond the rounding of the compute dtype, or that fails, is turned off for this
+model, with a line saying why. This is what keeps an architecture the fast paths were not
+written for (absolute positions, logits scaled or capped after the LM head, sliding windows,
+attention without SDPA) trainable. The decision (registry.FastPaths) is made here once and
+handed on. Its counterpart after the first step is training/gradients.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from solotune.config import TrainConfig
-from solotune.data import Batch, Example, collate, collate_packed
-from solotune.errors import SolotuneError, is_out_of_memory
-from solotune.fastpaths.attention import disable_padding_free, enable_padding_free, padding_free_attention
+from solotune.data import Batch, Example, collate
+from solotune.errors import is_out_of_memory
+from solotune.fastpaths.attention import disable_padding_free
 from solotune.fastpaths.kernels import choose_kernels, keep_faster, time_step, use_liger
-from solotune.fastpaths.loss import ResponseLoss, full_response_loss_sum, supports_chunked_head
-from solotune.fastpaths.swiglu import restore_swiglu, use_fused_swiglu
+from solotune.fastpaths.registry import FAST_PATHS, FastPaths
+from solotune.fastpaths.technique import FastPath, Probe, largest_difference, logits
 from solotune.model.precision import PrecisionPolicy
-from solotune.parallel import sharding
 
 PROBE_RECORDS = 3  # several records, so that attention leaking between them shows
 PROBE_TOKENS = 48  # each cut to this many: the check costs a few short forwards
 # The largest relative difference allowed between a fast path and the plain forward (see
-# _largest_difference). Each comparison changes one thing, so on the CPU the kept paths measured
+# technique.largest_difference). Each comparison changes one thing, so on the CPU the kept paths measured
 # 0 to 4e-6 in every dtype; the margin is for other kernels on GPUs, whose 16-bit results round
 # at 2^-8 (bf16) or 2^-11 (fp16). Faults measure far more: Granite's logit scale left out, 3.0;
 # records that see each other in a padding-free row, 1.5 (both on tiny random models, fp32).
@@ -44,39 +40,6 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 # this, far above their rounding (2.8e-2 the largest seen, bf16 on the embedded default) and
 # below a path that computes something else (faults measure 1 and more).
 SANITY = 0.25
-
-
-@dataclass
-class FastPaths:
-    """The fast paths a run uses after the set-up probe."""
-
-    fused_swiglu: bool
-    padding_free: bool
-    ce_chunk: int  # 0: full logits
-    kernels: str = "none"  # "liger": Liger's RMSNorm and RoPE (kernels.py)
-    largest_difference: float = 0.0  # of the paths kept, relative (see TOLERANCE)
-    notes: list[str] = field(default_factory=list)  # one line per fast path turned off, saying why
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def line(self) -> str:
-        kept = [
-            name
-            for name, on in (
-                ("Liger RMSNorm + RoPE", self.kernels == "liger"),
-                ("fused SwiGLU", self.fused_swiglu),
-                ("padding-free rows", self.padding_free),
-                ("chunked LM head + cross-entropy", self.ce_chunk > 0),
-            )
-            if on
-        ]
-        if not kept:
-            return "set-up check: no fast path in use"
-        return (
-            f"set-up check: {', '.join(kept)} match the model's plain forward "
-            f"(largest difference {self.largest_difference:.1e}, relative)"
-        )
 
 
 def probe_examples(examples: list[Example], vocab_size: int | None = None) -> list[Example]:
@@ -118,7 +81,7 @@ def choose_fast_paths(
     and never in a compiled run (`compiling`): inductor fuses the norms and the rotary embedding
     itself, and Triton kernels traced by dynamo fail to compile.
     """
-    fast = FastPaths(fused_swiglu=False, padding_free=False, ce_chunk=0)
+    fast = FastPaths()
     run = RunShape(examples, pad_id, policy, cfg, max_len)
     declared = declared_logit_change(model.config)
     if declared and cfg.ce_chunk:
@@ -133,12 +96,11 @@ def choose_fast_paths(
             fp32 = PrecisionPolicy(policy.device, torch.float32, torch.float32, policy.scaler)
             structure = _check_paths(twin, replace(run, policy=fp32), TOLERANCE[torch.float32])
             fast.notes += [f"{note} (fp32, on a {_layers(twin)}-layer twin)" for note in structure.notes]
-            kept = dict(fused_swiglu=structure.fused_swiglu, padding_free=structure.padding_free)
-            run = replace(run, cfg=replace(run.cfg, **kept, ce_chunk=structure.ce_chunk))
+            run = replace(run, cfg=replace(run.cfg, **structure.kept))
             tolerance = SANITY
             del twin
     paths = _check_paths(model, run, tolerance)
-    fast.fused_swiglu, fast.padding_free, fast.ce_chunk = paths.fused_swiglu, paths.padding_free, paths.ce_chunk
+    fast.kept = paths.kept
     fast.largest_difference = max(fast.largest_difference, paths.largest_difference)
     fast.notes += paths.notes
     if undo_liger and cfg.kernels == "auto":
@@ -177,25 +139,31 @@ def _choose_liger(model, run: RunShape, compiling: bool, fast: FastPaths, tolera
 
 
 def _check_paths(model, run: RunShape, tolerance: float) -> FastPaths:
-    """The fused SwiGLU, padding-free rows and the chunked head that the run asks for, each
-    compared with `model`'s plain forward to `tolerance` and kept or undone; what was kept, and
-    why not."""
-    fast = FastPaths(fused_swiglu=False, padding_free=False, ce_chunk=0)
-    policy, cfg, max_len = run.policy, run.cfg, run.max_len
+    """Each fast path the run asks for (registry.FAST_PATHS, in order), switched on in `model`,
+    compared with its plain forward to `tolerance`, and kept or undone; what was kept, and why not."""
+    fast = FastPaths()
     vocab = model.config.vocab_size
-    probe, pad_id = probe_examples(run.examples, vocab), run.pad_id % vocab  # the twin's vocabulary is smaller
-    padded = collate(probe, pad_id).to(policy.device)
-    with _probing(model), torch.no_grad(), policy.autocast():
-        if cfg.fused_swiglu:
-            fast.fused_swiglu = _check_fused_swiglu(model, padded, fast, tolerance)
-        if cfg.padding_free:
-            fast.padding_free = _check_padding_free(model, probe, pad_id, max_len, fast, tolerance)
-        if cfg.ce_chunk:
-            batch = collate_packed(probe).to(policy.device) if fast.padding_free else padded
-            chunked = _keep(fast, "chunked LM head + cross-entropy", tolerance,
-                            lambda: _chunked_difference(model, batch, cfg.ce_chunk))  # fmt: skip
-            fast.ce_chunk = cfg.ce_chunk if chunked else 0
+    probe = Probe(
+        probe_examples(run.examples, vocab), run.pad_id % vocab, run.max_len,  # the twin's vocabulary is smaller
+        run.policy.device, attention=model.config._attn_implementation,
+    )  # fmt: skip
+    with _probing(model), torch.no_grad(), run.policy.autocast():
+        for path in FAST_PATHS:
+            asked = getattr(run.cfg, path.field)
+            if asked != path.off:
+                fast.kept[path.field] = asked  # what `difference` runs with
+                if not _check(path, model, probe, fast, tolerance):
+                    fast.kept[path.field] = path.off
     return fast
+
+
+def _check(path: FastPath, model, probe: Probe, fast: FastPaths, tolerance: float) -> bool:
+    """Switch `path` on and keep it where it matches the plain forward."""
+    if not path.enable(model, probe):  # nothing in this model for it to change
+        return False
+    kept = dict(fast.kept)
+    return _keep(fast, path.name, tolerance, lambda: path.difference(model, probe, kept),
+                 undo=lambda: path.undo(model, probe))  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -292,32 +260,21 @@ def training_step_probe(model, run: RunShape, fast: FastPaths):
     policy, cfg, max_len, pad_id = run.policy, run.cfg, run.max_len, run.pad_id
     longest = sorted(run.examples, key=lambda e: len(e.input_ids), reverse=True)
     micro = longest[: max(1, cfg.batch // cfg.grad_accum)]
-    batch = (collate_packed(micro) if fast.padding_free else collate(micro, pad_id)).to(policy.device)
-    loss_fn = ResponseLoss(fast.ce_chunk)
+    batch = fast.batch(micro, pad_id).to(policy.device)
+    loss_fn = fast.loss_fn()
     devices = [policy.device] if policy.device.type == "cuda" else []
 
     def step() -> None:
-        attention = padding_free_attention(model, max_len) if fast.padding_free else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=devices), attention, policy.autocast():
+        with torch.random.fork_rng(devices=devices), fast.during_steps(model, max_len), policy.autocast():
             loss = loss_fn(model, batch)
         loss.backward()
 
     return step
 
 
-def _check_fused_swiglu(model, padded: Batch, fast: FastPaths, tolerance: float) -> bool:
-    if not use_fused_swiglu(model):  # (again, where build_model did it); no gated-SiLU MLP: nothing to do
-        return False
-    restore_swiglu(model)
-    plain = _logits(model, padded)
-    use_fused_swiglu(model)
-    return _keep(fast, "fused SwiGLU", tolerance, lambda: _largest_difference(_logits(model, padded), plain, padded),
-                 undo=lambda: restore_swiglu(model))  # fmt: skip
-
-
 def _check_liger(model, padded: Batch, fast: FastPaths, tolerance: float):
     """Liger's kernels in `model` where they match its plain forward; returns their undo, or None."""
-    plain = _logits(model, padded)
+    plain = logits(model, padded)
     undo = []
 
     def undo_all() -> None:
@@ -326,66 +283,9 @@ def _check_liger(model, padded: Batch, fast: FastPaths, tolerance: float):
 
     def difference() -> float:
         undo.append(use_liger(model))
-        return _largest_difference(_logits(model, padded), plain, padded)
+        return largest_difference(logits(model, padded), plain, padded)
 
     return undo_all if _keep(fast, "Liger RMSNorm + RoPE", tolerance, difference, undo=undo_all) else None
-
-
-def _check_padding_free(
-    model, probe: list[Example], pad_id: int, max_len: int, fast: FastPaths, tolerance: float
-) -> bool:
-    device = model.get_input_embeddings().weight.device
-    alone = [_logits(model, collate([e], pad_id).to(device))[0] for e in probe]  # (T_i, V) each
-    packed = collate_packed(probe).to(device)
-    previous = model.config._attn_implementation
-
-    def difference() -> float:
-        enable_padding_free(model, max_len)
-        return _largest_difference(_logits(model, packed), alone, packed)
-
-    return _keep(fast, "padding-free rows", tolerance, difference, undo=lambda: disable_padding_free(model, previous))
-
-
-def _chunked_difference(model, batch: Batch, chunk: int) -> float:
-    """The chunked loss applies the LM head to the decoder's output itself: right only where the
-    model's logits are exactly that, with nothing done after the head."""
-    if not supports_chunked_head(model):
-        raise SolotuneError("the model has no separate decoder and LM head to split")
-    logits = _logits(model, batch)
-    hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state
-    head = model.get_output_embeddings()(hidden).float()
-    full = full_response_loss_sum(logits, batch.labels)
-    loss = ResponseLoss(chunk)(model, batch)
-    loss_difference = ((loss - full).abs() / full.abs().clamp_min(1e-6)).item()
-    return max(_largest_difference(head, logits, batch), loss_difference)
-
-
-def _logits(model, batch: Batch) -> torch.Tensor:
-    return model(**batch.model_inputs()).logits.float()
-
-
-def _largest_difference(logits: torch.Tensor, reference, batch: Batch) -> float:
-    """The largest relative difference of a position's logit vector, ||logits - reference|| /
-    ||reference||, over the real (non-padding) positions.
-
-    Padded `batch`: `reference` is padded alike. Padding-free `batch`: `logits` is one row of
-    the records back to back, `reference` a list with each record's logits (T_i, V).
-    """
-    if batch.segment_lengths is None:
-        mask = batch.attention_mask.bool()
-        return _relative(logits[mask], reference[mask])
-    if not isinstance(reference, list):  # padding-free against padding-free
-        return _relative(logits[0], reference[0])
-    pieces, start = [], 0
-    for ref, n in zip(reference, batch.segment_lengths):
-        pieces.append(_relative(logits[0, start : start + n], ref[:n]))
-        start += n
-    return max(pieces)
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max over rows of ||a - b|| / ||b|| for (N, V) tensors."""
-    return ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-6)).max().item()
 
 
 def _keep(fast: FastPaths, name: str, tolerance: float, difference, undo=lambda: None) -> bool:
@@ -412,59 +312,3 @@ def _keep(fast: FastPaths, name: str, tolerance: float, difference, undo=lambda:
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# After the first backward
-
-
-# LoRA starts with B = 0 so that the adapted model equals the base (Hu et al., 2021); the
-# gradient of A is B^T times the incoming gradient, all zero until B has moved.
-_LORA_PAIRS = ((".lora_A.", ".lora_B."), (".lora_embedding_A.", ".lora_embedding_B."))
-
-
-def _gradient_flags(p: torch.Tensor) -> torch.Tensor:
-    """(finite, not all zero, the weight itself all zero) for a parameter's gradient, over the
-    whole parameter (under FSDP2 each rank holds a shard: gathered, every rank calling)."""
-    grad = sharding.full_tensor(p.grad)
-    return torch.stack([grad.isfinite().all(), grad.ne(0).any(), sharding.full_tensor(p.detach()).eq(0).all()])
-
-
-def check_gradients(model: torch.nn.Module) -> None:
-    """Stop the run unless every trainable parameter got a finite gradient that is not all zero.
-
-    Called on a step whose update applies (step.train_step): an fp16 step the gradient scaler
-    skips has inf/NaN gradients by design. One device sync for the whole check.
-    """
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = [n for n, p in named.items() if p.grad is None]
-    present = [(n, p) for n, p in named.items() if p.grad is not None]
-    flags = torch.stack([_gradient_flags(p) for _, p in present]).tolist() if present else []
-    state = {n: f for (n, _), f in zip(present, flags)}
-    nonfinite = [n for n, (finite, _, _) in state.items() if not finite]
-    zero = [n for n, (_, nonzero, _) in state.items() if not nonzero and not _zero_by_lora_init(n, state)]
-    problems = [
-        (missing, "got no gradient (backward does not reach them)"),
-        (nonfinite, "got inf/NaN gradients"),
-        (zero, "got all-zero gradients"),
-    ]
-    found = [f"{len(names)} {what}: {_names(names)}" for names, what in problems if names]
-    if found:
-        raise SolotuneError(
-            f"step 1: of {len(named)} trainable parameters, "
-            + "; ".join(found)
-            + ". This run cannot train them; nothing was saved"
-        )
-
-
-def _zero_by_lora_init(name: str, state: dict[str, list[bool]]) -> bool:
-    for a, b in _LORA_PAIRS:
-        if a in name:
-            partner = state.get(name.replace(a, b))
-            return partner is not None and partner[2]  # its B is still all zero
-    return False
-
-
-def _names(names: list[str], shown: int = 3) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more

@@ -14,6 +14,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from solotune.fastpaths.technique import FastPath, Probe, largest_difference, logits
+
 
 class SiluMul(torch.autograd.Function):
     """silu(gate) * up, saving only its two inputs."""
@@ -63,3 +65,22 @@ def restore_swiglu(model: torch.nn.Module) -> None:
     for module in model.modules():
         if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward:
             del module.forward
+
+
+class FusedSwiGLU(FastPath):
+    name, field, axis, label = "fused SwiGLU", "fused_swiglu", "swiglu", "Fused SwiGLU"
+
+    def enable(self, model, probe: Probe) -> bool:
+        return use_fused_swiglu(model) > 0  # (again, where build_model did it); none: nothing to do
+
+    def difference(self, model, probe: Probe, kept: dict) -> float:
+        restore_swiglu(model)
+        plain = logits(model, probe.padded)
+        use_fused_swiglu(model)
+        return largest_difference(logits(model, probe.padded), plain, probe.padded)
+
+    def undo(self, model, probe: Probe) -> None:
+        restore_swiglu(model)
+
+
+FUSED_SWIGLU = FusedSwiGLU()

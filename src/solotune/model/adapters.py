@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from solotune.config import REFERENCE_PROMPTS, LoraConfig, ModelConfig
 from solotune.errors import SolotuneError
+from solotune.model.dropout import use_keyed_dropout
 from solotune.model.models import load_model, load_tokenizer, resolve_model_source
 from solotune.model.precision import DTYPE_NAMES
 from solotune.model.quant import quantization_config, read_record
@@ -141,74 +140,9 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> PeftModel:
             f"LoRA cannot adapt {type(model).__name__} this way: {str(e).strip().splitlines()[0]} "
             f"Its linear layers: {', '.join(linears)}; choose with --lora.target-modules"
         ) from None
-    if cfg.shared_dropout and cfg.dropout > 0:
-        share_dropout_masks(model)
+    if cfg.dropout > 0:
+        use_keyed_dropout(model, shared=cfg.shared_dropout)
     return model
-
-
-class SharedDropout(torch.nn.Module):
-    """Dropout that draws one mask per layer input and hands the same dropped tensor to every
-    adapter reading that input.
-
-    PEFT gives q, k and v a dropout each: three full-width random masks and three dropped
-    copies of the same hidden states, in every layer. Here `input_key` (set by a hook on each
-    adapted layer to the layer's own input) says which input is being dropped; a repeat of the
-    same input returns the cached result. The cache lives for one forward of the parent block
-    (a hook clears it), and activation checkpointing, which replays the block with the same RNG
-    state, draws the same mask again. A replay can stop early, after the last tensor backward
-    needs and before the parent's hook, so the loop also calls `release_dropout_caches` after
-    each backward: nothing outlives the step.
-    """
-
-    instances: weakref.WeakSet[SharedDropout] = weakref.WeakSet()
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self.input_key: torch.Tensor | None = None
-        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input_key, dropped)
-        SharedDropout.instances.add(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        if self._cached is not None and self._cached[0] is self.input_key and self._cached[1].dtype == x.dtype:
-            return self._cached[1]
-        # native_dropout keeps a 1-byte mask for backward; F.dropout on the CPU keeps a float one.
-        dropped, _ = torch.native_dropout(x, self.p, True)
-        self._cached = (self.input_key, dropped) if self.input_key is not None else None
-        return dropped
-
-    def clear(self) -> None:
-        self.input_key, self._cached = None, None
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, shared"
-
-
-def release_dropout_caches() -> None:
-    """Drop what every SharedDropout holds (after a backward: nothing needs it any more)."""
-    for shared in SharedDropout.instances:
-        shared.clear()
-
-
-def share_dropout_masks(model: torch.nn.Module) -> int:
-    """Give the LoRA layers under each parent block one SharedDropout; returns how many blocks."""
-    shared_blocks = 0
-    for parent in model.modules():
-        adapted = [m for m in parent.children() if isinstance(m, LoraLayer)]
-        dropouts = [(m, name) for m in adapted for name, d in m.lora_dropout.items() if isinstance(d, torch.nn.Dropout)]
-        if len(dropouts) < 2:
-            continue
-        shared = SharedDropout(dropouts[0][0].lora_dropout[dropouts[0][1]].p)
-        for layer, name in dropouts:
-            layer.lora_dropout[name] = shared
-            layer.register_forward_pre_hook(
-                lambda _m, args, s=shared: setattr(s, "input_key", args[0] if args else None)
-            )
-        parent.register_forward_hook(lambda *_, s=shared: s.clear())
-        shared_blocks += 1
-    return shared_blocks
 
 
 def prepare_full_finetune(model: torch.nn.Module) -> torch.nn.Module:

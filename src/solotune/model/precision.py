@@ -59,6 +59,20 @@ def resolve_device(requested: str) -> tuple[torch.device, str]:
     return torch.device("cpu"), "device: cpu (no CUDA GPU found)"
 
 
+def sixteen_bit(device_name: str) -> str:
+    """The 16-bit type mixed precision means on this device when it is on: bf16 where the GPU
+    has it, else fp16; bf16 on CPUs, where fp16 is slower still (bf16 is native on AVX512-BF16
+    and AMX, emulated elsewhere). The ablation's MP ON cell asks this."""
+    device, _ = resolve_device(device_name)
+    return _sixteen_bit_on(device)
+
+
+def _sixteen_bit_on(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
 def resolve_mp(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     """The autocast dtype for the requested mixed-precision mode on this device, and why."""
     if requested == "off":
@@ -68,7 +82,7 @@ def resolve_mp(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
         if requested == "bf16" and not bf16_ok:
             raise SolotuneError("--mp bf16: this GPU has no bf16 support; use --mp fp16")
         if requested == "auto":
-            requested = "bf16" if bf16_ok else "fp16"
+            requested = _sixteen_bit_on(device)
             why = "bf16 supported by this GPU" if bf16_ok else "no bf16 on this GPU"
             return DTYPES[requested], f"mixed precision: {requested} autocast (auto: {why})"
         return DTYPES[requested], f"mixed precision: {requested} autocast (requested)"

@@ -16,7 +16,6 @@ generated in batches.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -29,11 +28,9 @@ import torch
 from solotune.config import RunConfig
 from solotune.data import Example, Record, count_loss_tokens, format_instruction, read_records, tokenize_records
 from solotune.errors import SolotuneError
-from solotune.fastpaths.attention import padding_free_attention
-from solotune.fastpaths.loss import ResponseLoss
+from solotune.fastpaths.registry import FastPaths
 from solotune.model.precision import PrecisionPolicy
 from solotune.parallel import sharding
-from solotune.training.step import make_batch
 
 GENERATION_BATCH = 8
 ANSWER_SLACK_TOKENS = 8  # generated beyond the longest expected answer, so that a wrong one shows
@@ -52,12 +49,11 @@ def hold_out(examples: list[Example], split: float, seed: int) -> tuple[list[Exa
 @dataclass
 class HeldOut:
     """The held-out examples, evaluated as the training computes its loss (`micro` records a
-    micro-batch, padding-free rows where `packed`), every `every` steps."""
+    micro-batch, with the run's fast paths), every `every` steps."""
 
     examples: list[Example]
     pad_id: int
     micro: int
-    packed: bool
     every: int = 0
     on_best: Callable[[int], None] | None = None  # --eval.keep-best: called with the step of a new lowest loss
     best: float = math.inf
@@ -66,15 +62,17 @@ class HeldOut:
         """Whether the loop evaluates after step `done` (the end of training is the caller's)."""
         return self.every > 0 and done % self.every == 0 and done < n_steps
 
-    def loss(self, model, policy: PrecisionPolicy, loss_fn: ResponseLoss) -> float:
-        """Mean cross-entropy over the response tokens of the held-out records (no gradients)."""
+    def loss(self, model, policy: PrecisionPolicy, fast: FastPaths) -> float:
+        """Mean cross-entropy over the response tokens of the held-out records (no gradients),
+        computed as the run computes its loss: the same batch layout, loss and attention."""
         was_training = model.training
         model.eval()
         total = torch.zeros((), dtype=torch.float32, device=policy.device)
         longest = max(len(e.input_ids) for e in self.examples)
-        with torch.no_grad(), padding_free_attention(model, longest) if self.packed else contextlib.nullcontext():
+        loss_fn = fast.loss_fn()
+        with torch.no_grad(), fast.during_steps(model, longest):
             for start in range(0, len(self.examples), self.micro):
-                batch = make_batch(self.examples[start : start + self.micro], self.pad_id, self.packed)
+                batch = fast.batch(self.examples[start : start + self.micro], self.pad_id)
                 with policy.autocast():
                     total += loss_fn(model, batch.to(policy.device)).float()
         model.train(was_training)
@@ -196,10 +194,10 @@ class Evaluation:
             f"{accuracy}"
         )
 
-    def run(self, when: str, model, tokenizer, policy: PrecisionPolicy, loss_fn: ResponseLoss, step: int) -> None:
+    def run(self, when: str, model, tokenizer, policy: PrecisionPolicy, fast: FastPaths, step: int) -> None:
         """Evaluate `when` ("before" or "after") training, at `step`."""
         start = time.perf_counter()
-        loss = self.held_out.loss(model, policy, loss_fn)
+        loss = self.held_out.loss(model, policy, fast)
         self.held_out.record(step, loss)
         self.results[f"loss_{when}"] = loss
         if self.pairs:
@@ -235,6 +233,5 @@ def evaluation_for(cfg: RunConfig, records: list[Record], examples: list[Example
     pairs = []
     if metric != "none":
         pairs = [p for x in held[: e.max_records] if (p := question_and_answer(eval_records[x.record_index], eval_fmt))]
-    micro = cfg.train.batch // (cfg.train.grad_accum * cfg.nproc)
-    held_out = HeldOut(held, tokenizer.pad_token_id, micro, cfg.train.padding_free, e.every)
+    held_out = HeldOut(held, tokenizer.pad_token_id, cfg.micro_batch(), e.every)
     return examples, Evaluation(held_out, pairs, metric, source)

@@ -18,7 +18,7 @@ import solotune
 from solotune import artifacts
 from solotune.config import RunConfig, to_dict
 from solotune.data import DataStats
-from solotune.fastpaths.selfcheck import FastPaths
+from solotune.fastpaths.registry import FastPaths
 from solotune.measure import allocator
 from solotune.model.adapters import ParamSummary
 from solotune.model.precision import DTYPE_NAMES, PrecisionPolicy

@@ -31,6 +31,7 @@ import os
 import time
 from pathlib import Path
 
+from solotune.config import config_paths, get_path
 from solotune.errors import SolotuneError
 
 TENSORBOARD_DIR = "tensorboard"
@@ -39,17 +40,18 @@ PROJECT = "solotune"  # the experiment / project every run goes into, unless the
 
 # The switches shown as hyperparameters: what tells an ablation's cells apart, and the scale.
 HPARAMS = {
-    "lora": ("lora", "enabled"),
-    "lora_r": ("lora", "r"),
-    "mp": ("precision", "mp"),
-    "quant": ("quant", "method"),
-    "batch": ("train", "batch"),
-    "grad_accum": ("train", "grad_accum"),
-    "grad_checkpointing": ("train", "grad_checkpointing"),
-    "lr": ("train", "lr"),
-    "optim": ("train", "optim"),
-    "max_len": ("data", "max_len"),
+    "lora": "lora.enabled",
+    "lora_r": "lora.r",
+    "mp": "precision.mp",
+    "quant": "quant.method",
+    "batch": "train.batch",
+    "grad_accum": "train.grad_accum",
+    "grad_checkpointing": "train.grad_checkpointing",
+    "lr": "train.lr",
+    "optim": "train.optim",
+    "max_len": "data.max_len",
 }
+config_paths(HPARAMS.values(), "trackers.HPARAMS")
 
 
 def _library(tracker: str, module: str, extra: str):
@@ -65,7 +67,7 @@ def _library(tracker: str, module: str, extra: str):
 
 def hparams(config: dict) -> dict:
     """The run's switches, by short name (`HPARAMS`)."""
-    return {name: config[section][key] for name, (section, key) in HPARAMS.items()}
+    return {name: get_path(config, path) for name, path in HPARAMS.items()}
 
 
 def flatten(config: dict, prefix: str = "") -> dict:

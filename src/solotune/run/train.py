@@ -25,7 +25,7 @@ from solotune.data import Example, count_steps, read_records, tokenize_records
 from solotune.errors import SolotuneError, is_out_of_memory
 from solotune.fastpaths import selfcheck
 from solotune.fastpaths.kernels import choose_kernels
-from solotune.fastpaths.loss import ResponseLoss
+from solotune.fastpaths.registry import FastPaths
 from solotune.measure import allocator
 from solotune.measure.flops import matmul_peak_flops
 from solotune.measure.memory import apply_memory_limit
@@ -100,28 +100,29 @@ def _run(
     checkpoints = _checkpointer(cfg, examples, out_dir, resume)
 
     setup = _set_up_model(source, cfg, policy, examples, tokenizer, world)
-    model, train_cfg, sharded = setup.model, setup.train_cfg, setup.sharded
+    model, fast, sharded = setup.model, setup.fast, setup.sharded
 
     # Under FSDP2 every rank takes part in each forward (it holds a shard of every layer), so
     # every rank generates, in step; rank 0 keeps what they generated.
     generates = world.main or sharded
     before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume, world) if generates else []
-    loss_fn = ResponseLoss(train_cfg.ce_chunk)
     if evaluation:
-        evaluation.held_out.packed = train_cfg.padding_free  # as the set-up check decided
         if cfg.eval.keep_best:
             evaluation.held_out.on_best = lambda step: _save_weights(model, tokenizer, cfg, out_dir, world, step)
-        _evaluate_before(evaluation, model, tokenizer, policy, loss_fn, out_dir, resume, world)
+        _evaluate_before(evaluation, model, tokenizer, policy, fast, out_dir, resume, world)
         if trackers:
             trackers.log(0, {"eval/loss": evaluation.results["loss_before"]})
     held_out = evaluation.held_out if evaluation else None
     log = trackers.log if trackers else None
-    loop = train_loop(model, examples, tokenizer.pad_token_id, policy, train_cfg, checkpoints, world, held_out, log)
+    loop = train_loop(
+        model, examples, tokenizer.pad_token_id, policy, cfg.train, fast=fast, compiling=setup.compiling,
+        checkpoints=checkpoints, world=world, held_out=held_out, log=log,
+    )  # fmt: skip
     # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
     saved = _save_weights(model, tokenizer, cfg, out_dir, world)
     after = _generate(model, tokenizer, cfg, policy) if generates and cfg.generate.enabled else []
     if evaluation:  # every rank: under FSDP2 each forward needs them all
-        evaluation.run("after", model, tokenizer, policy, loss_fn, len(loop.losses))
+        evaluation.run("after", model, tokenizer, policy, fast, len(loop.losses))
     if not world.main:
         return {}
     if setup.quantized:
@@ -130,21 +131,21 @@ def _run(
     peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype) * world.size
 
     outcome = RunOutcome(
-        cfg,
-        policy,
-        source,
-        setup.load_s,
-        setup.params,
-        data_stats,
-        data_format,
-        setup.fast,
-        setup.quantized,
-        loop,
-        before,
-        after,
-        saved,
-        peak_flops,
-        evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
+        cfg=cfg,
+        policy=policy,
+        source=source,
+        load_s=setup.load_s,
+        params=setup.params,
+        data_stats=data_stats,
+        data_format=data_format,
+        fast_paths=fast,
+        quantized=setup.quantized,
+        loop=loop,
+        before=before,
+        after=after,
+        saved=saved,
+        matmul_peak_flops=peak_flops,
+        evaluation=evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
     )
     metrics = collect_metrics(outcome)
     if cfg.export.gguf != "none":
@@ -195,7 +196,7 @@ def _checkpointer(cfg: RunConfig, examples: list[Example], out_dir: Path, resume
 
 
 def _evaluate_before(
-    evaluation: Evaluation, model, tokenizer, policy, loss_fn, out_dir: Path, resume: bool, world: dist.World
+    evaluation: Evaluation, model, tokenizer, policy, fast: FastPaths, out_dir: Path, resume: bool, world: dist.World
 ) -> None:
     """The held-out loss and accuracy before training; a resumed run reuses its first part's."""
     saved = out_dir / EVAL_BEFORE_FILE
@@ -203,7 +204,7 @@ def _evaluate_before(
         evaluation.results.update(artifacts.read_json(saved))
         evaluation.held_out.best = evaluation.results["loss_before"]
         return
-    evaluation.run("before", model, tokenizer, policy, loss_fn, step=0)
+    evaluation.run("before", model, tokenizer, policy, fast, step=0)
     if world.main:
         artifacts.write_json(saved, evaluation.results)
 
@@ -216,8 +217,8 @@ class ModelSetup:
     load_s: float
     params: ParamSummary
     quantized: QuantizedLinears | None
-    fast: selfcheck.FastPaths
-    train_cfg: TrainConfig  # with the fast paths the set-up check kept
+    fast: FastPaths  # the fast paths the set-up check kept
+    compiling: bool  # the loop compiles its layers (training/compile.py)
     sharded: bool  # FSDP2 (sharding.py)
 
 
@@ -241,19 +242,12 @@ def _set_up_model(
         model, examples, tokenizer.pad_token_id, policy, t, cfg.data.max_len, compiling=compiling
     )
     print("\n".join([fast.line(), *fast.notes]))
-    train_cfg = dataclasses.replace(
-        t,
-        fused_swiglu=fast.fused_swiglu,
-        padding_free=fast.padding_free,
-        ce_chunk=fast.ce_chunk,
-        compile="on" if compiling else "off",  # decided: the loop does not decide again
-    )
     sharded = cfg.dist_mode() == "fsdp"
     if world.size > 1:
         print(_describe_dist(cfg.dist_mode(), world))
     if sharded:  # after the set-up check, which compares paths on the whole model
         sharding.shard_model(model, policy.compute_dtype)
-    return ModelSetup(model, load_s, params, quantized, fast, train_cfg, sharded)
+    return ModelSetup(model, load_s, params, quantized, fast, compiling, sharded)
 
 
 def _save_weights(

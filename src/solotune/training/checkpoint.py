@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from solotune.artifacts import METRICS_FILE
+from solotune.config import config_paths
 from solotune.errors import SolotuneError
 from solotune.parallel import sharding
 
@@ -46,6 +47,7 @@ FREE_ON_RESUME = {
     "train.track_memory",
     "train.compile",
 }
+config_paths(FREE_ON_RESUME, "checkpoint.FREE_ON_RESUME")
 
 
 @dataclass
@@ -93,27 +95,28 @@ def check_compatible(saved: dict, current: dict, where: Path) -> None:
 # Writing
 
 
-def save(
-    run_dir: Path,
-    step: int,
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    records: dict,
-    run_fingerprint: dict,
-    keep: int,
-    rank_rngs: list[dict] | None = None,
-    trained: tuple[dict, dict] | None = None,
-) -> Path:
-    """Write the checkpoint of `step` atomically; keep only the newest `keep`. Returns its folder.
+@dataclass(frozen=True)
+class Payload:
+    """What a checkpoint keeps of the run after optimizer step `step`."""
 
-    `rank_rngs`: every rank's `rng_state()` in a run of several processes (rank 0 writes them
-    all: each rank's dropout has drawn its own numbers); default this process's alone.
-    `trained`: `trained_state(model, optimizer)`, where it was gathered already (FSDP2).
-    """
-    rank_rngs = rank_rngs or [rng_state()]
-    trainable, optimizer_state = trained or trained_state(model, optimizer)
+    step: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object  # torch.amp.GradScaler (fp16) or one that is off
+    records: dict  # the loop's measurements so far (loop.LoopResult, less the memory report)
+    # Every rank's `rng_state()` in a run of several processes (rank 0 writes them all); None:
+    # this process's alone.
+    rank_rngs: list[dict] | None = None
+    # `trained_state(model, optimizer)`, where it was gathered already (FSDP2).
+    trained: tuple[dict, dict] | None = None
+
+
+def save(run_dir: Path, payload: Payload, run_fingerprint: dict, keep: int) -> Path:
+    """Write the checkpoint of `payload.step` atomically; keep only the newest `keep`. Returns
+    its folder."""
+    step, rank_rngs = payload.step, payload.rank_rngs or [rng_state()]
+    trainable, optimizer_state = payload.trained or trained_state(payload.model, payload.optimizer)
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -129,12 +132,12 @@ def save(
     state = {
         "step": step,
         "optimizer": opt_rest,
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
+        "scheduler": payload.scheduler.state_dict(),
+        "scaler": payload.scaler.state_dict(),
         "python_rng": rank_rngs[0]["python"],
         "numpy_rng": rank_rngs[0]["numpy"],
         "other_ranks_rng": [{"python": rng["python"], "numpy": rng["numpy"]} for rng in rank_rngs[1:]],
-        "records": records,
+        "records": payload.records,
         "fingerprint": run_fingerprint,
     }
     files = {"trainable.safetensors": trainable, "optimizer.safetensors": opt_tensors, "rng.safetensors": rng_tensors}

@@ -24,8 +24,7 @@ from solotune import artifacts
 from solotune.config import TrainConfig
 from solotune.data import Batch, Example, count_loss_tokens, largest_step_early, plan_steps, split_micro_batches
 from solotune.errors import RunStopped, SolotuneError
-from solotune.fastpaths.attention import padding_free_attention
-from solotune.fastpaths.loss import ResponseLoss
+from solotune.fastpaths.registry import FastPaths
 from solotune.measure.flops import FlopModel
 from solotune.measure.memory import MemoryBreakdown, PeakMemoryProbe, memory_report, step_size
 from solotune.model.precision import PrecisionPolicy
@@ -34,7 +33,7 @@ from solotune.training import checkpoint
 from solotune.training.checkpoint import Checkpointer, StopRequests
 from solotune.training.compile import CompiledLayers, choose_compile, compile_seconds
 from solotune.training.optim import NoSchedule, NoUpdate, create_state, make_optimizer
-from solotune.training.step import NonFiniteStep, StepResult, make_batch, train_step
+from solotune.training.step import NonFiniteStep, StepContext, StepResult, train_step
 
 
 class HeldOut(Protocol):
@@ -45,7 +44,7 @@ class HeldOut(Protocol):
 
     def due(self, done: int, n_steps: int) -> bool: ...
 
-    def loss(self, model, policy: PrecisionPolicy, loss_fn: ResponseLoss) -> float: ...
+    def loss(self, model, policy: PrecisionPolicy, fast: FastPaths) -> float: ...
 
     def record(self, step: int, loss: float) -> None: ...
 
@@ -91,15 +90,11 @@ class LoopClock:
 class LoopState:
     """What every step of the loop works on and adds to."""
 
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    policy: PrecisionPolicy
+    step: StepContext  # the model, optimizer, precision and the rest of train_step's
     cfg: TrainConfig
+    fast: FastPaths
     checkpoints: Checkpointer | None
     flop_model: FlopModel
-    loss_fn: ResponseLoss
-    world: dist.World = field(default_factory=dist.World)
     result: LoopResult = field(default_factory=LoopResult)
     probe: PeakMemoryProbe | None = None
     peaks: list = field(default_factory=list)  # the probe's peaks before each checkpoint write
@@ -113,6 +108,9 @@ def train_loop(
     pad_id: int,
     policy: PrecisionPolicy,
     cfg: TrainConfig,
+    *,
+    fast: FastPaths | None = None,
+    compiling: bool | None = None,
     checkpoints: Checkpointer | None = None,
     world: dist.World = dist.World(),
     held_out: HeldOut | None = None,
@@ -120,6 +118,8 @@ def train_loop(
 ) -> LoopResult:
     """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone.
 
+    `fast` and `compiling`: the fast paths and compilation as the run decided them at set-up
+    (run/train.py); by default those `cfg` asks for, unchecked, and `cfg.compile` decided here.
     Across ranks (`world`, dist.py) each runs its share of every step's micro-batches; the
     counts and the memory are then the job's: tokens summed, each rank's peak listed.
     `held_out`: the eval loss every `held_out.every` steps, kept out of the training time.
@@ -133,13 +133,17 @@ def train_loop(
         steps = largest_step_early(steps, steps_per_epoch, size)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     create_state(optimizer)  # before the rehearsal and the first step: nothing that persists grows later
-    loss_fn = ResponseLoss(cfg.ce_chunk)
-    run = LoopState(model, optimizer, scheduler, policy, cfg, checkpoints, FlopModel.of(model), loss_fn, world)
+    fast = fast or FastPaths.asked(cfg)
+    step_ctx = StepContext(
+        model, optimizer, scheduler, policy, fast.loss_fn(), cfg.max_grad_norm, cfg.offload_activations, world, cfg.seed
+    )
+    run = LoopState(step_ctx, cfg, fast, checkpoints, FlopModel.of(model))
     run.probe = PeakMemoryProbe(policy.device)
     breakdown = MemoryBreakdown(cfg.track_memory, model, optimizer, policy.device)
-    compile_layers, why = choose_compile(cfg.compile, cfg.track_memory, policy.device, len(steps))
-    if cfg.compile == "auto":  # a run decides at set-up (train.py), and says why there
-        print(why)
+    if compiling is None:
+        compiling, why = choose_compile(cfg.compile, cfg.track_memory, policy.device, len(steps))
+        if cfg.compile == "auto":
+            print(why)
     first = _resume(run, len(steps))
     if held_out:  # a resumed run's earlier evaluations count for --eval.keep-best
         held_out.best = min([held_out.best, *(loss for _, loss in run.result.eval_curve)])
@@ -149,8 +153,8 @@ def train_loop(
     longest = max(len(e.input_ids) for e in examples)
     sharded = sharding.is_sharded(model)
     with (
-        padding_free_attention(model, longest) if cfg.padding_free else contextlib.nullcontext(),
-        CompiledLayers(model) if compile_layers else contextlib.nullcontext() as compiled,
+        fast.during_steps(model, longest),
+        CompiledLayers(model) if compiling else contextlib.nullcontext() as compiled,
         breakdown,
         # Under several processes a signal stops the job (torchrun passes it on); it resumes from
         # the last periodic checkpoint, since the ranks could not agree on the step to save at.
@@ -166,12 +170,12 @@ def train_loop(
             step_records = [[examples[i] for i in mb] for mb in split]
             records = world.shard(step_records)
             lengths = [[len(e.input_ids) for e in r] for r in records] or [[0]]
-            followed = breakdown.follows(step_size(lengths, cfg.padding_free))
+            followed = breakdown.follows(step_size(lengths, fast.padding_free))
             eager = compiled.eager() if compiled and followed else contextlib.nullcontext()
             with breakdown.step(followed), eager:
-                micro = [make_batch(r, pad_id, cfg.padding_free) for r in records]
+                micro = [fast.batch(r, pad_id) for r in records]
                 n_loss_tokens = _step_loss_tokens(micro, steps[step], examples, world)
-                idle = make_batch(step_records[0], pad_id, cfg.padding_free) if not micro and sharded else None
+                idle = fast.batch(step_records[0], pad_id) if not micro and sharded else None
                 out = _run_step(run, micro, step, n_loss_tokens, idle_batch=idle)
             stopped = compiled.stop_if_over_budget(run.result.compile_s) if compiled else None
             if stopped:
@@ -201,19 +205,18 @@ def _rehearse(run: LoopState, breakdown: MemoryBreakdown, indices: list[int], ex
     stream and the loss scale kept as they were. The loop then follows no step that this one is
     at least as large as: the breakdown's per-op tracking (~10 untracked steps' time on a GPU)
     costs the loop nothing. Its time is kept apart, as the rehearsal's."""
-    cfg, policy = run.cfg, run.policy
+    cfg, policy = run.cfg, run.step.policy
     records = [[examples[i] for i in mb] for mb in split_micro_batches(indices, cfg.grad_accum)]
-    size = step_size([[len(e.input_ids) for e in r] for r in records], cfg.padding_free)
+    size = step_size([[len(e.input_ids) for e in r] for r in records], run.fast.padding_free)
     scale = policy.scaler.state_dict()
     start = time.perf_counter()
     devices = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), breakdown.rehearsal(size):
-        micro = [make_batch(r, pad_id, cfg.padding_free).to(policy.device) for r in records]  # as a step's are
+        micro = [run.fast.batch(r, pad_id).to(policy.device) for r in records]  # as a step's are
         try:
             train_step(
-                run.model, micro, NoUpdate(run.optimizer), NoSchedule(), policy, cfg.max_grad_norm, run.loss_fn,
-                offload=cfg.offload_activations,
-            )  # fmt: skip
+                dataclasses.replace(run.step, optimizer=NoUpdate(run.step.optimizer), scheduler=NoSchedule()), micro
+            )
         except NonFiniteStep:  # the loop's first step names the records
             pass
     if policy.scaler.is_enabled():
@@ -244,13 +247,13 @@ def _step_values(result: LoopResult) -> dict:
 def _evaluate(run: LoopState, held_out: HeldOut, done: int, clock: LoopClock, log) -> None:
     """The eval loss after step `done`, kept out of the training time, shown and logged."""
     start = time.perf_counter()
-    loss = held_out.loss(run.model, run.policy, run.loss_fn)
+    loss = held_out.loss(run.step.model, run.step.policy, run.fast)
     run.result.eval_curve.append([done, loss])
     held_out.record(done, loss)
     seconds = time.perf_counter() - start
     run.result.eval_s += seconds
     clock.saving_s += seconds
-    if run.world.main:
+    if run.step.world.main:
         tqdm.write(f"step {done}: eval loss {loss:.4f}")
     if log:
         log(done, {"eval/loss": loss})
@@ -289,7 +292,8 @@ def _resume(run: LoopState, n_steps: int) -> int:
     start = run.checkpoints.resume_from if run.checkpoints else None
     if start is None:
         return 0
-    restored = checkpoint.restore(start, run.model, run.optimizer, run.scheduler, run.policy.scaler, run.world.rank)
+    ctx = run.step
+    restored = checkpoint.restore(start, ctx.model, ctx.optimizer, ctx.scheduler, ctx.policy.scaler, ctx.world.rank)
     run.result = LoopResult(**restored)
     print(f"resumed from {start.path}: step {start.step} of {n_steps}")
     return start.step
@@ -301,10 +305,11 @@ def _run_step(
     """One optimizer step, timed, with its records added to the loop's (`idle_batch`: train_step's)."""
     result = run.result
     result.flops += run.flop_model.step_flops(micro)  # on the host copies: no device sync
-    micro = [mb.to(run.policy.device) for mb in micro]
-    result.lrs.append(run.scheduler.get_last_lr()[0])
+    device = run.step.policy.device
+    micro = [mb.to(device) for mb in micro]
+    result.lrs.append(run.step.scheduler.get_last_lr()[0])
     start, compiled_before = time.perf_counter(), compile_seconds()
-    idle_batch = idle_batch.to(run.policy.device) if idle_batch is not None else None
+    idle_batch = idle_batch.to(device) if idle_batch is not None else None
     out = _guarded_step(run, micro, step, n_loss_tokens, idle_batch)
     run.gradients_checked = run.gradients_checked or out.checked
     compile_s = compile_seconds() - compiled_before
@@ -319,7 +324,7 @@ def _run_step(
     if run.consecutive_skips == MANY_SKIPS:
         tqdm.write(
             f"warning: fp16: the last {MANY_SKIPS} steps were all skipped by the gradient scaler "
-            f"(inf/NaN gradients; loss scale now {run.policy.scaler.get_scale():g}); consider --mp bf16"
+            f"(inf/NaN gradients; loss scale now {run.step.policy.scaler.get_scale():g}); consider --mp bf16"
         )
     return out
 
@@ -329,26 +334,15 @@ def _guarded_step(
 ) -> StepResult:
     """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
     scaler skips such steps) before it reaches the weights, naming the records of the step."""
-    cfg = run.cfg
     try:
         return train_step(
-            run.model,
-            micro,
-            run.optimizer,
-            run.scheduler,
-            run.policy,
-            cfg.max_grad_norm,
-            run.loss_fn,
-            offload=cfg.offload_activations,
-            check_gradients=not run.gradients_checked,
-            n_loss_tokens=n_loss_tokens,
-            world=run.world,
+            run.step, micro, step, n_loss_tokens=n_loss_tokens, check_gradients=not run.gradients_checked,
             idle_batch=idle_batch,
-        )
+        )  # fmt: skip
     except NonFiniteStep as e:
         records = [i for mb in micro for i in mb.record_indices]
         where = f"step {step + 1}, records {records} (0-based indices in the data file)"
-        if run.checkpoints and run.world.main:
+        if run.checkpoints and run.step.world.main:
             run_dir = run.checkpoints.run_dir
             artifacts.write_json(run_dir / NONFINITE_FILE, {"step": step + 1, "records": records, "what": str(e)})
             last = checkpoint.latest(run_dir)
@@ -392,27 +386,19 @@ def _save_checkpoint(run: LoopState, step: int, clock: LoopClock) -> Path:
     run.peaks.append(run.probe.read())
     start = time.perf_counter()
     ckpt = run.checkpoints
-    rank_rngs = dist.gather(checkpoint.rng_state()) if run.world.size > 1 else None
+    ctx = run.step
+    rank_rngs = dist.gather(checkpoint.rng_state()) if ctx.world.size > 1 else None
     saved = ckpt.run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:06d}"
     # The trained state is the same on every rank, or (FSDP2) gathered from their shards by
     # every rank together: rank 0 writes it.
     trained = None
-    if sharding.is_sharded(run.model):
-        trained = checkpoint.trained_state(run.model, run.optimizer, keep=run.world.main)
-    if run.world.main:
-        saved = checkpoint.save(
-            ckpt.run_dir,
-            step,
-            run.model,
-            run.optimizer,
-            run.scheduler,
-            run.policy.scaler,
-            _records(run.result),
-            ckpt.fingerprint,
-            run.cfg.keep,
-            rank_rngs,
-            trained,
+    if sharding.is_sharded(ctx.model):
+        trained = checkpoint.trained_state(ctx.model, ctx.optimizer, keep=ctx.world.main)
+    if ctx.world.main:
+        payload = checkpoint.Payload(
+            step, ctx.model, ctx.optimizer, ctx.scheduler, ctx.policy.scaler, _records(run.result), rank_rngs, trained
         )
+        saved = checkpoint.save(ckpt.run_dir, payload, ckpt.fingerprint, keep=run.cfg.keep)
     clock.saving_s += time.perf_counter() - start
     run.probe.reset()
     return saved

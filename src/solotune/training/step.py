@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from solotune.data import Batch, Example, collate, collate_packed
-from solotune.fastpaths import selfcheck
+from solotune.data import Batch
 from solotune.fastpaths.loss import ResponseLoss
-from solotune.model.adapters import release_dropout_caches
+from solotune.model.dropout import keyed_by, release_dropout_caches, step_key
 from solotune.model.precision import PrecisionPolicy
 from solotune.parallel import dist, sharding
+from solotune.training import gradients
 
 
 class NonFiniteStep(Exception):
@@ -30,12 +30,22 @@ class StepResult:
     loss: float  # mean cross-entropy over the step's response tokens
     grad_norm: float  # before clipping
     skipped: bool  # fp16: the scaler found inf/NaN gradients and skipped the update
-    checked: bool = False  # every trainable parameter's gradient was checked (selfcheck.check_gradients)
+    checked: bool = False  # every trainable parameter's gradient was checked (gradients.check_gradients)
 
 
-def make_batch(examples: list[Example], pad_id: int, padding_free: bool) -> Batch:
-    """A micro-batch as one padding-free row, or padded to its longest record."""
-    return collate_packed(examples) if padding_free else collate(examples, pad_id)
+@dataclass(frozen=True)
+class StepContext:
+    """What every optimizer step of a run works with."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    policy: PrecisionPolicy
+    loss_fn: ResponseLoss = field(default_factory=ResponseLoss)
+    max_grad_norm: float = 1.0  # 0: no clipping
+    offload: bool = False  # activations saved for backward kept in pinned CPU memory (CUDA)
+    world: dist.World = field(default_factory=dist.World)
+    seed: int = 0  # with the step number, keys the dropout masks (model/dropout.py)
 
 
 def accumulate_gradients(
@@ -43,9 +53,11 @@ def accumulate_gradients(
     micro_batches: list[Batch],
     policy: PrecisionPolicy,
     loss_fn: ResponseLoss = ResponseLoss(),
+    *,
     offload: bool = False,
     n_loss_tokens: int | None = None,
     idle_batch: Batch | None = None,
+    dropout_key: int = 0,
 ) -> torch.Tensor:
     """Forward and backward over the effective batch's micro-batches; returns the step's loss.
 
@@ -53,7 +65,8 @@ def accumulate_gradients(
     transfer time for GPU memory. `n_loss_tokens`: the whole step's response tokens, where
     `micro_batches` are one rank's share of it (default: theirs). `idle_batch`: under FSDP2, a
     rank with no share of a short last step must still join every layer's gather and
-    reduce-scatter: it runs this micro-batch with its loss counted zero times.
+    reduce-scatter: it runs this micro-batch with its loss counted zero times. `dropout_key`:
+    the step's (dropout.step_key), which with each token's record and position keys its masks.
     """
     if n_loss_tokens is None:
         n_loss_tokens = sum(mb.n_loss_tokens for mb in micro_batches)
@@ -64,7 +77,7 @@ def accumulate_gradients(
         nothing.backward()
     saved_tensors = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
     for mb in micro_batches:
-        with saved_tensors:
+        with saved_tensors, keyed_by(mb.token_keys, dropout_key):  # backward too: checkpointing replays the forward
             with policy.autocast():
                 loss = loss_fn(model, mb) / n_loss_tokens
             policy.scaler.scale(loss).backward()
@@ -74,35 +87,35 @@ def accumulate_gradients(
 
 
 def train_step(
-    model,
+    ctx: StepContext,
     micro_batches: list[Batch],
-    optimizer,
-    scheduler,
-    policy: PrecisionPolicy,
-    max_grad_norm: float,
-    loss_fn: ResponseLoss = ResponseLoss(),
-    offload: bool = False,
-    check_gradients: bool = False,
+    step: int = 0,
+    *,
     n_loss_tokens: int | None = None,
-    world: dist.World = dist.World(),
+    check_gradients: bool = False,
     idle_batch: Batch | None = None,
 ) -> StepResult:
-    """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero.
+    """Optimizer step `step` (0-based): accumulate, unscale and clip, update (unless fp16
+    overflowed), zero.
 
     One device-to-host sync per step: the loss and the gradient norm are read together, and
     every decision (stop on NaN, skip an fp16 overflow) is made from those two numbers. A
     gradient norm is non-finite exactly when some gradient is, which is what the gradient scaler
     checks before it skips a step. `check_gradients`: before the update, stop unless every
-    trainable parameter got a gradient (selfcheck.check_gradients, one more sync). It is made on
+    trainable parameter got a gradient (gradients.check_gradients, one more sync). It is made on
     a step the update applies: under fp16 the first steps overflow by design (the scaler starts
     high and halves until it fits), and an overflowed step's gradients, clipped by an infinite
     norm, read as zero. The loop asks until one step has been checked (`StepResult.checked`).
-    Across ranks (`world`), `micro_batches` are this rank's share of a step of `n_loss_tokens`
-    response tokens, and one all-reduce sums gradients and loss (dist.py); under FSDP2 backward
-    has already summed each rank's shard of the gradients, and the all-reduce carries the loss
-    alone (sharding.py).
+    Across ranks (`ctx.world`), `micro_batches` are this rank's share of a step of
+    `n_loss_tokens` response tokens, and one all-reduce sums gradients and loss (dist.py); under
+    FSDP2 backward has already summed each rank's shard of the gradients, and the all-reduce
+    carries the loss alone (sharding.py). `idle_batch`: see accumulate_gradients.
     """
-    loss = accumulate_gradients(model, micro_batches, policy, loss_fn, offload, n_loss_tokens, idle_batch)
+    model, optimizer, policy, world = ctx.model, ctx.optimizer, ctx.policy, ctx.world
+    loss = accumulate_gradients(
+        model, micro_batches, policy, ctx.loss_fn, offload=ctx.offload, n_loss_tokens=n_loss_tokens,
+        idle_batch=idle_batch, dropout_key=step_key(ctx.seed, step),
+    )  # fmt: skip
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if world.size > 1 and sharding.is_sharded(model):
         loss = dist.sum_step([], loss)
@@ -112,7 +125,7 @@ def train_step(
                 p.grad = torch.zeros_like(p)
         loss = dist.sum_step([p.grad for p in params], loss)
     policy.scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, ctx.max_grad_norm if ctx.max_grad_norm > 0 else math.inf)
     grad_norm = sharding.full_tensor(grad_norm)  # sharded gradients give a sharded norm
     loss_value, norm_value = torch.stack([loss.float(), grad_norm.float().to(loss.device, non_blocking=True)]).tolist()
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
@@ -124,10 +137,10 @@ def train_step(
         )
     checked = check_gradients and finite  # after the non-finite guard, which names the records of a bad batch
     if checked:
-        selfcheck.check_gradients(model)
+        gradients.check_gradients(model)
     if finite:  # fp16: an overflow skips the update, and the schedule waits for the next real one
         optimizer.step()
-        scheduler.step()
+        ctx.scheduler.step()
     policy.scaler.update()  # fp16: a smaller scale after an overflow, a larger one after enough clean steps
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, norm_value, skipped=not finite, checked=checked)
