@@ -81,14 +81,14 @@ def child(variant: str, train_args: list[str]) -> None:
 
     slabs = Slabs()
 
-    def accumulate(model, micro_batches, policy, loss_fn, *, dropout_key=0, **_):
+    def accumulate(model, micro_batches, policy, loss_fn, **_):
         if not slabs.parameters:
             slabs.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         n_loss_tokens = sum(mb.n_loss_tokens for mb in micro_batches)
         step_loss = torch.zeros(())
         for mb in micro_batches:
             hooks = (slabs.pack, lambda t: t) if variant == "slabs" else (lambda t: t, lambda t: t)
-            with keyed_by(mb.token_keys, dropout_key):
+            with keyed_by(mb.token_keys):
                 with torch.autograd.graph.saved_tensors_hooks(*hooks), policy.autocast():
                     loss = loss_fn(model, mb) / n_loss_tokens
                 print(heap_line("  after forward"), flush=True)

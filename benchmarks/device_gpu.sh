@@ -15,7 +15,8 @@
 #    the default against the peer's best (vs_trl.py --focus overhead);
 # 4. a Llama-2-7B-shaped step (LoRA r=16 on q, k, v, batch 8 x 512, bf16): plain, with
 #    checkpointing, QLoRA NF4, and TRL on the same shape; peak, tokens/s and MFU end to end and
-#    in steady state, against `solotune estimate` (gpu_step.py).
+#    in steady state, against `solotune estimate` (gpu_step.py);
+# 5. dropout keyed to the data against torch's, forward + backward at a 7B layer's shape (dropout_cost.py).
 #
 # The GPU machine has torch 2.11 and transformers 5.17 but no network: the other wheels travel in
 # .whl/ (an ignored folder; pass it in `carry`), made here for its Python 3.12 with
@@ -129,7 +130,14 @@ gpu_step() {
     --out "$RESULTS/gpu_step.md" > "$RESULTS/gpu_step.log" 2>&1 || tail -5 "$RESULTS/gpu_step.log"
 }
 export -f gpu_step
-part "4. Llama-2-7B-shaped step" 105 gpu_step
+part "4. Llama-2-7B-shaped step" 95 gpu_step
+
+dropout_cost() {
+  $PY benchmarks/dropout_cost.py --out "$RESULTS/dropout_cost.md" > "$RESULTS/dropout_cost.log" 2>&1 \
+    || tail -5 "$RESULTS/dropout_cost.log"
+}
+export -f dropout_cost
+part "5. keyed dropout against torch's" 10 dropout_cost
 
 {
   echo "== summary ($(head -1 "$RESULTS/gpu.txt"); $((SECONDS - START)) s in all)"
@@ -143,6 +151,7 @@ part "4. Llama-2-7B-shaped step" 105 gpu_step
   [ -f "$RESULTS/compile.log" ] && echo "-- compile: $(grep -c 'Recompiling function' "$RESULTS/compile.log") recompiles"
   [ -f "$RESULTS/vs_trl.md" ] && sed -n '/^| tool/,$p' "$RESULTS/vs_trl.md"
   [ -f "$RESULTS/gpu_step.md" ] && sed -n '/^| configuration/,$p' "$RESULTS/gpu_step.md"
+  [ -f "$RESULTS/dropout_cost.md" ] && sed -n '/^| tokens/,$p' "$RESULTS/dropout_cost.md"
 } > "$RESULTS/summary.txt" 2>/dev/null
 cp "$RESULTS/summary.txt" "$OUT/summary.txt"
 tar czf "$OUT/device_gpu.tgz" -C "$RESULTS" .

@@ -168,7 +168,7 @@ def test_liger_kernels_give_the_plain_loss_and_gradients(tokenizer):
     from solotune.data import collate_packed
     from solotune.fastpaths.kernels import use_liger
     from solotune.fastpaths.loss import ResponseLoss
-    from solotune.fastpaths.selfcheck import choose_fast_paths
+    from solotune.fastpaths.selfcheck import RunShape, choose_fast_paths
     from solotune.model.adapters import apply_lora
     from solotune.model.precision import resolve_policy
     from solotune.testing import make_model, varied_examples
@@ -194,5 +194,7 @@ def test_liger_kernels_give_the_plain_loss_and_gradients(tokenizer):
     assert liger_loss == pytest.approx(plain_loss, rel=1e-2)
     for name, g in liger.items():
         assert (g - plain[name]).norm() <= 1e-2 * plain[name].norm(), name
-    fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, policy, TrainConfig(), 512)
+    fast = choose_fast_paths(
+        model, RunShape(varied_examples(tokenizer), tokenizer.pad_token_id, policy, TrainConfig(), 512)
+    )
     assert fast.kernels == "liger", fast.notes

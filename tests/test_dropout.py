@@ -29,12 +29,13 @@ def lora_inputs(model):
 
 def test_masks_are_uniform_and_differ_by_step_module_record_and_position():
     keys = token_keys(torch.arange(64).repeat_interleave(32), torch.arange(32).repeat(64)).view(64, 32)
-    kept = keep_mask(keys, step_key(0, 0), 256, p=0.3)
+    kept = keep_mask(keys ^ step_key(0, 0), 1, 256, p=0.3)
     assert kept.float().mean().item() == pytest.approx(0.7, abs=0.01)
     assert kept.float().mean(dim=(0, 1)).std().item() < 0.05  # no feature always kept or dropped
-    other_step = keep_mask(keys, step_key(0, 1), 256, p=0.3)
-    other_seed = keep_mask(keys, step_key(1, 0), 256, p=0.3)
-    for other in (other_step, other_seed, kept[1:], kept[:, 1:]):  # next step or seed; next record; next position
+    other_step = keep_mask(keys ^ step_key(0, 1), 1, 256, p=0.3)
+    other_seed = keep_mask(keys ^ step_key(1, 0), 1, 256, p=0.3)
+    other_module = keep_mask(keys ^ step_key(0, 0), 2, 256, p=0.3)
+    for other in (other_step, other_seed, other_module, kept[1:], kept[:, 1:]):  # ...; next record; next position
         n = min(kept.shape[1], other.shape[1])
         same = (kept[: other.shape[0], :n] == other[:, :n]).float().mean().item()
         assert same == pytest.approx(0.7**2 + 0.3**2, abs=0.02)  # as independent masks agree
@@ -47,15 +48,15 @@ def test_keyed_dropout_keeps_the_token_keys_for_backward_not_a_mask():
     keys = token_keys(torch.tensor([[0], [1]]), torch.arange(16))
     dropout = KeyedDropout(0.25, salt=1).train()
     saved = []
-    with keyed_by(keys, step_key(0, 0)):
+    with keyed_by(keys):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             y = dropout(x)
         grad_out = torch.randn_like(y)
         y.backward(grad_out)
-    assert [(t.dtype, tuple(t.shape)) for t in saved] == [(torch.int32, (2, 16))]
+    assert [(t.dtype, tuple(t.shape)) for t in saved] == [(torch.int32, (2, 16)), (torch.int32, ())]  # keys, salt
     kept = y != 0
     assert 0.65 < kept.float().mean().item() < 0.85
-    assert torch.equal(kept, keep_mask(keys, step_key(0, 0) ^ dropout.salt, 64, 0.25))
+    assert torch.equal(kept, keep_mask(keys, dropout.salt, 64, 0.25))
     assert torch.allclose(y, x.detach() * kept / 0.75, rtol=1e-6)
     assert torch.allclose(x.grad, grad_out * kept / 0.75, rtol=1e-6)
 
@@ -67,7 +68,7 @@ def test_a_record_gets_the_same_masks_padded_or_in_a_padding_free_row(tokenizer)
     name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"  # its input: the embeddings
     masks = []
     for batch in (collate(exs, tokenizer.pad_token_id), collate_packed(exs)):
-        with keyed_by(batch.token_keys, step_key(0, 3)), torch.no_grad():
+        with keyed_by(batch.for_step(step_key(0, 3)).token_keys), torch.no_grad():
             model(**batch.model_inputs())
         masks.append(seen[name] != 0)
     padded, packed = masks
@@ -110,7 +111,7 @@ def test_shared_dropout_draws_one_mask_per_block_input(tokenizer):
     assert len(blocks) == 2  # one per attention block
     seen = lora_inputs(model.train())
     batch = collate(exs, tokenizer.pad_token_id)
-    with keyed_by(batch.token_keys, step_key(0, 0)):
+    with keyed_by(batch.token_keys):
         model(**batch.model_inputs())
     for layer in range(2):
         q, k, v, o = (seen[f"base_model.model.model.layers.{layer}.self_attn.{p}_proj.lora_A.default"] for p in "qkvo")
@@ -131,7 +132,7 @@ def test_checkpointing_replays_the_same_masks(tokenizer):
         if checkpointing:
             enable_checkpointing(model)
         model = apply_lora(model, LoraConfig(r=4, dropout=0.3)).train()
-        accumulate_gradients(model, [batch], FP32, dropout_key=step_key(0, 1))
+        accumulate_gradients(model, [batch.for_step(step_key(0, 1))], FP32)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, g in grads[0].items():
         assert g.abs().sum() > 0 or "lora_A" in name

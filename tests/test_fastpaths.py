@@ -6,14 +6,13 @@ import torch.nn.functional as F
 
 from solotune.config import DataConfig, LoraConfig, PrecisionConfig, RunConfig, TrainConfig
 from solotune.data import IGNORE_INDEX, Record, collate, collate_packed, tokenize_records
-from solotune.fastpaths import cpu_bf16
 from solotune.fastpaths.attention import enable_padding_free
-from solotune.fastpaths.loss import ResponseLoss, chunked_response_loss_sum, full_response_loss_sum
+from solotune.fastpaths.loss import ResponseLoss
 from solotune.fastpaths.swiglu import SiluMul, use_fused_swiglu
 from solotune.measure.memory import MIB
 from solotune.model.adapters import apply_lora
 from solotune.model.precision import resolve_policy
-from solotune.testing import make_model, save_model_folder
+from solotune.testing import assert_same_gradients, loss_and_grads, make_model, save_model_folder
 from solotune.testing import varied_examples as examples
 from solotune.training.loop import train_loop
 from solotune.training.setup import build_model
@@ -90,86 +89,6 @@ def test_segments_are_padded_into_a_batch_only_where_little_work_is_wasted():
     assert padding_pays((60, 64, 50, 57))  # records of similar lengths: one call
     assert not padding_pays((512, 20, 30, 12))  # one long record: padding would multiply the work
     assert not padding_pays((64,))  # one segment is one call already
-
-
-def assert_same_gradients(grads, ref_grads, rel=1e-5):
-    assert grads.keys() == ref_grads.keys() and grads
-    for name, g in grads.items():
-        diff = (g - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-12)
-        assert diff < rel, f"{name}: relative gradient difference {diff:.2e}"
-
-
-def loss_and_grads(model, batch, loss_fn, dtype=None):
-    """One forward (under CPU autocast to `dtype` if given) and backward: the loss and every gradient."""
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        loss = loss_fn(model, batch)
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_chunked_equals_full(model, batch, dtype=None, rel=1e-5):
-    """The chunked head + CE (7 positions a chunk, which does not divide the count) == the full logits."""
-    ref_loss, ref_grads = loss_and_grads(model, batch, ResponseLoss(chunk=0), dtype)
-    loss, grads = loss_and_grads(model, batch, ResponseLoss(chunk=7), dtype)
-    assert loss == pytest.approx(ref_loss, rel=rel)
-    assert_same_gradients(grads, ref_grads)
-    return grads
-
-
-@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
-@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
-def test_chunked_cross_entropy_equals_the_full_logits(tokenizer, padding_free, full):
-    """Loss and every gradient of the chunked LM head + CE match the full-logits path to 1e-5 (fp32)."""
-    exs = examples(tokenizer)
-    model = make_model(tokenizer)
-    if padding_free:
-        enable_padding_free(model, 512)
-    model = apply_lora(model, LoraConfig(r=4, dropout=0.0)) if full is False else model.train()
-    if full:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    batch = collate_packed(exs) if padding_free else collate(exs, tokenizer.pad_token_id)
-    ref_loss, _ = loss_and_grads(model, batch, ResponseLoss(chunk=0))
-    assert ref_loss == pytest.approx(full_response_loss_sum(model(**batch.model_inputs()).logits, batch.labels).item())
-    assert_chunked_equals_full(model, batch)
-
-
-def test_fused_head_under_bf16_autocast_matches_the_full_logits(tokenizer, monkeypatch):
-    """Under bf16 autocast the fused head's matmuls run in bf16 as the unfused head's do: same loss and gradients.
-
-    With the layouts of a CPU with bf16 in hardware on every machine; an emulating CPU's column-major
-    head weight rounds differently, and test_cpu_bf16 compares it with autograd at bf16's tolerance."""
-    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: True)
-    exs = examples(tokenizer)
-    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0))
-    assert_chunked_equals_full(model, collate_packed(exs), dtype=torch.bfloat16, rel=1e-6)  # measured: equal
-
-
-def test_adapted_lm_head_takes_the_checkpointed_chunks(tokenizer):
-    """A head that is not a plain Linear (here LoRA on lm_head) runs the checkpointed chunks: same loss and gradients."""
-    exs = examples(tokenizer)
-    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "lm_head"]))
-    assert type(model.get_output_embeddings()) is not torch.nn.Linear
-    grads = assert_chunked_equals_full(model, collate(exs, tokenizer.pad_token_id))
-    assert any("lm_head" in name for name in grads)
-
-
-def test_fused_head_keeps_no_logits_for_backward(tokenizer):
-    """What the fused head + CE saves for backward is (N, H)-sized: no chunk of logits, no recomputation."""
-    exs = examples(tokenizer)
-    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0))
-    batch = collate_packed(exs)
-    hidden = model.get_decoder()(**batch.model_inputs()).last_hidden_state.detach().requires_grad_(True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = chunked_response_loss_sum(
-            hidden, model.get_output_embeddings(), batch.labels, batch.loss_positions, chunk=7
-        )
-    n, h = batch.n_loss_tokens, hidden.shape[-1]
-    assert max(t.numel() for t in saved) == n * h  # the gradient of the loss positions' hidden states
-    loss.backward()
-    assert hidden.grad.abs().sum() > 0
 
 
 def run(tokenizer, steps=2, mp="off", vocab_size=None, **train):

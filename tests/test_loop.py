@@ -2,6 +2,7 @@
 tracked ones, and one device-to-host sync per optimizer step."""
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -408,14 +409,11 @@ def test_a_compiled_run_leaves_liger_out_and_says_so(tokenizer, monkeypatch):
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0))
     policy = resolve_policy(FP32, "cpu", frozen_base=True)
     examples = records(tokenizer)
-    fast = selfcheck.choose_fast_paths(
-        model, examples, tokenizer.pad_token_id, policy, TrainConfig(), 512, compiling=True
-    )
+    run = selfcheck.RunShape(examples, tokenizer.pad_token_id, policy, TrainConfig(), 512)
+    fast = selfcheck.choose_fast_paths(model, run, compiling=True)
     assert fast.kernels == "none" and not applied
     assert "Liger RMSNorm + RoPE off: the run compiles, and inductor fuses both itself" in fast.notes
-    fast = selfcheck.choose_fast_paths(
-        model, examples, tokenizer.pad_token_id, policy, TrainConfig(kernels="liger"), 512
-    )
+    fast = selfcheck.choose_fast_paths(model, dataclasses.replace(run, cfg=TrainConfig(kernels="liger")))
     assert fast.kernels == "liger" and applied  # not compiling: checked and kept (asked for, so not timed)
 
 
@@ -432,11 +430,12 @@ def _compiled_run(tokenizer, monkeypatch, padding_free: bool, steps: int = 16):
 
 
 def _varied_lengths_run(tokenizer, padding_free: bool, steps: int, compile: str):
-    """`steps` LoRA steps of 2 records each, whose lengths change from step to step."""
+    """`steps` LoRA steps of 2 records each, whose lengths change from step to step; the default
+    LoRA dropout, whose keyed masks must not recompile either."""
     rows = [{"prompt": "q" * (5 + (i * 37) % 90), "response": "a" * (3 + (i * 53) % 70)} for i in range(2 * steps)]
     examples, _, _ = tokenize_records([Record(r, f"row {i}") for i, r in enumerate(rows)], tokenizer, DataConfig())
     torch.manual_seed(0)
-    model = apply_lora(make_model(tokenizer, num_hidden_layers=3), LoraConfig(r=4, dropout=0.0))
+    model = apply_lora(make_model(tokenizer, num_hidden_layers=3), LoraConfig(r=4))
     policy = resolve_policy(FP32, "cpu", frozen_base=True)
     cfg = TrainConfig(batch=2, epochs=1, compile=compile, padding_free=padding_free, track_memory="off")
     return loop_module.train_loop(model, examples, tokenizer.pad_token_id, policy, cfg)

@@ -295,13 +295,13 @@ def test_a_qlora_run_with_8bit_adamw_resumes_exactly_from_a_checkpoint(model_dir
         return (model, *make_optimizer(model, cfg.train, total_steps=4))
 
     model, optimizer, scheduler = fresh()
-    for step in range(2):
-        train_step(StepContext(model, optimizer, scheduler, policy), batch, step)
+    for _ in range(2):
+        train_step(StepContext(model, optimizer, scheduler, policy), batch)
     checkpoint.save(tmp_path, checkpoint.Payload(2, model, optimizer, scheduler, policy.scaler, {}), {}, keep=1)
-    expected = train_step(StepContext(model, optimizer, scheduler, policy), batch, 2).loss
+    expected = train_step(StepContext(model, optimizer, scheduler, policy), batch).loss
 
     resumed, optimizer2, scheduler2 = fresh()
     checkpoint.restore(checkpoint.latest(tmp_path), resumed, optimizer2, scheduler2, policy.scaler)
-    assert train_step(StepContext(resumed, optimizer2, scheduler2, policy), batch, 2).loss == expected
+    assert train_step(StepContext(resumed, optimizer2, scheduler2, policy), batch).loss == expected
     for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name

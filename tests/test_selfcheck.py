@@ -13,7 +13,7 @@ from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import make_batch
 from solotune.errors import SolotuneError
 from solotune.fastpaths import attention
-from solotune.fastpaths.selfcheck import choose_fast_paths
+from solotune.fastpaths.selfcheck import RunShape, choose_fast_paths
 from solotune.model.adapters import apply_lora
 from solotune.model.precision import resolve_policy
 from solotune.run import train
@@ -59,7 +59,9 @@ def run(model_dir, data_file, out, *extra):
 
 def test_the_fast_paths_of_a_llama_match_and_stay_on(tokenizer):
     model = apply_lora(make_model(tokenizer), LoraConfig(r=4))
-    fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, FP32, TrainConfig(), 512)
+    fast = choose_fast_paths(
+        model, RunShape(varied_examples(tokenizer), tokenizer.pad_token_id, FP32, TrainConfig(), 512)
+    )
     assert (fast.fused_swiglu, fast.padding_free, fast.ce_chunk) == (True, True, TrainConfig().ce_chunk)
     assert fast.notes == [] and fast.largest_difference < 1e-5
     assert model.training  # the probe ran in eval mode and left the model as it found it
@@ -75,7 +77,9 @@ def test_padding_free_attention_that_lets_records_see_each_other_is_turned_off(t
     AttentionInterface.register(attention.NAME, leaking_attention)
     try:
         model = apply_lora(make_model(tokenizer), LoraConfig(r=4))
-        fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, FP32, TrainConfig(), 512)
+        fast = choose_fast_paths(
+            model, RunShape(varied_examples(tokenizer), tokenizer.pad_token_id, FP32, TrainConfig(), 512)
+        )
     finally:
         AttentionInterface.register(attention.NAME, attention.varlen_sdpa_attention)
     assert not fast.padding_free and fast.ce_chunk and fast.fused_swiglu
@@ -166,7 +170,9 @@ def bf16_fast_paths(tokenizer, padding_free_attention):
     AttentionInterface.register(attention.NAME, padding_free_attention)
     try:
         model = apply_lora(make_model(tokenizer).to(torch.bfloat16), LoraConfig(r=4))
-        return choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, BF16, TrainConfig(), 512)
+        return choose_fast_paths(
+            model, RunShape(varied_examples(tokenizer), tokenizer.pad_token_id, BF16, TrainConfig(), 512)
+        )
     finally:
         AttentionInterface.register(attention.NAME, attention.varlen_sdpa_attention)
 
@@ -196,7 +202,9 @@ def test_a_model_that_soft_caps_its_logits_keeps_the_full_head_by_declaration(to
     from solotune.testing import make_architecture
 
     model = make_architecture("gemma", tokenizer, model_type="gemma2", final_logit_softcapping=30.0)
-    fast = choose_fast_paths(model, varied_examples(tokenizer), tokenizer.pad_token_id, FP32, TrainConfig(), 512)
+    fast = choose_fast_paths(
+        model, RunShape(varied_examples(tokenizer), tokenizer.pad_token_id, FP32, TrainConfig(), 512)
+    )
     assert fast.ce_chunk == 0
     assert (
         "chunked LM head + cross-entropy off for this model: its logits are soft-capped after the head "

@@ -125,6 +125,11 @@ class Batch:
             )
         return inputs
 
+    def for_step(self, step_key: int) -> Batch:
+        """The batch with a step's key (model/dropout.step_key) mixed into its token keys: the
+        same token draws new dropout masks in each step, the same ones in any layout."""
+        return replace(self, token_keys=self.token_keys ^ step_key)
+
     def to(self, device: torch.device) -> Batch:
         """The batch on `device`, without waiting for it: on CUDA each tensor goes through pinned
         host memory as an asynchronous copy, queued behind the work already on the GPU; a copy

@@ -149,3 +149,20 @@ def save_architecture_folder(folder, family: str, **overrides):
     make_architecture(family, tokenizer, **overrides).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def loss_and_grads(model, batch, loss_fn, dtype=None):
+    """One forward (under CPU autocast to `dtype` if given) and backward: the loss and every gradient."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        loss = loss_fn(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(grads: dict, ref_grads: dict, rel: float = 1e-5) -> None:
+    """The same parameters got gradients, each within `rel` of the reference's (relative norm)."""
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, g in grads.items():
+        diff = (g - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-12)
+        assert diff < rel, f"{name}: relative gradient difference {diff:.2e}"

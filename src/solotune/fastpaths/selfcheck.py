@@ -51,16 +51,20 @@ def probe_examples(examples: list[Example], vocab_size: int | None = None) -> li
     return [Example(ids, list(ids), e.record_index) for ids, e in zip(probe, examples)]
 
 
-def choose_fast_paths(
-    model,
-    examples: list[Example],
-    pad_id: int,
-    policy: PrecisionPolicy,
-    cfg: TrainConfig,
-    max_len: int,
-    compiling: bool = False,
-) -> FastPaths:
-    """Switch on the fast paths `cfg` asks for, each only where it matches the plain forward.
+@dataclass(frozen=True)
+class RunShape:
+    """What the set-up check knows of the run: its records, the padding id, its precision and
+    settings, and the longest a record may be."""
+
+    examples: list[Example]
+    pad_id: int
+    policy: PrecisionPolicy
+    cfg: TrainConfig
+    max_len: int
+
+
+def choose_fast_paths(model, run: RunShape, compiling: bool = False) -> FastPaths:
+    """Switch on the fast paths `run.cfg` asks for, each only where it matches the plain forward.
 
     Each comparison changes one thing, so that only a fault, not the rounding of other kernels
     on other shapes, can tell the two apart: the fused SwiGLU against the model's MLPs on the
@@ -82,7 +86,7 @@ def choose_fast_paths(
     itself, and Triton kernels traced by dynamo fail to compile.
     """
     fast = FastPaths()
-    run = RunShape(examples, pad_id, policy, cfg, max_len)
+    policy, cfg = run.policy, run.cfg
     declared = declared_logit_change(model.config)
     if declared and cfg.ce_chunk:
         fast.notes.append(f"chunked LM head + cross-entropy off for this model: {declared}")
@@ -106,18 +110,6 @@ def choose_fast_paths(
     if undo_liger and cfg.kernels == "auto":
         _time_liger(model, run, fast, undo_liger)
     return fast
-
-
-@dataclass(frozen=True)
-class RunShape:
-    """What the set-up check knows of the run: its records, the padding id, its precision and
-    settings, and the longest a record may be."""
-
-    examples: list[Example]
-    pad_id: int
-    policy: PrecisionPolicy
-    cfg: TrainConfig
-    max_len: int
 
 
 def _choose_liger(model, run: RunShape, compiling: bool, fast: FastPaths, tolerance: float):

@@ -21,7 +21,7 @@ import transformers
 from solotune import artifacts
 from solotune.artifacts import grid_of
 from solotune.config import RunConfig, TrainConfig, parse_report_to, parse_size, to_dict, validate
-from solotune.data import Example, count_steps, read_records, tokenize_records
+from solotune.data import DataStats, Example, count_steps, read_records, tokenize_records
 from solotune.errors import SolotuneError, is_out_of_memory
 from solotune.fastpaths import selfcheck
 from solotune.fastpaths.kernels import choose_kernels
@@ -73,7 +73,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
             if world.main:
                 artifacts.write_yaml(out_dir / artifacts.CONFIG_FILE, to_dict(cfg))
             with _trackers(cfg, out_dir, world) as trackers:
-                return _run(cfg, policy, out_dir, resume, world, trackers)
+                return _run(RunScope(cfg, policy, out_dir, resume, world), trackers)
     finally:
         dist.finish()
 
@@ -86,40 +86,54 @@ def _trackers(cfg: RunConfig, out_dir: Path, world: dist.World) -> Trackers:
     return Trackers(parse_report_to(cfg.report_to) if world.main else [], run)
 
 
-def _run(
-    cfg: RunConfig, policy: PrecisionPolicy, out_dir: Path, resume: bool, world: dist.World, trackers: Trackers
-) -> dict:
-    records = read_records(cfg.data)  # a missing or unreadable data file fails before any model work
-    source = resolve_model_source(cfg.model)
-    tokenizer = load_tokenizer(source, cfg.model)
-    examples, data_stats, data_format = tokenize_records(records, tokenizer, cfg.data)
-    _print_data(examples, data_stats, data_format, cfg)
-    examples, evaluation = evaluation_for(cfg, records, examples, data_format, tokenizer)  # held out before anything
-    if evaluation:
-        print(evaluation.describe())
-    checkpoints = _checkpointer(cfg, examples, out_dir, resume)
+@dataclasses.dataclass(frozen=True)
+class RunScope:
+    """What every part of one run shares: its settings and precision, its folder, whether it
+    continues an unfinished run, and this process's place in the job."""
 
-    setup = _set_up_model(source, cfg, policy, examples, tokenizer, world)
-    model, fast, sharded = setup.model, setup.fast, setup.sharded
+    cfg: RunConfig
+    policy: PrecisionPolicy
+    out_dir: Path
+    resume: bool
+    world: dist.World
+
+
+@dataclasses.dataclass
+class RunData:
+    """The run's data, read and tokenized before any model work, with what is held out."""
+
+    source: str  # where the model is loaded from
+    tokenizer: object
+    examples: list[Example]  # to train on
+    stats: DataStats
+    format: str
+    evaluation: Evaluation | None
+
+
+def _run(scope: RunScope, trackers: Trackers) -> dict:
+    cfg, policy, world = scope.cfg, scope.policy, scope.world
+    data = _read_data(cfg)
+    checkpoints = _checkpointer(cfg, data.examples, scope.out_dir, scope.resume)
+    setup = _set_up_model(scope, data)
+    model, fast, tokenizer, evaluation = setup.model, setup.fast, data.tokenizer, data.evaluation
 
     # Under FSDP2 every rank takes part in each forward (it holds a shard of every layer), so
     # every rank generates, in step; rank 0 keeps what they generated.
-    generates = world.main or sharded
-    before = _generations_before(model, tokenizer, cfg, policy, out_dir, resume, world) if generates else []
+    generates = world.main or setup.sharded
+    before = _generations_before(model, tokenizer, scope) if generates else []
     if evaluation:
         if cfg.eval.keep_best:
-            evaluation.held_out.on_best = lambda step: _save_weights(model, tokenizer, cfg, out_dir, world, step)
-        _evaluate_before(evaluation, model, tokenizer, policy, fast, out_dir, resume, world)
+            evaluation.held_out.on_best = lambda step: _save_weights(model, tokenizer, scope, step)
+        _evaluate_before(evaluation, model, tokenizer, fast, scope)
         if trackers:
             trackers.log(0, {"eval/loss": evaluation.results["loss_before"]})
-    held_out = evaluation.held_out if evaluation else None
-    log = trackers.log if trackers else None
     loop = train_loop(
-        model, examples, tokenizer.pad_token_id, policy, cfg.train, fast=fast, compiling=setup.compiling,
-        checkpoints=checkpoints, world=world, held_out=held_out, log=log,
+        model, data.examples, tokenizer.pad_token_id, policy, cfg.train, fast=fast, compiling=setup.compiling,
+        checkpoints=checkpoints, world=world, held_out=evaluation.held_out if evaluation else None,
+        log=trackers.log if trackers else None,
     )  # fmt: skip
     # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
-    saved = _save_weights(model, tokenizer, cfg, out_dir, world)
+    saved = _save_weights(model, tokenizer, scope)
     after = _generate(model, tokenizer, cfg, policy) if generates and cfg.generate.enabled else []
     if evaluation:  # every rank: under FSDP2 each forward needs them all
         evaluation.run("after", model, tokenizer, policy, fast, len(loop.losses))
@@ -127,37 +141,55 @@ def _run(
         return {}
     if setup.quantized:
         save_record(saved, cfg.quant, policy.compute_dtype)
-    # Measured after the loop (and cached) on this rank's device and threads; the job has N of them.
-    peak_flops = matmul_peak_flops(policy.device, policy.compute_dtype) * world.size
-
     outcome = RunOutcome(
         cfg=cfg,
         policy=policy,
-        source=source,
+        source=data.source,
         load_s=setup.load_s,
         params=setup.params,
-        data_stats=data_stats,
-        data_format=data_format,
+        data_stats=data.stats,
+        data_format=data.format,
         fast_paths=fast,
         quantized=setup.quantized,
         loop=loop,
         before=before,
         after=after,
         saved=saved,
-        matmul_peak_flops=peak_flops,
+        # Measured after the loop (and cached) on this rank's device and threads; the job has N of them.
+        matmul_peak_flops=matmul_peak_flops(policy.device, policy.compute_dtype) * world.size,
         evaluation=evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
     )
+    return _write_results(outcome, scope.out_dir, trackers, evaluation)
+
+
+def _read_data(cfg: RunConfig) -> RunData:
+    """The records, tokenized with the model's tokenizer, the held-out ones set apart (before
+    any model work: a missing or unreadable data file fails first)."""
+    records = read_records(cfg.data)
+    source = resolve_model_source(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    examples, stats, data_format = tokenize_records(records, tokenizer, cfg.data)
+    _print_data(examples, stats, data_format, cfg)
+    examples, evaluation = evaluation_for(cfg, records, examples, data_format, tokenizer)
+    if evaluation:
+        print(evaluation.describe())
+    return RunData(source, tokenizer, examples, stats, data_format, evaluation)
+
+
+def _write_results(outcome: RunOutcome, out_dir: Path, trackers: Trackers, evaluation: Evaluation | None) -> dict:
+    """metrics.json, the export, the trackers' last values and the summary; returns the metrics."""
+    cfg, n_steps = outcome.cfg, len(outcome.loop.losses)
     metrics = collect_metrics(outcome)
     if cfg.export.gguf != "none":
-        metrics["export"] = _export(cfg, saved, out_dir)
+        metrics["export"] = _export(cfg, outcome.saved, out_dir)
     if trackers:
         if evaluation:
-            trackers.log(len(loop.losses), {"eval/loss": evaluation.results["loss_after"]})
-        trackers.finish(len(loop.losses), run_summary(metrics))
+            trackers.log(n_steps, {"eval/loss": evaluation.results["loss_after"]})
+        trackers.finish(n_steps, run_summary(metrics))
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
-    if before:
-        print_generations("before fine-tuning", before)
-        print_generations("after fine-tuning", after)
+    if outcome.before:
+        print_generations("before fine-tuning", outcome.before)
+        print_generations("after fine-tuning", outcome.after)
     print_summary(metrics, out_dir)
     return metrics
 
@@ -195,17 +227,15 @@ def _checkpointer(cfg: RunConfig, examples: list[Example], out_dir: Path, resume
     return Checkpointer(out_dir, cfg.train.save_every, cfg.train.keep, run_fingerprint, start)
 
 
-def _evaluate_before(
-    evaluation: Evaluation, model, tokenizer, policy, fast: FastPaths, out_dir: Path, resume: bool, world: dist.World
-) -> None:
+def _evaluate_before(evaluation: Evaluation, model, tokenizer, fast: FastPaths, scope: RunScope) -> None:
     """The held-out loss and accuracy before training; a resumed run reuses its first part's."""
-    saved = out_dir / EVAL_BEFORE_FILE
-    if resume and saved.is_file():
+    saved = scope.out_dir / EVAL_BEFORE_FILE
+    if scope.resume and saved.is_file():
         evaluation.results.update(artifacts.read_json(saved))
         evaluation.held_out.best = evaluation.results["loss_before"]
         return
-    evaluation.run("before", model, tokenizer, policy, fast, step=0)
-    if world.main:
+    evaluation.run("before", model, tokenizer, scope.policy, fast, step=0)
+    if scope.world.main:
         artifacts.write_json(saved, evaluation.results)
 
 
@@ -222,12 +252,11 @@ class ModelSetup:
     sharded: bool  # FSDP2 (sharding.py)
 
 
-def _set_up_model(
-    source: str, cfg: RunConfig, policy: PrecisionPolicy, examples: list[Example], tokenizer, world: dist.World
-) -> ModelSetup:
+def _set_up_model(scope: RunScope, data: RunData) -> ModelSetup:
     """Load and prepare the model, check its fast paths, and shard it under FSDP2."""
+    cfg, policy, world = scope.cfg, scope.policy, scope.world
     start = time.perf_counter()
-    model = build_model(source, cfg, policy)
+    model = build_model(data.source, cfg, policy)
     load_s = time.perf_counter() - start
     params = count_parameters(model)
     print(params.line())
@@ -235,12 +264,11 @@ def _set_up_model(
     if quantized:
         print(quantized.line())
     t = cfg.train
-    n_steps = count_steps(len(examples), t.batch, t.epochs, t.max_steps)
+    n_steps = count_steps(len(data.examples), t.batch, t.epochs, t.max_steps)
     compiling, why = choose_compile(t.compile, t.track_memory, policy.device, n_steps)
     print(why)
-    fast = selfcheck.choose_fast_paths(
-        model, examples, tokenizer.pad_token_id, policy, t, cfg.data.max_len, compiling=compiling
-    )
+    run = selfcheck.RunShape(data.examples, data.tokenizer.pad_token_id, policy, t, cfg.data.max_len)
+    fast = selfcheck.choose_fast_paths(model, run, compiling=compiling)
     print("\n".join([fast.line(), *fast.notes]))
     sharded = cfg.dist_mode() == "fsdp"
     if world.size > 1:
@@ -250,13 +278,12 @@ def _set_up_model(
     return ModelSetup(model, load_s, params, quantized, fast, compiling, sharded)
 
 
-def _save_weights(
-    model, tokenizer, cfg: RunConfig, out_dir: Path, world: dist.World, best_step: int | None = None
-) -> Path:
+def _save_weights(model, tokenizer, scope: RunScope, best_step: int | None = None) -> Path:
     """Save the trained adapter (or model); returns its folder. `best_step`: --eval.keep-best's
     copy of the lowest eval loss so far, beside the final weights, with its step."""
+    cfg, world = scope.cfg, scope.world
     name = "adapter" if cfg.lora.enabled else "model"
-    folder = out_dir / (name if best_step is None else f"best-{name}")
+    folder = scope.out_dir / (name if best_step is None else f"best-{name}")
     if sharding.is_sharded(model):  # every rank gathers, rank 0 writes
         sharding.save_whole(model, tokenizer, folder, world.main)
     elif world.main:
@@ -294,17 +321,15 @@ def _generate(model, tokenizer, cfg: RunConfig, policy) -> list[Generation]:
             return []
 
 
-def _generations_before(
-    model, tokenizer, cfg: RunConfig, policy, out_dir: Path, resume: bool, world: dist.World
-) -> list[Generation]:
+def _generations_before(model, tokenizer, scope: RunScope) -> list[Generation]:
     """The generations before training; a resumed run reuses those its first part recorded."""
-    saved = out_dir / GENERATIONS_BEFORE_FILE
-    if not cfg.generate.enabled:
+    saved = scope.out_dir / GENERATIONS_BEFORE_FILE
+    if not scope.cfg.generate.enabled:
         return []
-    if resume and saved.is_file():
+    if scope.resume and saved.is_file():
         return [Generation.from_dict(g) for g in artifacts.read_json(saved)["generations"]]
-    before = _generate(model, tokenizer, cfg, policy)
-    if world.main:
+    before = _generate(model, tokenizer, scope.cfg, scope.policy)
+    if scope.world.main:
         artifacts.write_json(saved, {"generations": [g.as_dict() for g in before]})
     return before
 

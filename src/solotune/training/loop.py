@@ -27,6 +27,7 @@ from solotune.errors import RunStopped, SolotuneError
 from solotune.fastpaths.registry import FastPaths
 from solotune.measure.flops import FlopModel
 from solotune.measure.memory import MemoryBreakdown, PeakMemoryProbe, memory_report, step_size
+from solotune.model.dropout import step_key
 from solotune.model.precision import PrecisionPolicy
 from solotune.parallel import dist, sharding
 from solotune.training import checkpoint
@@ -135,7 +136,7 @@ def train_loop(
     create_state(optimizer)  # before the rehearsal and the first step: nothing that persists grows later
     fast = fast or FastPaths.asked(cfg)
     step_ctx = StepContext(
-        model, optimizer, scheduler, policy, fast.loss_fn(), cfg.max_grad_norm, cfg.offload_activations, world, cfg.seed
+        model, optimizer, scheduler, policy, fast.loss_fn(), cfg.max_grad_norm, cfg.offload_activations, world
     )
     run = LoopState(step_ctx, cfg, fast, checkpoints, FlopModel.of(model))
     run.probe = PeakMemoryProbe(policy.device)
@@ -173,7 +174,8 @@ def train_loop(
             followed = breakdown.follows(step_size(lengths, fast.padding_free))
             eager = compiled.eager() if compiled and followed else contextlib.nullcontext()
             with breakdown.step(followed), eager:
-                micro = [fast.batch(r, pad_id) for r in records]
+                key = step_key(cfg.seed, step)  # the step's dropout masks (model/dropout.py)
+                micro = [fast.batch(r, pad_id).for_step(key) for r in records]
                 n_loss_tokens = _step_loss_tokens(micro, steps[step], examples, world)
                 idle = fast.batch(step_records[0], pad_id) if not micro and sharded else None
                 out = _run_step(run, micro, step, n_loss_tokens, idle_batch=idle)
@@ -336,7 +338,7 @@ def _guarded_step(
     scaler skips such steps) before it reaches the weights, naming the records of the step."""
     try:
         return train_step(
-            run.step, micro, step, n_loss_tokens=n_loss_tokens, check_gradients=not run.gradients_checked,
+            run.step, micro, n_loss_tokens=n_loss_tokens, check_gradients=not run.gradients_checked,
             idle_batch=idle_batch,
         )  # fmt: skip
     except NonFiniteStep as e:

@@ -15,7 +15,7 @@ import torch
 
 from solotune.data import Batch
 from solotune.fastpaths.loss import ResponseLoss
-from solotune.model.dropout import keyed_by, release_dropout_caches, step_key
+from solotune.model.dropout import keyed_by, release_dropout_caches
 from solotune.model.precision import PrecisionPolicy
 from solotune.parallel import dist, sharding
 from solotune.training import gradients
@@ -45,7 +45,6 @@ class StepContext:
     max_grad_norm: float = 1.0  # 0: no clipping
     offload: bool = False  # activations saved for backward kept in pinned CPU memory (CUDA)
     world: dist.World = field(default_factory=dist.World)
-    seed: int = 0  # with the step number, keys the dropout masks (model/dropout.py)
 
 
 def accumulate_gradients(
@@ -57,7 +56,6 @@ def accumulate_gradients(
     offload: bool = False,
     n_loss_tokens: int | None = None,
     idle_batch: Batch | None = None,
-    dropout_key: int = 0,
 ) -> torch.Tensor:
     """Forward and backward over the effective batch's micro-batches; returns the step's loss.
 
@@ -65,8 +63,8 @@ def accumulate_gradients(
     transfer time for GPU memory. `n_loss_tokens`: the whole step's response tokens, where
     `micro_batches` are one rank's share of it (default: theirs). `idle_batch`: under FSDP2, a
     rank with no share of a short last step must still join every layer's gather and
-    reduce-scatter: it runs this micro-batch with its loss counted zero times. `dropout_key`:
-    the step's (dropout.step_key), which with each token's record and position keys its masks.
+    reduce-scatter: it runs this micro-batch with its loss counted zero times. Each micro-batch's
+    dropout masks are keyed to its tokens (model/dropout.py).
     """
     if n_loss_tokens is None:
         n_loss_tokens = sum(mb.n_loss_tokens for mb in micro_batches)
@@ -77,7 +75,7 @@ def accumulate_gradients(
         nothing.backward()
     saved_tensors = torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()
     for mb in micro_batches:
-        with saved_tensors, keyed_by(mb.token_keys, dropout_key):  # backward too: checkpointing replays the forward
+        with saved_tensors, keyed_by(mb.token_keys):  # backward too: checkpointing replays the forward
             with policy.autocast():
                 loss = loss_fn(model, mb) / n_loss_tokens
             policy.scaler.scale(loss).backward()
@@ -89,14 +87,12 @@ def accumulate_gradients(
 def train_step(
     ctx: StepContext,
     micro_batches: list[Batch],
-    step: int = 0,
     *,
     n_loss_tokens: int | None = None,
     check_gradients: bool = False,
     idle_batch: Batch | None = None,
 ) -> StepResult:
-    """Optimizer step `step` (0-based): accumulate, unscale and clip, update (unless fp16
-    overflowed), zero.
+    """One optimizer step: accumulate, unscale and clip, update (unless fp16 overflowed), zero.
 
     One device-to-host sync per step: the loss and the gradient norm are read together, and
     every decision (stop on NaN, skip an fp16 overflow) is made from those two numbers. A
@@ -114,7 +110,7 @@ def train_step(
     model, optimizer, policy, world = ctx.model, ctx.optimizer, ctx.policy, ctx.world
     loss = accumulate_gradients(
         model, micro_batches, policy, ctx.loss_fn, offload=ctx.offload, n_loss_tokens=n_loss_tokens,
-        idle_batch=idle_batch, dropout_key=step_key(ctx.seed, step),
+        idle_batch=idle_batch,
     )  # fmt: skip
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if world.size > 1 and sharding.is_sharded(model):

@@ -1,3 +1,7 @@
+"""One optimizer step (training/step.py): accumulation exact over any split, what a step changes
+(adapters or every weight), gradient checkpointing, fp16 loss scaling, and the loop running the
+same steps as a plain reference loop."""
+
 import copy
 
 import pytest
@@ -139,7 +143,7 @@ def test_fp16_uses_the_scaler_and_skips_overflowing_steps(tokenizer):
     policy.scaler.update(2.0**120)  # so large that the scaled fp16 gradients overflow
     snapshot = [p.detach().clone() for p in lora_b]
     lr = scheduler.get_last_lr()
-    second = train_step(StepContext(model, optimizer, scheduler, policy), micro, 1)
+    second = train_step(StepContext(model, optimizer, scheduler, policy), micro)
     assert second.skipped and policy.scaler.get_scale() < 2.0**120
     assert all(torch.equal(p, s) for p, s in zip(lora_b, snapshot))
     assert scheduler.get_last_lr() == lr and scheduler.last_epoch == 1  # the schedule waits for a real update
