@@ -16,9 +16,8 @@ from solotune.fastpaths import attention
 from solotune.fastpaths.selfcheck import RunShape, choose_fast_paths
 from solotune.model.adapters import apply_lora
 from solotune.model.precision import resolve_policy
-from solotune.run import train
 from solotune.testing import make_model, save_architecture_folder, varied_examples
-from solotune.training import step
+from solotune.training import setup, step
 from solotune.training.gradients import check_gradients
 
 FP32 = resolve_policy(PrecisionConfig(mp="off"), "cpu", frozen_base=True)
@@ -114,7 +113,7 @@ def test_a_parameter_backward_does_not_reach_stops_the_run_and_names_it(
     tiny_model_dir, data_file, tmp_path, capsys, monkeypatch
 ):
     """As bitsandbytes' gemm layout did to every 4-bit layer: the adapter's output is cut from the graph."""
-    build = train.build_model
+    build = setup.build_model
 
     def cut_q_adapters(*args):
         model = build(*args)
@@ -123,7 +122,7 @@ def test_a_parameter_backward_does_not_reach_stops_the_run_and_names_it(
                 module.register_forward_hook(lambda _m, _i, out: out.detach())
         return model
 
-    monkeypatch.setattr(train, "build_model", cut_q_adapters)
+    monkeypatch.setattr(setup, "build_model", cut_q_adapters)
     assert run(tiny_model_dir, data_file, tmp_path / "run") == 2
     error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert error.startswith(

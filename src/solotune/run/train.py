@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,18 +20,17 @@ import transformers
 from solotune import artifacts
 from solotune.artifacts import grid_of
 from solotune.config import RunConfig, TrainConfig, parse_report_to, parse_size, to_dict, validate
-from solotune.data import DataStats, Example, count_steps, read_records, tokenize_records
+from solotune.data import DataStats, Example, read_records, tokenize_records
 from solotune.errors import SolotuneError, is_out_of_memory
-from solotune.fastpaths import selfcheck
 from solotune.fastpaths.kernels import choose_kernels
 from solotune.fastpaths.registry import FastPaths
 from solotune.measure import allocator
 from solotune.measure.flops import matmul_peak_flops
 from solotune.measure.memory import apply_memory_limit
-from solotune.model.adapters import ParamSummary, count_parameters, save_trained
+from solotune.model.adapters import save_trained
 from solotune.model.models import copy_gguf_origin, load_tokenizer, resolve_model_source
 from solotune.model.precision import PrecisionPolicy, resolve_policy
-from solotune.model.quant import QuantizedLinears, quantized_linears, save_record
+from solotune.model.quant import save_record
 from solotune.parallel import dist, sharding
 from solotune.run.evaluate import Evaluation, evaluation_for
 from solotune.run.generate import Generation, generate, print_generations
@@ -40,9 +38,8 @@ from solotune.run.metrics import RunOutcome, collect_metrics, library_versions, 
 from solotune.run.trackers import RunIdentity, Trackers, run_summary
 from solotune.training import checkpoint
 from solotune.training.checkpoint import Checkpointer
-from solotune.training.compile import choose_compile
 from solotune.training.loop import train_loop
-from solotune.training.setup import build_model
+from solotune.training.setup import set_up_model
 
 GENERATIONS_BEFORE_FILE = "generations-before.json"  # kept for a resumed run
 EVAL_BEFORE_FILE = "eval-before.json"  # likewise
@@ -114,7 +111,7 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
     cfg, policy, world = scope.cfg, scope.policy, scope.world
     data = _read_data(cfg)
     checkpoints = _checkpointer(cfg, data.examples, scope.out_dir, scope.resume)
-    setup = _set_up_model(scope, data)
+    setup = set_up_model(cfg, policy, world, data.source, data.examples, data.tokenizer.pad_token_id)
     model, fast, tokenizer, evaluation = setup.model, setup.fast, data.tokenizer, data.evaluation
 
     # Under FSDP2 every rank takes part in each forward (it holds a shard of every layer), so
@@ -239,45 +236,6 @@ def _evaluate_before(evaluation: Evaluation, model, tokenizer, fast: FastPaths, 
         artifacts.write_json(saved, evaluation.results)
 
 
-@dataclasses.dataclass
-class ModelSetup:
-    """The model as the loop trains it, and what setting it up measured and decided."""
-
-    model: torch.nn.Module
-    load_s: float
-    params: ParamSummary
-    quantized: QuantizedLinears | None
-    fast: FastPaths  # the fast paths the set-up check kept
-    compiling: bool  # the loop compiles its layers (training/compile.py)
-    sharded: bool  # FSDP2 (sharding.py)
-
-
-def _set_up_model(scope: RunScope, data: RunData) -> ModelSetup:
-    """Load and prepare the model, check its fast paths, and shard it under FSDP2."""
-    cfg, policy, world = scope.cfg, scope.policy, scope.world
-    start = time.perf_counter()
-    model = build_model(data.source, cfg, policy)
-    load_s = time.perf_counter() - start
-    params = count_parameters(model)
-    print(params.line())
-    quantized = quantized_linears(model)
-    if quantized:
-        print(quantized.line())
-    t = cfg.train
-    n_steps = count_steps(len(data.examples), t.batch, t.epochs, t.max_steps)
-    compiling, why = choose_compile(t.compile, t.track_memory, policy.device, n_steps)
-    print(why)
-    run = selfcheck.RunShape(data.examples, data.tokenizer.pad_token_id, policy, t, cfg.data.max_len)
-    fast = selfcheck.choose_fast_paths(model, run, compiling=compiling)
-    print("\n".join([fast.line(), *fast.notes]))
-    sharded = cfg.dist_mode() == "fsdp"
-    if world.size > 1:
-        print(_describe_dist(cfg.dist_mode(), world))
-    if sharded:  # after the set-up check, which compares paths on the whole model
-        sharding.shard_model(model, policy.compute_dtype)
-    return ModelSetup(model, load_s, params, quantized, fast, compiling, sharded)
-
-
 def _save_weights(model, tokenizer, scope: RunScope, best_step: int | None = None) -> Path:
     """Save the trained adapter (or model); returns its folder. `best_step`: --eval.keep-best's
     copy of the lowest eval loss so far, beside the final weights, with its step."""
@@ -293,12 +251,6 @@ def _save_weights(model, tokenizer, scope: RunScope, best_step: int | None = Non
     if world.main and best_step is not None:
         artifacts.write_json(folder / "best.json", {"step": best_step})
     return folder
-
-
-def _describe_dist(mode: str, world: dist.World) -> str:
-    if mode == "fsdp":
-        return f"dist: fsdp over {world.size} processes (each holds 1/{world.size} of the weights, gradients and optimizer state)"
-    return f"dist: ddp over {world.size} processes (each holds the whole model; one all-reduce a step)"
 
 
 def _generate(model, tokenizer, cfg: RunConfig, policy) -> list[Generation]:

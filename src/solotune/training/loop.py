@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +93,7 @@ class LoopState:
     step: StepContext  # the model, optimizer, precision and the rest of train_step's
     cfg: TrainConfig
     fast: FastPaths
+    schedule: Schedule
     checkpoints: Checkpointer | None
     flop_model: FlopModel
     result: LoopResult = field(default_factory=LoopResult)
@@ -126,35 +126,28 @@ def train_loop(
     `held_out`: the eval loss every `held_out.every` steps, kept out of the training time.
     `log(step, values)`: each step's numbers, for the experiment trackers (trackers.py).
     """
-    steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
-    steps = steps[: cfg.max_steps] if cfg.max_steps else steps
-    size = functools.partial(_padded_size, lengths=[len(e.input_ids) for e in examples])
-    steps_per_epoch = -(-len(examples) // cfg.batch)
-    if cfg.largest_first and cfg.shuffle:  # unshuffled, the data's own order is kept
-        steps = largest_step_early(steps, steps_per_epoch, size)
-    optimizer, scheduler = make_optimizer(model, cfg, len(steps))
+    schedule = Schedule.plan(examples, pad_id, cfg)
+    n_steps = len(schedule.steps)
+    optimizer, scheduler = make_optimizer(model, cfg, n_steps)
     create_state(optimizer)  # before the rehearsal and the first step: nothing that persists grows later
     fast = fast or FastPaths.asked(cfg)
     step_ctx = StepContext(
         model, optimizer, scheduler, policy, fast.loss_fn(), cfg.max_grad_norm, cfg.offload_activations, world
     )
-    run = LoopState(step_ctx, cfg, fast, checkpoints, FlopModel.of(model))
+    run = LoopState(step_ctx, cfg, fast, schedule, checkpoints, FlopModel.of(model))
     run.probe = PeakMemoryProbe(policy.device)
     breakdown = MemoryBreakdown(cfg.track_memory, model, optimizer, policy.device)
     if compiling is None:
-        compiling, why = choose_compile(cfg.compile, cfg.track_memory, policy.device, len(steps))
+        compiling, why = choose_compile(cfg.compile, cfg.track_memory, policy.device, n_steps)
         if cfg.compile == "auto":
             print(why)
-    first = _resume(run, len(steps))
+    first = _resume(run, n_steps)
     if held_out:  # a resumed run's earlier evaluations count for --eval.keep-best
         held_out.best = min([held_out.best, *(loss for _, loss in run.result.eval_curve)])
     model.train()
     clock = LoopClock(run.result)
-    bar = _progress_bar(first, len(steps), world)
-    longest = max(len(e.input_ids) for e in examples)
-    sharded = sharding.is_sharded(model)
     with (
-        fast.during_steps(model, longest),
+        fast.during_steps(model, max(len(e.input_ids) for e in examples)),
         CompiledLayers(model) if compiling else contextlib.nullcontext() as compiled,
         breakdown,
         # Under several processes a signal stops the job (torchrun passes it on); it resumes from
@@ -163,31 +156,79 @@ def train_loop(
     ):
         if cfg.track_memory == "peak" and world.size == 1 and first == 0:  # one process, from the start
             with compiled.eager() if compiled else contextlib.nullcontext():
-                largest = max(steps[:steps_per_epoch], key=size)  # with largest_first, the first step
-                _rehearse(run, breakdown, largest, examples, pad_id, clock)
+                _rehearse(run, breakdown, clock)
         run.probe.reset()  # the loop's own peak, from here
-        for step in bar:
-            split = split_micro_batches(steps[step], cfg.grad_accum * world.size)
-            step_records = [[examples[i] for i in mb] for mb in split]
-            records = world.shard(step_records)
-            lengths = [[len(e.input_ids) for e in r] for r in records] or [[0]]
-            followed = breakdown.follows(step_size(lengths, fast.padding_free))
-            eager = compiled.eager() if compiled and followed else contextlib.nullcontext()
-            with breakdown.step(followed), eager:
-                key = step_key(cfg.seed, step)  # the step's dropout masks (model/dropout.py)
-                micro = [fast.batch(r, pad_id).for_step(key) for r in records]
-                n_loss_tokens = _step_loss_tokens(micro, steps[step], examples, world)
-                idle = fast.batch(step_records[0], pad_id) if not micro and sharded else None
-                out = _run_step(run, micro, step, n_loss_tokens, idle_batch=idle)
+        for step in (bar := _progress_bar(first, n_steps, world)):
+            out = _take_step(run, step, breakdown, compiled)
             stopped = compiled.stop_if_over_budget(run.result.compile_s) if compiled else None
             if stopped:
                 tqdm.write(stopped)
             _show_progress(bar, run, out, clock)
             if log:
                 log(step + 1, _step_values(run.result))
-            if held_out and held_out.due(step + 1, len(steps)):
+            if held_out and held_out.due(step + 1, n_steps):
                 _evaluate(run, held_out, step + 1, clock, log)
-            _checkpoint_if_due(run, step + 1, len(steps), stop, clock)
+            _checkpoint_if_due(run, step + 1, n_steps, stop, clock)
+    return _finish(run, breakdown, clock)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which records each optimizer step takes, in the order the loop runs them."""
+
+    steps: list[list[int]]  # indices into `examples`, one list per step
+    examples: list[Example]
+    pad_id: int
+    steps_per_epoch: int
+
+    @classmethod
+    def plan(cls, examples: list[Example], pad_id: int, cfg: TrainConfig) -> Schedule:
+        """The steps of `cfg`'s epochs (cut at max_steps), with the largest early (largest_first)."""
+        steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
+        steps = steps[: cfg.max_steps] if cfg.max_steps else steps
+        schedule = cls(steps, examples, pad_id, steps_per_epoch=-(-len(examples) // cfg.batch))
+        if cfg.largest_first and cfg.shuffle:  # unshuffled, the data's own order is kept
+            steps = largest_step_early(steps, schedule.steps_per_epoch, schedule.size)
+        return dataclasses.replace(schedule, steps=steps)
+
+    def size(self, step: list[int]) -> tuple[int, int]:
+        """What orders the steps for largest_first: the step as a padded batch (records x the
+        longest), then its tokens. From the data alone, so that every technique (padding-free or
+        not, any accumulation or process count) trains in the same order and an ablation's cells
+        stay comparable. The padded size also bounds the layout padding-free attention may pad a
+        row into, so the step it picks is rarely exceeded in any of `step_size`'s measures."""
+        lengths = [len(self.examples[i].input_ids) for i in step]
+        return len(step) * max(lengths), sum(lengths)
+
+    def largest(self) -> list[int]:
+        """The largest step of the first epoch (with largest_first, the first step)."""
+        return max(self.steps[: self.steps_per_epoch], key=self.size)
+
+    def micro_batches(self, step: list[int], parts: int) -> list[list[Example]]:
+        """The records of `step` split into `parts` micro-batches."""
+        return [[self.examples[i] for i in mb] for mb in split_micro_batches(step, parts)]
+
+
+def _take_step(run: LoopState, step: int, breakdown: MemoryBreakdown, compiled: CompiledLayers | None) -> StepResult:
+    """Optimizer step `step`: this rank's share of its micro-batches, with the step's dropout key,
+    followed by the memory breakdown (and run eager) where it may set a part's peak."""
+    cfg, fast, world, schedule = run.cfg, run.fast, run.step.world, run.schedule
+    step_records = schedule.micro_batches(schedule.steps[step], cfg.grad_accum * world.size)
+    records = world.shard(step_records)
+    lengths = [[len(e.input_ids) for e in r] for r in records] or [[0]]
+    followed = breakdown.follows(step_size(lengths, fast.padding_free))
+    with breakdown.step(followed), compiled.eager() if compiled and followed else contextlib.nullcontext():
+        key = step_key(cfg.seed, step)  # the step's dropout masks (model/dropout.py)
+        micro = [fast.batch(r, schedule.pad_id).for_step(key) for r in records]
+        n_loss_tokens = _step_loss_tokens(micro, schedule.steps[step], schedule.examples, world)
+        idle = None
+        if not micro and sharding.is_sharded(run.step.model):
+            idle = fast.batch(step_records[0], schedule.pad_id)
+        return _run_step(run, micro, step, n_loss_tokens, idle_batch=idle)
+
+
+def _finish(run: LoopState, breakdown: MemoryBreakdown, clock: LoopClock) -> LoopResult:
+    """The loop's time and memory report; across ranks, the job's counts."""
     run.result.runtime_s = clock.runtime(run.result)
     peak = max(run.peaks + [run.probe.read()], key=lambda p: p.peak_mib)
     run.result.memory = {
@@ -195,26 +236,26 @@ def train_loop(
         "tracked_steps": breakdown.tracked_steps,
         "rehearsal_s": run.result.rehearsal_s,
     }
-    if world.size > 1:
+    if run.step.world.size > 1:
         _sum_over_ranks(run.result)
     return run.result
 
 
-def _rehearse(run: LoopState, breakdown: MemoryBreakdown, indices: list[int], examples, pad_id: int, clock) -> None:
+def _rehearse(run: LoopState, breakdown: MemoryBreakdown, clock: LoopClock) -> None:
     """The memory breakdown of the run's largest step, measured before the loop on a step that
     changes nothing: the real forward and backward, then an update that allocates and computes
     what a real one does at learning rate 0 on zero gradients (optim.NoUpdate), the random
     stream and the loss scale kept as they were. The loop then follows no step that this one is
     at least as large as: the breakdown's per-op tracking (~10 untracked steps' time on a GPU)
     costs the loop nothing. Its time is kept apart, as the rehearsal's."""
-    cfg, policy = run.cfg, run.step.policy
-    records = [[examples[i] for i in mb] for mb in split_micro_batches(indices, cfg.grad_accum)]
+    cfg, policy, schedule = run.cfg, run.step.policy, run.schedule
+    records = schedule.micro_batches(schedule.largest(), cfg.grad_accum)
     size = step_size([[len(e.input_ids) for e in r] for r in records], run.fast.padding_free)
     scale = policy.scaler.state_dict()
     start = time.perf_counter()
     devices = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), breakdown.rehearsal(size):
-        micro = [run.fast.batch(r, pad_id).to(policy.device) for r in records]  # as a step's are
+        micro = [run.fast.batch(r, schedule.pad_id).to(policy.device) for r in records]  # as a step's are
         try:
             train_step(
                 dataclasses.replace(run.step, optimizer=NoUpdate(run.step.optimizer), scheduler=NoSchedule()), micro
@@ -225,15 +266,6 @@ def _rehearse(run: LoopState, breakdown: MemoryBreakdown, indices: list[int], ex
         policy.scaler.load_state_dict(scale)
     run.result.rehearsal_s = time.perf_counter() - start
     clock.saving_s += run.result.rehearsal_s
-
-
-def _padded_size(step: list[int], lengths: list[int]) -> tuple[int, int]:
-    """What orders the steps for largest_first: the step as a padded batch (records x the
-    longest), then its tokens. From the data alone, so that every technique (padding-free or
-    not, any accumulation or process count) trains in the same order and an ablation's cells
-    stay comparable. The padded size also bounds the layout padding-free attention may pad a
-    row into, so the step it picks is rarely exceeded in any of `step_size`'s measures."""
-    return len(step) * max(lengths[i] for i in step), sum(lengths[i] for i in step)
 
 
 def _step_values(result: LoopResult) -> dict:

@@ -1,18 +1,29 @@
-"""The model as a run trains it: loaded, its techniques switched on, LoRA or full fine-tuning.
+"""The model as a run trains it: loaded, its techniques switched on, LoRA or full fine-tuning,
+its fast paths and compilation decided, sharded under FSDP2.
 
-`prepare_model` is the one sequence of set-up steps; `train` runs it on the loaded weights and
-`estimate` on a model made from its config alone, so the two cannot drift apart.
+`prepare_model` is the one sequence of set-up steps; `train` runs it on the loaded weights
+(`set_up_model`) and `estimate` on a model made from its config alone, so the two cannot drift
+apart.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
+import torch
+
 from solotune.config import RunConfig
-from solotune.fastpaths import cpu_bf16
+from solotune.data import Example, count_steps
+from solotune.fastpaths import cpu_bf16, selfcheck
+from solotune.fastpaths.registry import FastPaths
 from solotune.fastpaths.swiglu import use_fused_swiglu
-from solotune.model.adapters import apply_lora, prepare_full_finetune, resolve_targets
+from solotune.model.adapters import ParamSummary, apply_lora, count_parameters, prepare_full_finetune, resolve_targets
 from solotune.model.models import load_model
 from solotune.model.precision import PrecisionPolicy
-from solotune.model.quant import quantization_config
+from solotune.model.quant import QuantizedLinears, quantization_config, quantized_linears
+from solotune.parallel import dist, sharding
+from solotune.training.compile import choose_compile
 
 
 def build_model(source: str, cfg: RunConfig, policy: PrecisionPolicy):
@@ -51,3 +62,50 @@ def enable_checkpointing(model) -> None:
     Non-reentrant checkpointing works with frozen inputs (LoRA) without hooks on the embeddings.
     """
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+@dataclass
+class ModelSetup:
+    """The model as the loop trains it, and what setting it up measured and decided."""
+
+    model: torch.nn.Module
+    load_s: float
+    params: ParamSummary
+    quantized: QuantizedLinears | None
+    fast: FastPaths  # the fast paths the set-up check kept
+    compiling: bool  # the loop compiles its layers (training/compile.py)
+    sharded: bool  # FSDP2 (sharding.py)
+
+
+def set_up_model(
+    cfg: RunConfig, policy: PrecisionPolicy, world: dist.World, source: str, examples: list[Example], pad_id: int
+) -> ModelSetup:
+    """Load and prepare the model, decide compilation, check its fast paths (each decided once,
+    here), and shard it under FSDP2; what each step printed, the run's output shows."""
+    start = time.perf_counter()
+    model = build_model(source, cfg, policy)
+    load_s = time.perf_counter() - start
+    params = count_parameters(model)
+    print(params.line())
+    quantized = quantized_linears(model)
+    if quantized:
+        print(quantized.line())
+    t = cfg.train
+    n_steps = count_steps(len(examples), t.batch, t.epochs, t.max_steps)
+    compiling, why = choose_compile(t.compile, t.track_memory, policy.device, n_steps)
+    print(why)
+    run = selfcheck.RunShape(examples, pad_id, policy, t, cfg.data.max_len)
+    fast = selfcheck.choose_fast_paths(model, run, compiling=compiling)
+    print("\n".join([fast.line(), *fast.notes]))
+    sharded = cfg.dist_mode() == "fsdp"
+    if world.size > 1:
+        print(_describe_dist(cfg.dist_mode(), world))
+    if sharded:  # after the set-up check, which compares paths on the whole model
+        sharding.shard_model(model, policy.compute_dtype)
+    return ModelSetup(model, load_s, params, quantized, fast, compiling, sharded)
+
+
+def _describe_dist(mode: str, world: dist.World) -> str:
+    if mode == "fsdp":
+        return f"dist: fsdp over {world.size} processes (each holds 1/{world.size} of the weights, gradients and optimizer state)"
+    return f"dist: ddp over {world.size} processes (each holds the whole model; one all-reduce a step)"
