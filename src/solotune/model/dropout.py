@@ -114,12 +114,13 @@ class KeyedDropout(torch.nn.Module):
     torch's generator, as nn.Dropout does.
     """
 
-    def __init__(self, p: float, salt: int):
+    def __init__(self, p: float, salt: int, device: torch.device | None = None):
         super().__init__()
         self.p = p
         # A tensor, not an int: under torch.compile a constant would be guarded on, and each
         # layer's own value would compile a graph of its own.
-        self.register_buffer("salt", torch.tensor(_mix_int(salt), dtype=torch.int32), persistent=False)
+        salt_tensor = torch.tensor(_mix_int(salt), dtype=torch.int32, device=device)
+        self.register_buffer("salt", salt_tensor, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -147,8 +148,8 @@ class SharedDropout(KeyedDropout):
 
     instances: weakref.WeakSet[SharedDropout] = weakref.WeakSet()
 
-    def __init__(self, p: float, salt: int):
-        super().__init__(p, salt)
+    def __init__(self, p: float, salt: int, device: torch.device | None = None):
+        super().__init__(p, salt, device)
         self.input_key: torch.Tensor | None = None
         self._cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (input_key, dropped)
         SharedDropout.instances.add(self)
@@ -185,12 +186,17 @@ def use_keyed_dropout(model: torch.nn.Module, shared: bool) -> int:
         dropouts = [(m, name) for m in adapted for name, d in m.lora_dropout.items() if isinstance(d, torch.nn.Dropout)]
         if shared and len(dropouts) >= 2:
             salt += 1
-            _share(parent, dropouts, SharedDropout(dropouts[0][0].lora_dropout[dropouts[0][1]].p, salt))
+            first, name = dropouts[0]
+            _share(parent, dropouts, SharedDropout(first.lora_dropout[name].p, salt, _device_of(first, name)))
             continue
         for layer, name in dropouts:
             salt += 1
-            layer.lora_dropout[name] = KeyedDropout(layer.lora_dropout[name].p, salt)
+            layer.lora_dropout[name] = KeyedDropout(layer.lora_dropout[name].p, salt, _device_of(layer, name))
     return salt
+
+
+def _device_of(layer: LoraLayer, adapter: str) -> torch.device:
+    return layer.lora_A[adapter].weight.device
 
 
 def _share(parent: torch.nn.Module, dropouts: list, shared: SharedDropout) -> None:
