@@ -1,6 +1,8 @@
 """The set-up self-checks: fast paths that disagree with the plain forward are turned off and
 said so; a parameter that backward does not reach stops the run."""
 
+import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -9,16 +11,19 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from solotune.cli import main
-from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
+from solotune.config import LoraConfig, PrecisionConfig, RunConfig, TrainConfig
 from solotune.data import make_batch
 from solotune.errors import SolotuneError
-from solotune.fastpaths import attention
+from solotune.experiment.ablate import fast_path_axis
+from solotune.fastpaths import attention, registry, selfcheck
 from solotune.fastpaths.selfcheck import RunShape, choose_fast_paths
+from solotune.fastpaths.technique import FastPath, largest_difference, logits
 from solotune.model.adapters import apply_lora
 from solotune.model.precision import resolve_policy
 from solotune.testing import make_model, save_architecture_folder, varied_examples
 from solotune.training import setup, step
 from solotune.training.gradients import check_gradients
+from solotune.training.loop import train_loop
 
 FP32 = resolve_policy(PrecisionConfig(mp="off"), "cpu", frozen_base=True)
 
@@ -209,3 +214,67 @@ def test_a_model_that_soft_caps_its_logits_keeps_the_full_head_by_declaration(to
         "chunked LM head + cross-entropy off for this model: its logits are soft-capped after the head "
         "(final_logit_softcapping = 30.0)" in fast.notes
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast-path interface: a new path is one FastPath, one config field and one registry line.
+
+
+class HeadScale(FastPath):
+    """A made-up path: the LM head's output times `scale`, through a forward hook. At 1.0 it
+    changes nothing (a sound path); at 2.0 it computes something else (a faulty one)."""
+
+    name, field, axis, label = "scaled head", "head_scale", "hs", "Scaled head"
+    off = 0.0
+    entered = 0  # how often the loop held `during_steps`
+
+    def on_value(self, train_cfg) -> float:
+        return 1.0
+
+    def enable(self, model, probe) -> bool:
+        scale = self.kept_value
+        self.hook = model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out * scale)
+        return True
+
+    def difference(self, model, probe, kept) -> float:
+        self.hook.remove()
+        plain = logits(model, probe.padded)
+        self.enable(model, probe)
+        return largest_difference(logits(model, probe.padded), plain, probe.padded)
+
+    def undo(self, model, probe) -> None:
+        self.hook.remove()
+
+    def during_steps(self, model, max_len: int):
+        HeadScale.entered += 1
+        return contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class ConfigWithHeadScale(TrainConfig):
+    head_scale: float = 1.0  # the one config field
+
+
+@pytest.mark.parametrize(("scale", "kept"), [(1.0, True), (2.0, False)], ids=["sound", "faulty"])
+def test_a_new_fast_path_is_checked_kept_or_turned_off_run_and_ablated(tokenizer, monkeypatch, scale, kept):
+    path = HeadScale()
+    path.kept_value = scale
+    monkeypatch.setattr(registry, "FAST_PATHS", (*registry.FAST_PATHS, path))  # the one registry line
+    monkeypatch.setattr(selfcheck, "FAST_PATHS", registry.FAST_PATHS)
+    model = apply_lora(make_model(tokenizer), LoraConfig(r=4, dropout=0.0))
+    cfg = ConfigWithHeadScale(head_scale=scale, batch=4, max_steps=1)
+    fast = choose_fast_paths(model, RunShape(varied_examples(tokenizer), tokenizer.pad_token_id, FP32, cfg, 512))
+    if kept:
+        assert fast.head_scale == 1.0 and "scaled head" in fast.line() and fast.notes == []
+        HeadScale.entered = 0
+        train_loop(model, varied_examples(tokenizer), tokenizer.pad_token_id, FP32, cfg, fast=fast)
+        assert HeadScale.entered == 1  # the loop held the path's context around its steps
+    else:
+        assert fast.head_scale == 0.0 and "scaled head" not in fast.line()
+        assert fast.notes == ["scaled head off for this model: it differs from the model's plain forward by 1.0e+00 "
+                              "(relative; tolerance 1e-04)"]  # fmt: skip
+    axis = fast_path_axis(path)  # and its ablation axis
+    assert [axis.overrides(RunConfig(), v) for v in axis.values] == [
+        {"train.head_scale": 0.0},
+        {"train.head_scale": True},
+    ]
