@@ -1,11 +1,14 @@
 """Dropout keyed to the data (model/dropout.py): the same masks in any layout, shared where the
 input is shared, replayed under checkpointing, and nothing kept past a step."""
 
+import threading
+
 import pytest
 import torch
 
 from solotune.config import LoraConfig, PrecisionConfig, TrainConfig
 from solotune.data import collate, collate_packed, token_keys
+from solotune.fastpaths.loss import ResponseLoss
 from solotune.model.adapters import apply_lora
 from solotune.model.dropout import KeyedDropout, SharedDropout, keep_mask, keyed_by, step_key
 from solotune.model.precision import resolve_policy
@@ -150,3 +153,25 @@ def test_shared_dropout_holds_nothing_after_a_step_under_checkpointing(tokenizer
     policy = resolve_policy(PrecisionConfig(mp="off"), "cpu", frozen_base=True)
     accumulate_gradients(model, [collate(examples(tokenizer), tokenizer.pad_token_id)], policy)
     assert all(s._cached is None and s.input_key is None for s in shared)
+
+
+def test_a_checkpointed_replay_on_another_thread_draws_the_same_masks(tokenizer):
+    """On CUDA, autograd runs backward (and the forward checkpointing replays) on a thread of its
+    own; here backward is run on another thread, as there. The replay must find the step's keys:
+    held thread-locally it fell back to torch's masks, and the gradients were wrong."""
+    batch = collate(examples(tokenizer), tokenizer.pad_token_id)
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(tokenizer)
+        if checkpointing:
+            enable_checkpointing(model)
+        model = apply_lora(model, LoraConfig(r=4, dropout=0.3)).train()
+        with keyed_by(batch.for_step(step_key(0, 1)).token_keys):
+            loss = ResponseLoss()(model, batch)
+            worker = threading.Thread(target=loss.backward)
+            worker.start()
+            worker.join()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-9, msg=name)

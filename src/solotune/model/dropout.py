@@ -21,7 +21,6 @@ backward at 2,048 x 576 took 1.25x to 1.45x torch's dropout on a 2-core AVX2 CPU
 from __future__ import annotations
 
 import contextlib
-import threading
 import weakref
 
 import torch
@@ -32,8 +31,11 @@ FEATURE_SALT = 0x3243F6A9  # keeps the feature keys apart from the token keys
 _INT32 = 1 << 32
 
 
-class _Stream(threading.local):
-    token_keys: torch.Tensor | None = None  # (B, T) int32 of the micro-batch being run
+class _Stream:
+    """The keys of the micro-batch being run. Not thread-local: on CUDA, autograd runs backward,
+    and with it the forward that activation checkpointing replays, on a thread of its own."""
+
+    token_keys: torch.Tensor | None = None  # (B, T) int32
 
 
 _stream = _Stream()

@@ -90,7 +90,7 @@ class LoopClock:
 class LoopState:
     """What every step of the loop works on and adds to."""
 
-    step: StepContext  # the model, optimizer, precision and the rest of train_step's
+    ctx: StepContext  # the model, optimizer, precision and the rest of what train_step needs
     cfg: TrainConfig
     fast: FastPaths
     schedule: Schedule
@@ -212,7 +212,7 @@ class Schedule:
 def _take_step(run: LoopState, step: int, breakdown: MemoryBreakdown, compiled: CompiledLayers | None) -> StepResult:
     """Optimizer step `step`: this rank's share of its micro-batches, with the step's dropout key,
     followed by the memory breakdown (and run eager) where it may set a part's peak."""
-    cfg, fast, world, schedule = run.cfg, run.fast, run.step.world, run.schedule
+    cfg, fast, world, schedule = run.cfg, run.fast, run.ctx.world, run.schedule
     step_records = schedule.micro_batches(schedule.steps[step], cfg.grad_accum * world.size)
     records = world.shard(step_records)
     lengths = [[len(e.input_ids) for e in r] for r in records] or [[0]]
@@ -222,7 +222,7 @@ def _take_step(run: LoopState, step: int, breakdown: MemoryBreakdown, compiled: 
         micro = [fast.batch(r, schedule.pad_id).for_step(key) for r in records]
         n_loss_tokens = _step_loss_tokens(micro, schedule.steps[step], schedule.examples, world)
         idle = None
-        if not micro and sharding.is_sharded(run.step.model):
+        if not micro and sharding.is_sharded(run.ctx.model):
             idle = fast.batch(step_records[0], schedule.pad_id)
         return _run_step(run, micro, step, n_loss_tokens, idle_batch=idle)
 
@@ -236,7 +236,7 @@ def _finish(run: LoopState, breakdown: MemoryBreakdown, clock: LoopClock) -> Loo
         "tracked_steps": breakdown.tracked_steps,
         "rehearsal_s": run.result.rehearsal_s,
     }
-    if run.step.world.size > 1:
+    if run.ctx.world.size > 1:
         _sum_over_ranks(run.result)
     return run.result
 
@@ -248,7 +248,7 @@ def _rehearse(run: LoopState, breakdown: MemoryBreakdown, clock: LoopClock) -> N
     stream and the loss scale kept as they were. The loop then follows no step that this one is
     at least as large as: the breakdown's per-op tracking (~10 untracked steps' time on a GPU)
     costs the loop nothing. Its time is kept apart, as the rehearsal's."""
-    cfg, policy, schedule = run.cfg, run.step.policy, run.schedule
+    cfg, policy, schedule = run.cfg, run.ctx.policy, run.schedule
     records = schedule.micro_batches(schedule.largest(), cfg.grad_accum)
     size = step_size([[len(e.input_ids) for e in r] for r in records], run.fast.padding_free)
     scale = policy.scaler.state_dict()
@@ -258,7 +258,7 @@ def _rehearse(run: LoopState, breakdown: MemoryBreakdown, clock: LoopClock) -> N
         micro = [run.fast.batch(r, schedule.pad_id).to(policy.device) for r in records]  # as a step's are
         try:
             train_step(
-                dataclasses.replace(run.step, optimizer=NoUpdate(run.step.optimizer), scheduler=NoSchedule()), micro
+                dataclasses.replace(run.ctx, optimizer=NoUpdate(run.ctx.optimizer), scheduler=NoSchedule()), micro
             )
         except NonFiniteStep:  # the loop's first step names the records
             pass
@@ -281,13 +281,13 @@ def _step_values(result: LoopResult) -> dict:
 def _evaluate(run: LoopState, held_out: HeldOut, done: int, clock: LoopClock, log) -> None:
     """The eval loss after step `done`, kept out of the training time, shown and logged."""
     start = time.perf_counter()
-    loss = held_out.loss(run.step.model, run.step.policy, run.fast)
+    loss = held_out.loss(run.ctx.model, run.ctx.policy, run.fast)
     run.result.eval_curve.append([done, loss])
     held_out.record(done, loss)
     seconds = time.perf_counter() - start
     run.result.eval_s += seconds
     clock.saving_s += seconds
-    if run.step.world.main:
+    if run.ctx.world.main:
         tqdm.write(f"step {done}: eval loss {loss:.4f}")
     if log:
         log(done, {"eval/loss": loss})
@@ -326,7 +326,7 @@ def _resume(run: LoopState, n_steps: int) -> int:
     start = run.checkpoints.resume_from if run.checkpoints else None
     if start is None:
         return 0
-    ctx = run.step
+    ctx = run.ctx
     restored = checkpoint.restore(start, ctx.model, ctx.optimizer, ctx.scheduler, ctx.policy.scaler, ctx.world.rank)
     run.result = LoopResult(**restored)
     print(f"resumed from {start.path}: step {start.step} of {n_steps}")
@@ -339,9 +339,9 @@ def _run_step(
     """One optimizer step, timed, with its records added to the loop's (`idle_batch`: train_step's)."""
     result = run.result
     result.flops += run.flop_model.step_flops(micro)  # on the host copies: no device sync
-    device = run.step.policy.device
+    device = run.ctx.policy.device
     micro = [mb.to(device) for mb in micro]
-    result.lrs.append(run.step.scheduler.get_last_lr()[0])
+    result.lrs.append(run.ctx.scheduler.get_last_lr()[0])
     start, compiled_before = time.perf_counter(), compile_seconds()
     idle_batch = idle_batch.to(device) if idle_batch is not None else None
     out = _guarded_step(run, micro, step, n_loss_tokens, idle_batch)
@@ -358,7 +358,7 @@ def _run_step(
     if run.consecutive_skips == MANY_SKIPS:
         tqdm.write(
             f"warning: fp16: the last {MANY_SKIPS} steps were all skipped by the gradient scaler "
-            f"(inf/NaN gradients; loss scale now {run.step.policy.scaler.get_scale():g}); consider --mp bf16"
+            f"(inf/NaN gradients; loss scale now {run.ctx.policy.scaler.get_scale():g}); consider --mp bf16"
         )
     return out
 
@@ -370,13 +370,13 @@ def _guarded_step(
     scaler skips such steps) before it reaches the weights, naming the records of the step."""
     try:
         return train_step(
-            run.step, micro, n_loss_tokens=n_loss_tokens, check_gradients=not run.gradients_checked,
+            run.ctx, micro, n_loss_tokens=n_loss_tokens, check_gradients=not run.gradients_checked,
             idle_batch=idle_batch,
         )  # fmt: skip
     except NonFiniteStep as e:
         records = [i for mb in micro for i in mb.record_indices]
         where = f"step {step + 1}, records {records} (0-based indices in the data file)"
-        if run.checkpoints and run.step.world.main:
+        if run.checkpoints and run.ctx.world.main:
             run_dir = run.checkpoints.run_dir
             artifacts.write_json(run_dir / NONFINITE_FILE, {"step": step + 1, "records": records, "what": str(e)})
             last = checkpoint.latest(run_dir)
@@ -420,7 +420,7 @@ def _save_checkpoint(run: LoopState, step: int, clock: LoopClock) -> Path:
     run.peaks.append(run.probe.read())
     start = time.perf_counter()
     ckpt = run.checkpoints
-    ctx = run.step
+    ctx = run.ctx
     rank_rngs = dist.gather(checkpoint.rng_state()) if ctx.world.size > 1 else None
     saved = ckpt.run_dir / checkpoint.CHECKPOINTS_DIR / f"step-{step:06d}"
     # The trained state is the same on every rank, or (FSDP2) gathered from their shards by
