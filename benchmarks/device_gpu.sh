@@ -5,7 +5,7 @@
 # tarball, $OUT/device_gpu.tgz; the summary also stands alone in $OUT/summary.txt.
 #
 #   bash benchmarks/device_gpu.sh          # on the GPU machine
-#   DRY=1 bash benchmarks/device_gpu.sh    # the same steps on the CPU with tiny shapes; the CUDA tests skip
+#   DRY=1 PY=.venv/bin/python bash benchmarks/device_gpu.sh   # the same steps on the CPU, tiny shapes; CUDA tests skip
 #
 # 1. the CUDA tests (tests/ -m cuda);
 # 2. two runs of `solotune train` on a 1B-class shape (TinyLlama-1.1B's layers, a 49k vocabulary,
