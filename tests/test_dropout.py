@@ -125,21 +125,32 @@ def test_shared_dropout_draws_one_mask_per_block_input(tokenizer):
     assert all(b._cached is None and b.input_key is None for b in blocks)  # nothing outlives the block
 
 
-def test_checkpointing_replays_the_same_masks(tokenizer):
-    """Checkpointed recomputation draws the same keyed masks: the gradients equal the
-    un-checkpointed run's (fp32, 1e-6)."""
-    batch = collate(examples(tokenizer), tokenizer.pad_token_id)
+def gradients_with_and_without_checkpointing(tokenizer, backward) -> list[dict]:
+    """A LoRA model's gradients (dropout 0.3) from `backward(model, batch)`, without and with
+    activation checkpointing."""
+    batch = collate(examples(tokenizer), tokenizer.pad_token_id).for_step(step_key(0, 1))
     grads = []
     for checkpointing in (False, True):
         model = make_model(tokenizer)
         if checkpointing:
             enable_checkpointing(model)
         model = apply_lora(model, LoraConfig(r=4, dropout=0.3)).train()
-        accumulate_gradients(model, [batch.for_step(step_key(0, 1))], FP32)
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        backward(model, batch)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return grads
+
+
+def assert_same(grads: list[dict]) -> None:
+    assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         assert g.abs().sum() > 0 or "lora_A" in name
         torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_checkpointing_replays_the_same_masks(tokenizer):
+    """Checkpointed recomputation draws the same keyed masks: the gradients equal the
+    un-checkpointed run's (fp32, 1e-6)."""
+    assert_same(gradients_with_and_without_checkpointing(tokenizer, lambda m, b: accumulate_gradients(m, [b], FP32)))
 
 
 def test_shared_dropout_holds_nothing_after_a_step_under_checkpointing(tokenizer):
@@ -159,19 +170,12 @@ def test_a_checkpointed_replay_on_another_thread_draws_the_same_masks(tokenizer)
     """On CUDA, autograd runs backward (and the forward checkpointing replays) on a thread of its
     own; here backward is run on another thread, as there. The replay must find the step's keys:
     held thread-locally it fell back to torch's masks, and the gradients were wrong."""
-    batch = collate(examples(tokenizer), tokenizer.pad_token_id)
-    grads = []
-    for checkpointing in (False, True):
-        model = make_model(tokenizer)
-        if checkpointing:
-            enable_checkpointing(model)
-        model = apply_lora(model, LoraConfig(r=4, dropout=0.3)).train()
-        with keyed_by(batch.for_step(step_key(0, 1)).token_keys):
+
+    def backward_on_another_thread(model, batch):
+        with keyed_by(batch.token_keys):
             loss = ResponseLoss()(model, batch)
             worker = threading.Thread(target=loss.backward)
             worker.start()
             worker.join()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-9, msg=name)
+
+    assert_same(gradients_with_and_without_checkpointing(tokenizer, backward_on_another_thread))
