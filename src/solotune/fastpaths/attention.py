@@ -247,12 +247,10 @@ def disable_padding_free(model, attn_implementation: str) -> None:
 
 class PaddingFree(FastPath):
     """A micro-batch as one row of its records back to back, each attending only to itself
-    (data.collate_packed), against each record run alone."""
+    (data.collate_packed), against each record run alone. Switched on in `difference`: a model
+    it cannot serve raises there, and the path is off."""
 
     name, field, axis, label = "padding-free rows", "padding_free", "pf", "Padding-free"
-
-    def enable(self, model, probe: Probe) -> bool:
-        return True  # in `difference`: a model it cannot serve raises there, and the path is off
 
     def difference(self, model, probe: Probe, kept: dict) -> float:
         alone = [logits(model, collate([e], probe.pad_id).to(probe.device))[0] for e in probe.records]  # (T_i, V)

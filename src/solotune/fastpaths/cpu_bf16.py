@@ -20,6 +20,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from solotune.fastpaths.technique import restore_forwards
 from solotune.model.precision import PrecisionPolicy, cpu_has_native_bf16
 
 
@@ -101,6 +102,4 @@ def use_fast_layouts(model: torch.nn.Module) -> int:
 
 def restore_layouts(model: torch.nn.Module) -> None:
     """Undo `use_fast_layouts`: every linear runs `nn.Linear.forward` again."""
-    for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is _fast_layout_forward:
-            del module.forward
+    restore_forwards(model, _fast_layout_forward)

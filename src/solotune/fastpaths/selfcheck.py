@@ -153,8 +153,7 @@ def _check(path: FastPath, model, probe: Probe, fast: FastPaths, tolerance: floa
     """Switch `path` on and keep it where it matches the plain forward."""
     if not path.enable(model, probe):  # nothing in this model for it to change
         return False
-    kept = dict(fast.kept)
-    return _keep(fast, path.name, tolerance, lambda: path.difference(model, probe, kept),
+    return _keep(fast, path.name, tolerance, lambda: path.difference(model, probe, fast.kept),
                  undo=lambda: path.undo(model, probe))  # fmt: skip
 
 

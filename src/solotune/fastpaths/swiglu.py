@@ -14,7 +14,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from solotune.fastpaths.technique import FastPath, Probe, largest_difference, logits
+from solotune.fastpaths.technique import FastPath, Probe, largest_difference, logits, restore_forwards
 
 
 class SiluMul(torch.autograd.Function):
@@ -62,9 +62,7 @@ def use_fused_swiglu(model: torch.nn.Module) -> int:
 
 def restore_swiglu(model: torch.nn.Module) -> None:
     """Undo `use_fused_swiglu`: every MLP runs its class's own forward again."""
-    for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward:
-            del module.forward
+    restore_forwards(model, _fused_forward)
 
 
 class FusedSwiGLU(FastPath):

@@ -68,6 +68,14 @@ class FastPath:
         return contextlib.nullcontext()
 
 
+def restore_forwards(model: torch.nn.Module, patched) -> None:
+    """Undo a path that gave modules the forward `patched` (a function bound to each): every
+    such module runs its class's own forward again."""
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is patched:
+            del module.forward
+
+
 def logits(model, batch: Batch) -> torch.Tensor:
     return model(**batch.model_inputs()).logits.float()
 

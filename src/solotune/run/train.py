@@ -156,7 +156,7 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
         matmul_peak_flops=matmul_peak_flops(policy.device, policy.compute_dtype) * world.size,
         evaluation=evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
     )
-    return _write_results(outcome, scope.out_dir, trackers, evaluation)
+    return _write_results(outcome, scope.out_dir, trackers)
 
 
 def _read_data(cfg: RunConfig) -> RunData:
@@ -173,15 +173,15 @@ def _read_data(cfg: RunConfig) -> RunData:
     return RunData(source, tokenizer, examples, stats, data_format, evaluation)
 
 
-def _write_results(outcome: RunOutcome, out_dir: Path, trackers: Trackers, evaluation: Evaluation | None) -> dict:
+def _write_results(outcome: RunOutcome, out_dir: Path, trackers: Trackers) -> dict:
     """metrics.json, the export, the trackers' last values and the summary; returns the metrics."""
     cfg, n_steps = outcome.cfg, len(outcome.loop.losses)
     metrics = collect_metrics(outcome)
     if cfg.export.gguf != "none":
         metrics["export"] = _export(cfg, outcome.saved, out_dir)
     if trackers:
-        if evaluation:
-            trackers.log(n_steps, {"eval/loss": evaluation.results["loss_after"]})
+        if outcome.evaluation:
+            trackers.log(n_steps, {"eval/loss": outcome.evaluation["loss_after"]})
         trackers.finish(n_steps, run_summary(metrics))
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
     if outcome.before:
