@@ -79,22 +79,26 @@ SENTENCES = [
 
 def add_numbers(rng: random.Random) -> dict:
     a, b = rng.randint(2, 99), rng.randint(2, 99)
-    return _record(f"What is {a} + {b}?", "", f"{a} + {b} = {a + b}.")
+    wrong = a + b + (10 if b % 3 == 0 else 1) * (1 if a % 2 else -1)  # a carry slipped
+    return _record(f"What is {a} + {b}?", "", f"{a} + {b} = {a + b}.", f"{a} + {b} = {wrong}.")
 
 
 def multiply_numbers(rng: random.Random) -> dict:
     a, b = rng.randint(2, 19), rng.randint(2, 12)
-    return _record(f"Multiply {a} by {b}.", "", f"{a} x {b} = {a * b}.")
+    return _record(f"Multiply {a} by {b}.", "", f"{a} x {b} = {a * b}.", f"{a} x {b} = {a * (b + 1)}.")
 
 
 def reverse_word(rng: random.Random) -> dict:
     word = rng.choice(WORDS)
-    return _record(f"Reverse the letters of the word '{word}'.", "", word[::-1])
+    backwards = word[::-1]
+    wrong = backwards[1] + backwards[0] + backwards[2:]  # two letters left in their place
+    return _record(f"Reverse the letters of the word '{word}'.", "", backwards, wrong if wrong != backwards else word)
 
 
 def uppercase(rng: random.Random) -> dict:
     text = rng.choice(SENTENCES)
-    return _record("Convert the text to upper case.", text, text.upper())
+    head, last = text.rsplit(" ", 1)
+    return _record("Convert the text to upper case.", text, text.upper(), f"{head.upper()} {last}")  # a word missed
 
 
 def sort_numbers(rng: random.Random) -> dict:
@@ -103,20 +107,25 @@ def sort_numbers(rng: random.Random) -> dict:
         "Sort these numbers in ascending order.",
         ", ".join(map(str, numbers)),
         ", ".join(map(str, sorted(numbers))),
+        ", ".join(map(str, sorted(numbers)[:-2] + sorted(numbers)[-2:][::-1])),  # the last two swapped
     )
 
 
 def count_words(rng: random.Random) -> dict:
     text = rng.choice(SENTENCES)
     n = len(text.split())
-    return _record("How many words are in this sentence?", text, f"The sentence has {n} words.")
+    return _record(
+        "How many words are in this sentence?", text, f"The sentence has {n} words.", f"The sentence has {n + 1} words."
+    )
 
 
 def extract_email(rng: random.Random) -> dict:
     name, other = rng.sample(NAMES, 2)
     address = f"{name.lower()}.{rng.choice(WORDS)}@{rng.choice(DOMAINS)}"
     text = f"Hi {other}, please send the report to {address} before Friday."
-    return _record("Extract the email address from the text.", text, address)
+    return _record(
+        "Extract the email address from the text.", text, address, address.split("@")[0]
+    )  # the domain dropped
 
 
 def iso_date(rng: random.Random) -> dict:
@@ -125,6 +134,7 @@ def iso_date(rng: random.Random) -> dict:
         "Rewrite the date in ISO 8601 format (YYYY-MM-DD).",
         f"{MONTHS[month - 1]} {day}, {year}",
         f"{year:04d}-{month:02d}-{day:02d}",
+        f"{year:04d}-{day:02d}-{month:02d}" if day != month else f"{year - 1:04d}-{month:02d}-{day:02d}",
     )
 
 
@@ -134,12 +144,16 @@ def to_json(rng: random.Random) -> dict:
         "Turn the description into a JSON object with the keys name, age and city.",
         f"{name} is {age} years old and lives in {city}.",
         json.dumps({"name": name, "age": age, "city": city}),
+        json.dumps({"name": name, "age": age + 1, "city": city}),
     )
 
 
 def largest_number(rng: random.Random) -> dict:
     numbers = rng.sample(range(1, 500), 5)
-    return _record("Which number in the list is the largest?", ", ".join(map(str, numbers)), str(max(numbers)))
+    second = sorted(numbers)[-2]
+    return _record(
+        "Which number in the list is the largest?", ", ".join(map(str, numbers)), str(max(numbers)), str(second)
+    )
 
 
 TASKS: list[Callable[[random.Random], dict]] = [
@@ -156,11 +170,27 @@ TASKS: list[Callable[[random.Random], dict]] = [
 ]
 
 
-def _record(instruction: str, input_text: str, output: str) -> dict:
-    return {"instruction": instruction, "input": input_text, "output": output}
+def _record(instruction: str, input_text: str, output: str, wrong: str) -> dict:
+    """A task's record, with `wrong`: a checkable perturbation of the right answer (a wrong digit,
+    a step left out), the rejected answer of its preference pair."""
+    return {"instruction": instruction, "input": input_text, "output": output, "wrong": wrong}
+
+
+def _tasks(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [TASKS[i % len(TASKS)](rng) for i in range(n)]
 
 
 def builtin_records(n: int = 240, seed: int = 0) -> list[dict]:
     """`n` Alpaca-format records, the tasks interleaved, the same for the same seed."""
-    rng = random.Random(seed)
-    return [TASKS[i % len(TASKS)](rng) for i in range(n)]
+    return [{k: v for k, v in r.items() if k != "wrong"} for r in _tasks(n, seed)]
+
+
+def builtin_preference_records(n: int = 240, seed: int = 0) -> list[dict]:
+    """The same tasks as preference pairs: the computed answer chosen, its perturbation rejected,
+    so that "prefers the right answer" is checkable offline. The instruction and input become the
+    pair's prompt in the Alpaca template, as the instruction records' do (data.read_records)."""
+    return [
+        {"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": r["wrong"]}
+        for r in _tasks(n, seed)
+    ]

@@ -45,6 +45,8 @@ ALIASES = {
     "train.max_steps": ["--max-steps"],
     "train.lr": ["--lr"],
     "train.seed": ["--seed"],
+    "pref.method": ["--method"],
+    "pref.orpo_lambda": ["--pref.lambda"],
     "nproc": ["--nproc", "--processes", "--gpus"],
 }
 config_paths(ALIASES, "cli.ALIASES")

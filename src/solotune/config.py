@@ -68,7 +68,9 @@ class DataConfig:
     # A .json / .jsonl / .parquet file or a hub data set name; None = the built-in data set.
     path: str | None = None
     split: str = "train"
-    format: str = field(default="auto", metadata=choices("auto", "alpaca", "prompt_response", "messages", "text"))
+    format: str = field(
+        default="auto", metadata=choices("auto", "alpaca", "prompt_response", "messages", "text", "preference")
+    )
     samples: int | None = None  # keep the first N records
     max_len: int = 512
     too_long: str = field(default="truncate", metadata=choices("truncate", "drop"))  # records over max_len
@@ -164,6 +166,32 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept (the newest)
 
 
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo")
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}  # the papers' (and TRL's) defaults
+
+
+@dataclass
+class PrefConfig:
+    """The training objective (training/objective.py): supervised fine-tuning, or preference tuning
+    on {prompt, chosen, rejected} pairs: DPO (Rafailov et al., 2023), ORPO (Hong et al., 2024) or
+    SimPO (Meng et al., 2024)."""
+
+    method: str = field(default="sft", metadata=choices("sft", *PREFERENCE_METHODS))
+    # DPO: how far the policy may move from the reference; SimPO: the reward scale. None: the
+    # method's default (DPO 0.1, SimPO 2.0).
+    beta: float | None = None
+    label_smoothing: float = 0.0  # DPO: the chance a pair's label is flipped (conservative DPO)
+    orpo_lambda: float = 0.1  # ORPO: the odds-ratio term's weight beside the SFT loss on chosen (--pref.lambda)
+    gamma: float = 0.5  # SimPO: the target reward margin
+    # DPO: the reference log-probs computed once before training (and kept in the run folder, so
+    # that a resumed run reuses them) instead of a reference pass in every step. Full fine-tuning
+    # always precomputes: its reference would otherwise need a frozen copy of the weights.
+    precompute_ref: bool = False
+
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA.get(self.method, 0.0)
+
+
 @dataclass
 class GenerateConfig:
     """Generations before and after training (and for `solotune generate`)."""
@@ -221,6 +249,7 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -446,6 +475,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(g.temperature > 0, "generate.temperature", g.temperature, "must be positive")
     _require(0 < g.top_p <= 1, "generate.top_p", g.top_p, "must be in (0, 1]")
     _validate_eval(cfg.eval)
+    _validate_pref(cfg.pref)
     parse_report_to(cfg.report_to)
     if cfg.mem_limit is not None:
         _require(parse_size(cfg.mem_limit) > 0, "mem_limit", cfg.mem_limit, "must be positive")
@@ -464,6 +494,19 @@ def _validate_eval(e: EvalConfig) -> None:
         "eval.keep_best",
         e.keep_best,
         "needs held-out records: --eval.split or --eval.data",
+    )
+
+
+def _validate_pref(p: PrefConfig) -> None:
+    _require(p.beta is None or p.beta > 0, "pref.beta", p.beta, "must be positive")
+    _require(0 <= p.label_smoothing < 0.5, "pref.label_smoothing", p.label_smoothing, "must be in [0, 0.5)")
+    _require(p.orpo_lambda >= 0, "pref.orpo_lambda", p.orpo_lambda, "must be >= 0")
+    _require(p.gamma >= 0, "pref.gamma", p.gamma, "must be >= 0")
+    _require(
+        not p.precompute_ref or p.method == "dpo",
+        "pref.precompute_ref",
+        p.precompute_ref,
+        f"only DPO has a reference model ({p.method} needs none)",
     )
 
 

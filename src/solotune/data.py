@@ -1,24 +1,29 @@
 """Records -> prompt template -> tokens with a loss mask -> batches.
 
-Four record formats, detected from the keys of the records:
+Five record formats, detected from the keys of the records:
   alpaca           {"instruction", "input" (optional), "output"}
   prompt_response  {"prompt", "response"}
   messages         {"messages": [{"role", "content"}, ...]}  (the tokenizer's chat template)
   text             {"text"}                                   (continued pre-training)
+  preference       {"prompt" (optional), "chosen", "rejected"}  (DPO, ORPO, SimPO; see `Pair`)
 Everything is read, checked and tokenized before the model is loaded, so a bad record costs
 seconds, not a model load.
+
+What the loop schedules is a *unit*: an `Example` (one sequence) or a `Pair` (a chosen and a
+rejected sequence, which always share a micro-batch). Both give their `sequences`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from solotune.builtin_data import builtin_records
+from solotune.builtin_data import builtin_preference_records, builtin_records
 from solotune.config import DataConfig
 from solotune.errors import SolotuneError
 
@@ -39,7 +44,9 @@ REQUIRED_KEYS = {
     "prompt_response": ("prompt", "response"),
     "messages": ("messages",),
     "text": ("text",),
+    "preference": ("chosen", "rejected"),  # "prompt" too, unless the answers carry it (see _pair_parts)
 }
+ASSISTANT_MARKER = "Assistant:"  # where a pair without a prompt field (Anthropic HH) has its last turn
 
 
 @dataclass
@@ -58,6 +65,32 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where there is no loss
     record_index: int
+
+    @property
+    def sequences(self) -> list[Example]:
+        return [self]
+
+
+@dataclass
+class Pair:
+    """One preference record: the prompt with its chosen answer and with its rejected one, each a
+    sequence whose loss positions are the answer's tokens. Laid out chosen, then rejected."""
+
+    chosen: Example
+    rejected: Example
+
+    @property
+    def record_index(self) -> int:
+        return self.chosen.record_index
+
+    @property
+    def sequences(self) -> list[Example]:
+        return [self.chosen, self.rejected]
+
+
+def sequences_of(units: list) -> list[Example]:
+    """Every sequence of `units` (Examples and Pairs), in layout order."""
+    return [s for u in units for s in u.sequences]
 
 
 @dataclass
@@ -98,6 +131,17 @@ class Batch:
     # (B, T) int32: each position's record and place in it, which key its dropout masks
     # (model/dropout.py): the same in any layout of the same records.
     token_keys: torch.Tensor | None = None
+    # (N,) for each loss position (in `loss_positions` order), the index of its sequence in the
+    # batch: what sums token log-probs into sequence log-probs (preference objectives).
+    loss_sequences: torch.Tensor | None = None
+    n_pairs: int = 0  # preference pairs: sequences 2i and 2i + 1 are pair i's chosen and rejected
+    # (2 * n_pairs,) the reference model's sequence log-probs where they were computed before
+    # training (--pref.precompute-ref; training/objective.py)
+    reference_logps: torch.Tensor | None = None
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.record_indices)
 
     @property
     def n_positions(self) -> int:
@@ -142,6 +186,8 @@ class Batch:
             "position_ids",
             "segment_offsets",
             "token_keys",
+            "loss_sequences",
+            "reference_logps",
         )
         return replace(self, **{n: _to_device(getattr(self, n), device) for n in names if getattr(self, n) is not None})
 
@@ -156,10 +202,11 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 # Reading
 
 
-def read_records(cfg: DataConfig) -> list[Record]:
-    """The first `cfg.samples` records of the configured source."""
+def read_records(cfg: DataConfig, pairs: bool = False) -> list[Record]:
+    """The first `cfg.samples` records of the configured source; the built-in one as preference
+    pairs where `pairs` (a preference objective) or `cfg.format` asks for them."""
     if cfg.path is None:
-        rows = [Record(r, f"built-in record {i}") for i, r in enumerate(builtin_records())]
+        rows = [Record(r, f"built-in record {i}") for i, r in enumerate(_builtin(pairs or cfg.format == "preference"))]
     else:
         rows = read_source(cfg.path, cfg.split)
     if cfg.samples is not None:
@@ -167,6 +214,15 @@ def read_records(cfg: DataConfig) -> list[Record]:
     if not rows:
         raise SolotuneError(f"{cfg.path}: no records found")
     return rows
+
+
+def _builtin(pairs: bool) -> list[dict]:
+    if not pairs:
+        return builtin_records()
+    return [
+        {"prompt": format_instruction(r["instruction"], r["input"]), "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in builtin_preference_records()
+    ]
 
 
 def read_source(path: str, split: str) -> list[Record]:
@@ -276,6 +332,9 @@ def check_record(record: Record, fmt: str) -> None:
     if fmt == "messages":
         _check_messages(r["messages"], where)
         return
+    if fmt == "preference":
+        pair_parts(record)
+        return
     text_keys = REQUIRED_KEYS[fmt] + (("input",) if fmt == "alpaca" and r.get("input") is not None else ())
     for key in text_keys:
         if not isinstance(r[key], str):
@@ -283,6 +342,88 @@ def check_record(record: Record, fmt: str) -> None:
         _check_unicode(r[key], where, key)
     if not r[REQUIRED_KEYS[fmt][-1]].strip():
         raise SolotuneError(f"{where}: field {REQUIRED_KEYS[fmt][-1]!r} is empty")
+
+
+def pair_parts(record: Record) -> tuple[str | list[dict], str, str]:
+    """(prompt, chosen, rejected) of a preference record: the prompt as text or as chat messages,
+    each answer as text. Takes the layouts data sets use: {prompt, chosen, rejected} as text or
+    messages (UltraFeedback-binarized: each answer the whole conversation), or no prompt field
+    with the prompt inside both answers (Anthropic HH: text up to the last "Assistant:")."""
+    r, where = record.fields, record.where
+    prompt = r.get("prompt")
+    conversations = {k: _answer_conversation(r[k], where, k) for k in ("chosen", "rejected")}
+    if any(c is not None for c in conversations.values()):
+        prompt = _chat_prompt(prompt, conversations, where)
+        chosen, rejected = (conversations[k][-1]["content"] for k in ("chosen", "rejected"))
+    else:
+        chosen, rejected = r["chosen"], r["rejected"]
+        if prompt is None:
+            prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, where)
+        elif isinstance(prompt, list):
+            _check_messages(prompt + [{"role": "assistant", "content": chosen}], where)
+        elif not isinstance(prompt, str):
+            raise SolotuneError(f"{where}: field 'prompt' must be a string or a list of messages")
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        _check_unicode(answer, where, key)
+        if not answer.strip():
+            raise SolotuneError(f"{where}: the {key} answer is empty")
+    if isinstance(prompt, str):
+        _check_unicode(prompt, where, "prompt")
+    if chosen == rejected:
+        raise SolotuneError(f"{where}: chosen and rejected are the same answer")
+    return prompt, chosen, rejected
+
+
+def _answer_conversation(answer, where: str, key: str) -> list[dict] | None:
+    """An answer given as chat messages (ending in the assistant's turn), or None for text."""
+    if isinstance(answer, str):
+        return None
+    if not isinstance(answer, list) or not answer:
+        raise SolotuneError(f"{where}: field {key!r} must be a string or a non-empty list of messages")
+    _check_messages(answer, where)
+    if answer[-1]["role"] != "assistant":
+        raise SolotuneError(f"{where}: {key} must end with the assistant's answer")
+    return answer
+
+
+def _chat_prompt(prompt, conversations: dict, where: str) -> list[dict]:
+    """The prompt messages of a chat pair: the `prompt` field (a string is one user turn), or the
+    turns before the answers, which chosen and rejected must share (and which, where both are
+    given, must be the prompt)."""
+    if any(c is None for c in conversations.values()):
+        raise SolotuneError(f"{where}: chosen and rejected must both be text or both be messages")
+    turns, other = (c[:-1] for c in conversations.values())
+    if turns != other:
+        raise SolotuneError(f"{where}: chosen and rejected answer different conversations")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if prompt is None:
+        prompt = turns
+    elif turns and turns != prompt:
+        raise SolotuneError(f"{where}: the answers' conversations do not start with the prompt")
+    if not isinstance(prompt, list) or not prompt:
+        raise SolotuneError(f"{where}: no prompt: give a 'prompt' field or the turns before each answer")
+    for i, m in enumerate(prompt):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise SolotuneError(f"{where}: prompt[{i}] must have string 'role' and 'content'")
+    return prompt
+
+
+def _split_shared_prompt(chosen, rejected, where: str) -> tuple[str, str, str]:
+    """A text pair without a prompt field: the prompt is the shared text up to and including the
+    last "Assistant:" before the answers part."""
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(answer, str):
+            raise SolotuneError(f"{where}: field {key!r} must be a string or a list of messages")
+    shared = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind(ASSISTANT_MARKER, 0, shared)
+    if cut < 0:
+        raise SolotuneError(
+            f"{where}: missing field 'prompt' (format preference), and the answers share no "
+            f"{ASSISTANT_MARKER!r} turn to take it from"
+        )
+    cut += len(ASSISTANT_MARKER)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def _check_messages(messages, where: str) -> None:
@@ -310,17 +451,26 @@ def _check_unicode(text: str, where: str, key: str) -> None:
 # Tokenization
 
 
-def tokenize_records(records: list[Record], tokenizer, cfg: DataConfig) -> tuple[list[Example], DataStats, str]:
-    """Check and tokenize every record; returns the examples, counts and the detected format."""
+def tokenize_records(
+    records: list[Record], tokenizer, cfg: DataConfig, pairs: bool = False
+) -> tuple[list, DataStats, str]:
+    """Check and tokenize every record; returns the units (Examples, or Pairs where `pairs`: a
+    preference objective), counts and the detected format. Preference records trained with SFT
+    give their chosen answer's sequence."""
     fmt = detect_format(records, cfg.format)
+    if pairs and fmt != "preference":
+        raise SolotuneError(
+            f"{records[0].where}: a preference objective needs records with 'chosen' and 'rejected' answers "
+            f"(and a 'prompt'), not {fmt} records"
+        )
+    if fmt == "preference":
+        return _tokenize_pairs(records, tokenizer, cfg, pairs)
     examples, truncated, dropped, skipped = [], 0, 0, []
     for i, record in enumerate(records):
         try:
             check_record(record, fmt)
         except SolotuneError as e:
-            if cfg.on_bad_record == "error":
-                raise SolotuneError(f"{e} (or skip such records with --data.on-bad-record skip)") from None
-            skipped.append(str(e))
+            _bad_record(e, cfg, skipped)
             continue
         ids, labels = _tokenize(record, fmt, tokenizer, cfg.train_on_prompt)
         if len(ids) > cfg.max_len and cfg.too_long == "drop":
@@ -333,19 +483,93 @@ def tokenize_records(records: list[Record], tokenizer, cfg: DataConfig) -> tuple
             dropped += 1
             continue
         examples.append(Example(ids, labels, i))
-    if not examples:
+    return examples, _data_stats(records, examples, truncated, dropped, skipped, cfg), fmt
+
+
+def _bad_record(error: SolotuneError, cfg: DataConfig, skipped: list[str]) -> None:
+    """Stop on a malformed record, or note it as skipped (data.on_bad_record)."""
+    if cfg.on_bad_record == "error":
+        raise SolotuneError(f"{error} (or skip such records with --data.on-bad-record skip)") from None
+    skipped.append(str(error))
+
+
+def _data_stats(records, units: list, truncated: int, dropped: int, skipped: list[str], cfg: DataConfig) -> DataStats:
+    if not units:
         why = f"; {len(skipped)} malformed, e.g. {skipped[0]}" if skipped else ""
         raise SolotuneError(f"no usable record: none has a response token within max_len = {cfg.max_len}{why}")
-    stats = DataStats(
+    sequences = sequences_of(units)
+    return DataStats(
         records=len(records),
         truncated=truncated,
         dropped=dropped,
-        tokens=sum(len(e.input_ids) for e in examples),
-        loss_tokens=count_loss_tokens(examples),
+        tokens=sum(len(e.input_ids) for e in sequences),
+        loss_tokens=count_loss_tokens(sequences),
         skipped=len(skipped),
         skip_reasons=skipped[:3],
     )
-    return examples, stats, fmt
+
+
+def _tokenize_pairs(records: list[Record], tokenizer, cfg: DataConfig, pairs: bool) -> tuple[list, DataStats, str]:
+    """Preference records as Pairs (or, for SFT, their chosen sequences). A pair longer than
+    max_len has its answers cut (data.too_long = truncate) or is dropped; one whose prompt
+    leaves no answer token within max_len is a bad record."""
+    units, truncated, dropped, skipped = [], 0, 0, []
+    for i, record in enumerate(records):
+        try:
+            check_record(record, "preference")
+            prompt_ids, answers = _tokenize_pair(record, tokenizer)
+            if len(prompt_ids) >= cfg.max_len:
+                raise SolotuneError(
+                    f"{record.where}: the prompt's {len(prompt_ids)} tokens leave no answer token within "
+                    f"max_len = {cfg.max_len}"
+                )
+        except SolotuneError as e:
+            _bad_record(e, cfg, skipped)
+            continue
+        too_long = any(len(prompt_ids) + len(a) > cfg.max_len for a in answers)
+        if too_long and cfg.too_long == "drop":
+            dropped += 1
+            continue
+        truncated += too_long
+        chosen, rejected = (_answer_example(prompt_ids, a, i, cfg) for a in answers)
+        units.append(Pair(chosen, rejected) if pairs else chosen)
+    return units, _data_stats(records, units, truncated, dropped, skipped, cfg), "preference"
+
+
+def _answer_example(prompt_ids: list[int], answer_ids: list[int], index: int, cfg: DataConfig) -> Example:
+    """The prompt and an answer as one sequence cut to max_len, the loss on the answer's tokens
+    (on the prompt's too with data.train_on_prompt, for SFT on the chosen answers)."""
+    ids = (prompt_ids + answer_ids)[: cfg.max_len]
+    prompt_labels = prompt_ids if cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
+    return Example(ids, (prompt_labels + answer_ids)[: cfg.max_len], index)
+
+
+def _tokenize_pair(record: Record, tokenizer) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [chosen ids, rejected ids]): the prompt tokenized once, each answer after it
+    as the model would continue it (the chat template's assistant turn, or the text and EOS)."""
+    prompt, chosen, rejected = pair_parts(record)
+    if isinstance(prompt, str):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        answers = [
+            tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in (chosen, rejected)
+        ]
+        return prompt_ids, answers
+    if not getattr(tokenizer, "chat_template", None):
+        raise SolotuneError(f"{record.where}: chat-message pairs need a tokenizer with a chat template")
+    prompt_ids = _render(tokenizer, prompt, gen_prompt=True)
+    answers = []
+    for answer in (chosen, rejected):
+        ids = _render(tokenizer, prompt + [{"role": "assistant", "content": answer}])
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise SolotuneError(f"{record.where}: the chat template renders the prompt differently before an answer")
+        answers.append(ids[len(prompt_ids) :])
+    return prompt_ids, answers
+
+
+def _render(tokenizer, messages: list[dict], gen_prompt: bool = False) -> list[int]:
+    """Token ids of `messages` under the tokenizer's chat template."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen_prompt)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
 def _tokenize(record: Record, fmt: str, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
@@ -372,8 +596,7 @@ def _tokenize_messages(messages: list[dict], tokenizer, where: str, train_on_pro
         raise SolotuneError(f"{where}: 'messages' records need a tokenizer with a chat template")
 
     def render(msgs, gen_prompt=False):
-        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return _render(tokenizer, msgs, gen_prompt)
 
     ids = render(messages)
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
@@ -428,9 +651,13 @@ def split_micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def make_batch(examples: list[Example], pad_id: int, padding_free: bool) -> Batch:
-    """A micro-batch as one padding-free row, or padded to its longest record."""
-    return collate_packed(examples) if padding_free else collate(examples, pad_id)
+def make_batch(units: list, pad_id: int, padding_free: bool) -> Batch:
+    """A micro-batch of units (Examples or Pairs) as one padding-free row, or padded to its
+    longest sequence; a pair's two sequences side by side."""
+    sequences = sequences_of(units)
+    batch = collate_packed(sequences) if padding_free else collate(sequences, pad_id)
+    n_pairs = sum(isinstance(u, Pair) for u in units)
+    return replace(batch, n_pairs=n_pairs) if n_pairs else batch
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
@@ -456,6 +683,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         n_loss_tokens=len(targets),
         loss_positions=targets,
         token_keys=keys,
+        loss_sequences=loss_sequences(examples),
     )
 
 
@@ -487,6 +715,7 @@ def collate_packed(examples: list[Example]) -> Batch:
         segment_lengths=tuple(len(e.input_ids) for e in examples),
         segment_offsets=torch.tensor(starts + [len(input_ids)], dtype=torch.int32),
         token_keys=token_keys(torch.tensor(records), position_ids[0]).unsqueeze(0),
+        loss_sequences=loss_sequences(examples),
     )
 
 
@@ -504,6 +733,13 @@ def loss_positions(examples: list[Example], starts: list[int]) -> torch.Tensor:
     return torch.tensor(
         [start + t for e, start in zip(examples, starts) for t, y in enumerate(e.labels[1:]) if y != IGNORE_INDEX],
         dtype=torch.long,
+    )
+
+
+def loss_sequences(examples: list[Example]) -> torch.Tensor:
+    """For each loss position (in `loss_positions` order), the index of its example."""
+    return torch.tensor(
+        [row for row, e in enumerate(examples) for y in e.labels[1:] if y != IGNORE_INDEX], dtype=torch.long
     )
 
 

@@ -11,6 +11,11 @@ For a plain linear head, forward therefore computes each chunk's gradient while 
 logits exist and keeps only the (N, H) gradient of the hidden states; backward scales it.
 Nothing logits-sized is kept for backward, and the head's matmul is not run a third time.
 Any other head (an adapted or quantized one) runs chunk by chunk under checkpointing instead.
+
+The preference objectives need each position's log-prob, not their sum: a pair's loss is a
+function of its sequences' summed log-probs. `response_token_losses` gives them from the same
+chunked head; with a frozen head (LoRA) each position's gradient is again computed in forward,
+as one (N, H) row scaled in backward by what the objective makes of that position.
 """
 
 from __future__ import annotations
@@ -76,15 +81,9 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         weight_in_head_dtype = None
         for start in range(0, h.shape[0], chunk):
-            h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(h_c, weight, bias)
-            head_dtype = logits.dtype
-            logits = logits.float()
-            lse = torch.logsumexp(logits, dim=-1)
-            rows = torch.arange(t_c.shape[0], device=h.device)
-            total += (lse - logits[rows, t_c]).sum()
-            grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in the logits' memory
-            grad_logits[rows, t_c] -= 1
+            h_c = h[start : start + chunk]
+            losses, grad_logits, head_dtype = _losses_and_logit_grads(h_c, weight, bias, targets[start : start + chunk])
+            total += losses.sum()
             g = grad_logits.to(head_dtype)
             if weight_in_head_dtype is None:  # cast once, not per chunk (a no-op unless autocast casts)
                 weight_in_head_dtype = weight.to(head_dtype)
@@ -104,8 +103,101 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
         return *grads, None, None
 
 
-def _head_cross_entropy(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(lm_head(h).float(), targets, reduction="sum")
+def _losses_and_logit_grads(h_c, weight, bias, t_c) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """A chunk's per-position cross-entropy and its gradient w.r.t. the logits (softmax minus the
+    target's one-hot, fp32, in the logits' own memory), and the dtype the head computed in."""
+    logits = F.linear(h_c, weight, bias)
+    head_dtype = logits.dtype
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    rows = torch.arange(t_c.shape[0], device=h_c.device)
+    losses = lse - logits[rows, t_c]
+    grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in the logits' memory
+    grad_logits[rows, t_c] -= 1
+    return losses, grad_logits, head_dtype
+
+
+class FusedHeadTokenLosses(torch.autograd.Function):
+    """cross_entropy(h @ weight.T + bias, targets) per position, (N,), for a frozen head.
+
+    Position i's loss depends on row i of h alone, so its gradient is row i of
+    (softmax - one_hot) @ weight times whatever the caller makes of that loss: forward keeps the
+    (N, H) rows in fp32, backward scales each by its incoming gradient. One chunk's logits exist
+    at a time, and the head's matmul is not run again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):
+        losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
+        weight_in_head_dtype = None
+        for start in range(0, h.shape[0], chunk):
+            h_c = h[start : start + chunk]
+            chunk_losses, grad_logits, head_dtype = _losses_and_logit_grads(
+                h_c, weight, bias, targets[start : start + chunk]
+            )
+            losses[start : start + chunk] = chunk_losses
+            if grad_h is not None:
+                if weight_in_head_dtype is None:
+                    weight_in_head_dtype = weight.to(head_dtype)
+                grad_h[start : start + chunk] = matmul(grad_logits.to(head_dtype), weight_in_head_dtype)
+        ctx.save_for_backward(grad_h)
+        ctx.h_dtype = h.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_h,) = ctx.saved_tensors
+        grad = None if grad_h is None else (grad_h * grad_losses.unsqueeze(-1)).to(ctx.h_dtype)
+        return grad, None, None, None, None
+
+
+def chunked_token_losses(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, positions: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Each loss position's cross-entropy, (N,) fp32, from the final hidden states, `chunk`
+    positions at a time (see chunked_response_loss_sum for `positions`)."""
+    h = hidden.flatten(0, 1)[positions]
+    targets = labels.flatten()[positions + 1]
+    frozen = not any(p.requires_grad for p in lm_head.parameters())
+    if type(lm_head) is torch.nn.Linear and frozen:
+        return FusedHeadTokenLosses.apply(h, lm_head.weight, lm_head.bias, targets, chunk)
+    return torch.cat(
+        [
+            checkpoint(
+                _head_cross_entropy, lm_head, h[s : s + chunk], targets[s : s + chunk], "none", use_reentrant=False
+            )
+            for s in range(0, h.shape[0], chunk)
+        ]
+    )
+
+
+def _head_cross_entropy(
+    lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, reduction: str = "sum"
+) -> torch.Tensor:
+    return F.cross_entropy(lm_head(h).float(), targets, reduction=reduction)
+
+
+def response_token_losses(model, batch: Batch, chunk: int) -> torch.Tensor:
+    """-log p(target) at each of the batch's loss positions, (N,) fp32, in `loss_positions`
+    order: from the chunked head, or (`chunk` = 0) from the model's full logits."""
+    inputs = batch.model_inputs()
+    if not chunk or not supports_chunked_head(model):
+        logits = model(**inputs).logits
+        targets = batch.labels.flatten()[batch.loss_positions + 1]
+        return F.cross_entropy(logits.flatten(0, 1)[batch.loss_positions].float(), targets, reduction="none")
+    return chunked_token_losses(
+        _hidden_states(model, inputs), model.get_output_embeddings(), batch.labels, batch.loss_positions, chunk
+    )
+
+
+def sequence_log_probs(model, batch: Batch, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs of each sequence's loss tokens, their counts), each (sequences,) fp32."""
+    token_losses = response_token_losses(model, batch, chunk)
+    zeros = token_losses.new_zeros(batch.n_sequences)
+    logps = zeros.index_add(0, batch.loss_sequences, -token_losses)
+    counts = zeros.index_add(0, batch.loss_sequences, torch.ones_like(token_losses))
+    return logps, counts
 
 
 @dataclass(frozen=True)
@@ -122,12 +214,17 @@ class ResponseLoss:
         inputs = batch.model_inputs()
         if not self.chunk or not supports_chunked_head(model):
             return full_response_loss_sum(model(**inputs).logits, batch.labels)
-        head = model.get_output_embeddings()
-        if sharding.is_sharded(model):
-            hidden = final_hidden_states(model, inputs)
-        else:
-            hidden = model.get_decoder()(**inputs).last_hidden_state
-        return chunked_response_loss_sum(hidden, head, batch.labels, batch.loss_positions, self.chunk)
+        hidden = _hidden_states(model, inputs)
+        return chunked_response_loss_sum(
+            hidden, model.get_output_embeddings(), batch.labels, batch.loss_positions, self.chunk
+        )
+
+
+def _hidden_states(model, inputs: dict) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H) for `inputs`."""
+    if sharding.is_sharded(model):
+        return final_hidden_states(model, inputs)
+    return model.get_decoder()(**inputs).last_hidden_state
 
 
 def final_hidden_states(model, inputs: dict) -> torch.Tensor:

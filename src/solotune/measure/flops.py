@@ -69,6 +69,13 @@ class FlopModel:
         head = (6 if self.head_trains else 4) * self.head_weights * loss_positions
         return body + attention + head
 
+    def forward_flops(self, batches: list[Batch]) -> float:
+        """FLOPs of a forward pass alone over these micro-batches (a reference model's, no_grad)."""
+        tokens = sum(b.n_tokens for b in batches)
+        loss_positions = sum(b.n_loss_tokens for b in batches)
+        squares = sum(n * n for b in batches for n in _record_lengths(b))
+        return 2 * (self.body_weights * tokens + squares * self.attention_width + self.head_weights * loss_positions)
+
 
 def _record_lengths(batch: Batch) -> list[int]:
     if batch.segment_lengths is not None:

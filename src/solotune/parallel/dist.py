@@ -67,22 +67,22 @@ def init(requested: int, device: torch.device) -> World:
     return world
 
 
-def sum_step(grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-    """Sum the gradients (in place) and the step's loss over the ranks, in fp32, in one
-    collective; returns the summed loss."""
-    flat = step_buffer(grads, loss)
+def sum_step(grads: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """Sum the gradients (in place) and the step's loss and statistics (`values`, 1-D) over the
+    ranks, in fp32, in one collective; returns the summed values."""
+    flat = step_buffer(grads, values)
     torch_dist.all_reduce(flat)
     start = 0
     for g in grads:
         g.copy_(flat[start : start + g.numel()].view_as(g))
         start += g.numel()
-    return flat[-1]
+    return flat[start:]
 
 
-def step_buffer(grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-    """The fp32 buffer one all-reduce carries: every gradient, then the loss (also what
-    `estimate` adds for a rank)."""
-    return torch.cat([g.detach().float().reshape(-1) for g in grads] + [loss.detach().float().reshape(1)])
+def step_buffer(grads: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """The fp32 buffer one all-reduce carries: every gradient, then the loss and statistics
+    (also what `estimate` adds for a rank)."""
+    return torch.cat([g.detach().float().reshape(-1) for g in grads] + [values.detach().float().reshape(-1)])
 
 
 def sum_counts(*values: float) -> list[float]:

@@ -1,9 +1,10 @@
 """Whether the fine-tune worked: the loss on held-out records, and the task accuracy on them
 before and after training.
 
-The eval loss is the training loss's own definition (loss.ResponseLoss: the mean cross-entropy
-over the response tokens), summed over every held-out record and divided once by their response
-tokens: exact, not a mean of batch means. It runs in micro-batches of the training's size, on
+The eval loss is the training loss's own definition (the run's objective: for SFT the mean
+cross-entropy over the response tokens), summed over every held-out record and divided once by
+their response tokens (or pairs): exact, not a mean of batch means. A preference objective's
+statistics come with it: the held-out reward accuracy and margin. It runs in micro-batches of the training's size, on
 padding-free rows where training uses them, under `torch.no_grad`, with one device read at the
 end.
 
@@ -26,17 +27,26 @@ from dataclasses import replace as dataclass_replace
 import torch
 
 from solotune.config import RunConfig
-from solotune.data import Example, Record, count_loss_tokens, format_instruction, read_records, tokenize_records
+from solotune.data import (
+    Record,
+    count_loss_tokens,
+    format_instruction,
+    pair_parts,
+    read_records,
+    sequences_of,
+    tokenize_records,
+)
 from solotune.errors import SolotuneError
 from solotune.fastpaths.registry import FastPaths
 from solotune.model.precision import PrecisionPolicy
 from solotune.parallel import sharding
+from solotune.training.objective import SFT, Objective
 
 GENERATION_BATCH = 8
 ANSWER_SLACK_TOKENS = 8  # generated beyond the longest expected answer, so that a wrong one shows
 
 
-def hold_out(examples: list[Example], split: float, seed: int) -> tuple[list[Example], list[Example]]:
+def hold_out(examples: list, split: float, seed: int) -> tuple[list, list]:
     """(train, held out): `split` of the examples, at least one, picked by `seed` before any training."""
     n_eval = max(1, round(split * len(examples)))
     if n_eval >= len(examples):
@@ -51,7 +61,7 @@ class HeldOut:
     """The held-out examples, evaluated as the training computes its loss (`micro` records a
     micro-batch, with the run's fast paths), every `every` steps."""
 
-    examples: list[Example]
+    examples: list  # the units: Examples, or preference Pairs
     pad_id: int
     micro: int
     every: int = 0
@@ -62,22 +72,25 @@ class HeldOut:
         """Whether the loop evaluates after step `done` (the end of training is the caller's)."""
         return self.every > 0 and done % self.every == 0 and done < n_steps
 
-    def loss(self, model, policy: PrecisionPolicy, fast: FastPaths) -> float:
-        """Mean cross-entropy over the response tokens of the held-out records (no gradients),
-        computed as the run computes its loss: the same batch layout, loss and attention."""
+    def loss(self, model, policy: PrecisionPolicy, fast: FastPaths, objective: Objective | None = None) -> float:
+        return self.evaluate(model, policy, fast, objective or SFT(fast.ce_chunk))["loss"]
+
+    def evaluate(self, model, policy: PrecisionPolicy, fast: FastPaths, objective: Objective) -> dict[str, float]:
+        """The objective's loss over the held-out units (no gradients), and its statistics,
+        computed as the run computes them: the same batch layout, loss and attention."""
         was_training = model.training
         model.eval()
-        total = torch.zeros((), dtype=torch.float32, device=policy.device)
-        longest = max(len(e.input_ids) for e in self.examples)
-        loss_fn = fast.loss_fn()
+        total = torch.zeros(1 + len(objective.stats), dtype=torch.float32, device=policy.device)
+        longest = max(len(s.input_ids) for s in sequences_of(self.examples))
         with torch.no_grad(), fast.during_steps(model, longest):
             for start in range(0, len(self.examples), self.micro):
-                batch = fast.batch(self.examples[start : start + self.micro], self.pad_id)
+                batch = objective.batch(self.examples[start : start + self.micro], fast, self.pad_id)
                 with policy.autocast():
-                    total += loss_fn(model, batch.to(policy.device)).float()
+                    total += objective(model, batch.to(policy.device)).float()
         model.train(was_training)
         sharding.reshard(model)  # FSDP2: a forward without backward leaves the root's weights gathered
-        return total.item() / count_loss_tokens(self.examples)
+        values = (total / objective.normalizer(self.examples)).tolist()
+        return dict(zip(("loss", *objective.stats), values))
 
     def record(self, step: int, loss: float) -> None:
         """Note the loss of `step`; a new lowest one goes to `on_best`."""
@@ -119,6 +132,9 @@ def question_and_answer(record: Record, fmt: str) -> tuple[str, str] | None:
         return r["prompt"], r["response"]
     if fmt == "messages" and r["messages"] and r["messages"][-1].get("role") == "assistant":
         return r["messages"][:-1], r["messages"][-1]["content"]
+    if fmt == "preference":  # the chosen answer is the expected one
+        prompt, chosen, _ = pair_parts(record)
+        return prompt, chosen
     return None
 
 
@@ -188,18 +204,21 @@ class Evaluation:
     def describe(self) -> str:
         accuracy = f"task accuracy ({self.metric}) on {len(self.pairs)}" if self.pairs else "no task accuracy"
         every = f", every {self.held_out.every} steps" if self.held_out.every else ""
+        held = self.held_out.examples
         return (
-            f"eval: {len(self.held_out.examples)} held-out records ({self.source}), "
-            f"{count_loss_tokens(self.held_out.examples):,} response tokens; loss before and after training{every}; "
+            f"eval: {len(held)} held-out records ({self.source}), "
+            f"{count_loss_tokens(sequences_of(held)):,} response tokens; loss before and after training{every}; "
             f"{accuracy}"
         )
 
-    def run(self, when: str, model, tokenizer, policy: PrecisionPolicy, fast: FastPaths, step: int) -> None:
+    def run(
+        self, when: str, model, tokenizer, policy: PrecisionPolicy, fast: FastPaths, step: int, objective: Objective
+    ) -> None:
         """Evaluate `when` ("before" or "after") training, at `step`."""
         start = time.perf_counter()
-        loss = self.held_out.loss(model, policy, fast)
-        self.held_out.record(step, loss)
-        self.results[f"loss_{when}"] = loss
+        values = self.held_out.evaluate(model, policy, fast, objective)
+        self.held_out.record(step, values["loss"])
+        self.results.update({f"{name}_{when}": value for name, value in values.items()})
         if self.pairs:
             self.results[f"accuracy_{when}"] = task_accuracy(
                 model, tokenizer, self.pairs, self.metric, policy
@@ -216,15 +235,16 @@ class Evaluation:
                 **self.results, "loss_curve": curve, "best_loss": self.held_out.best}  # fmt: skip
 
 
-def evaluation_for(cfg: RunConfig, records: list[Record], examples: list[Example], fmt: str, tokenizer):
+def evaluation_for(cfg: RunConfig, records: list[Record], examples: list, fmt: str, tokenizer):
     """(training examples, Evaluation or None) for `cfg.eval`: held out of `examples` by seed
     (--eval.split), or read and tokenized from --eval.data as the training data is."""
     e = cfg.eval
     if not e.enabled:
         return examples, None
     if e.data:
-        eval_records = read_records(dataclass_replace(cfg.data, path=e.data, samples=None))
-        held, _, eval_fmt = tokenize_records(eval_records, tokenizer, cfg.data)
+        preference = cfg.pref.method != "sft"
+        eval_records = read_records(dataclass_replace(cfg.data, path=e.data, samples=None), preference)
+        held, _, eval_fmt = tokenize_records(eval_records, tokenizer, cfg.data, preference)
         source = e.data
     else:
         examples, held = hold_out(examples, e.split, cfg.train.seed)

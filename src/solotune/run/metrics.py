@@ -46,6 +46,7 @@ class RunOutcome:
     saved: Path  # the trained adapter or model
     matmul_peak_flops: float  # measured on this device in the compute dtype
     evaluation: dict | None = None  # evaluate.Evaluation.metrics, where held-out records were given
+    objective: dict | None = None  # the objective and its settings (training/objective.py)
 
 
 def library_versions() -> dict:
@@ -93,6 +94,7 @@ def collect_metrics(run: RunOutcome) -> dict:
         "artifacts": {"trained": str(run.saved)},
         "quantized_linears": run.quantized.as_dict() if run.quantized else None,
         "fast_paths": run.fast_paths.as_dict(),
+        "objective": run.objective or {"method": "sft"},
     }
 
 
@@ -117,6 +119,8 @@ def _train_metrics(loop: LoopResult, peak_flops: float) -> dict:
         "loss_curve": loop.losses,
         "grad_norms": loop.grad_norms,
         "lr": loop.lrs,
+        # the objective's statistics per step (preference: reward accuracy, rewards, margin)
+        "stats": loop.stats,
     }
 
 
@@ -141,6 +145,8 @@ def print_summary(m: dict, out_dir: Path) -> None:
         "the measured matmul peak)\n"
         f"saved: {m['artifacts']['trained']}  metrics: {out_dir / artifacts.METRICS_FILE}"
     )
+    if t.get("stats"):
+        print(_pair_line(t["stats"]))
     if m.get("eval"):
         print(_eval_line(m["eval"]))
     if m.get("export"):
@@ -151,8 +157,22 @@ def print_summary(m: dict, out_dir: Path) -> None:
         print(f"fp16: {t['skipped_steps']} of {t['steps']} steps skipped by the gradient scaler (overflow)")
 
 
+def _pair_line(stats: dict) -> str:
+    """The preference statistics of the last step."""
+    return (
+        f"last step: reward accuracy {100 * stats['reward_accuracy'][-1]:.0f}%, chosen reward "
+        f"{stats['chosen_reward'][-1]:+.4f}, rejected reward {stats['rejected_reward'][-1]:+.4f}, "
+        f"margin {stats['margin'][-1]:+.4f}"
+    )
+
+
 def _eval_line(e: dict) -> str:
     line = f"eval: loss {e['loss_before']:.4f} -> {e['loss_after']:.4f} on {e['records']} held-out records"
+    if "reward_accuracy_before" in e:
+        line += (
+            f"; reward accuracy {100 * e['reward_accuracy_before']:.0f}% -> {100 * e['reward_accuracy_after']:.0f}%, "
+            f"margin {e['margin_before']:+.4f} -> {e['margin_after']:+.4f}"
+        )
     if "accuracy_before" in e:
         a, b = e["accuracy_before"], e["accuracy_after"]
         line += (

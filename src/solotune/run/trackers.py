@@ -50,6 +50,7 @@ HPARAMS = {
     "lr": "train.lr",
     "optim": "train.optim",
     "max_len": "data.max_len",
+    "method": "pref.method",
 }
 config_paths(HPARAMS.values(), "trackers.HPARAMS")
 

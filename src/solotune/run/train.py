@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import transformers
 from solotune import artifacts
 from solotune.artifacts import grid_of
 from solotune.config import RunConfig, TrainConfig, parse_report_to, parse_size, to_dict, validate
-from solotune.data import DataStats, Example, read_records, tokenize_records
+from solotune.data import DataStats, read_records, tokenize_records
 from solotune.errors import SolotuneError, is_out_of_memory
 from solotune.fastpaths.kernels import choose_kernels
 from solotune.fastpaths.registry import FastPaths
@@ -39,10 +40,12 @@ from solotune.run.trackers import RunIdentity, Trackers, run_summary
 from solotune.training import checkpoint
 from solotune.training.checkpoint import Checkpointer
 from solotune.training.loop import train_loop
-from solotune.training.setup import set_up_model
+from solotune.training.objective import Objective, objective_for, reference_log_probs
+from solotune.training.setup import ModelSetup, set_up_model
 
 GENERATIONS_BEFORE_FILE = "generations-before.json"  # kept for a resumed run
 EVAL_BEFORE_FILE = "eval-before.json"  # likewise
+REFERENCE_FILE = "reference-logps.json"  # DPO's precomputed reference log-probs, likewise
 
 
 def run_training(cfg: RunConfig, resume: bool = False) -> dict:
@@ -101,7 +104,7 @@ class RunData:
 
     source: str  # where the model is loaded from
     tokenizer: object
-    examples: list[Example]  # to train on
+    examples: list  # the units to train on: Examples, or preference Pairs
     stats: DataStats
     format: str
     evaluation: Evaluation | None
@@ -113,6 +116,7 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
     checkpoints = _checkpointer(cfg, data.examples, scope.out_dir, scope.resume)
     setup = set_up_model(cfg, policy, world, data.source, data.examples, data.tokenizer.pad_token_id)
     model, fast, tokenizer, evaluation = setup.model, setup.fast, data.tokenizer, data.evaluation
+    objective = _objective(setup, data, scope)
 
     # Under FSDP2 every rank takes part in each forward (it holds a shard of every layer), so
     # every rank generates, in step; rank 0 keeps what they generated.
@@ -121,19 +125,19 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
     if evaluation:
         if cfg.eval.keep_best:
             evaluation.held_out.on_best = lambda step: _save_weights(model, tokenizer, scope, step)
-        _evaluate_before(evaluation, model, tokenizer, fast, scope)
+        _evaluate_before(evaluation, model, tokenizer, fast, objective, scope)
         if trackers:
             trackers.log(0, {"eval/loss": evaluation.results["loss_before"]})
     loop = train_loop(
-        model, data.examples, tokenizer.pad_token_id, policy, cfg.train, fast=fast, compiling=setup.compiling,
-        checkpoints=checkpoints, world=world, held_out=evaluation.held_out if evaluation else None,
+        model, data.examples, tokenizer.pad_token_id, policy, cfg.train, fast=fast, objective=objective,
+        compiling=setup.compiling, checkpoints=checkpoints, world=world, held_out=evaluation.held_out if evaluation else None,
         log=trackers.log if trackers else None,
     )  # fmt: skip
     # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
     saved = _save_weights(model, tokenizer, scope)
     after = _generate(model, tokenizer, cfg, policy) if generates and cfg.generate.enabled else []
     if evaluation:  # every rank: under FSDP2 each forward needs them all
-        evaluation.run("after", model, tokenizer, policy, fast, len(loop.losses))
+        evaluation.run("after", model, tokenizer, policy, fast, len(loop.losses), objective)
     if not world.main:
         return {}
     if setup.quantized:
@@ -155,6 +159,7 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
         # Measured after the loop (and cached) on this rank's device and threads; the job has N of them.
         matmul_peak_flops=matmul_peak_flops(policy.device, policy.compute_dtype) * world.size,
         evaluation=evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
+        objective=_objective_metrics(objective),
     )
     return _write_results(outcome, scope.out_dir, trackers)
 
@@ -162,10 +167,11 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
 def _read_data(cfg: RunConfig) -> RunData:
     """The records, tokenized with the model's tokenizer, the held-out ones set apart (before
     any model work: a missing or unreadable data file fails first)."""
-    records = read_records(cfg.data)
+    pairs = cfg.pref.method != "sft"
+    records = read_records(cfg.data, pairs)
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model)
-    examples, stats, data_format = tokenize_records(records, tokenizer, cfg.data)
+    examples, stats, data_format = tokenize_records(records, tokenizer, cfg.data, pairs)
     _print_data(examples, stats, data_format, cfg)
     examples, evaluation = evaluation_for(cfg, records, examples, data_format, tokenizer)
     if evaluation:
@@ -202,16 +208,48 @@ def _export(cfg: RunConfig, saved: Path, out_dir: Path) -> dict:
     return dataclasses.asdict(result)
 
 
-def _print_data(examples: list[Example], stats, data_format: str, cfg: RunConfig) -> None:
+def _objective(setup: ModelSetup, data: RunData, scope: RunScope) -> Objective:
+    """The run's objective; DPO's reference log-probs computed now, before any step, where it
+    takes them from a cache (a resumed run reads its first part's)."""
+    objective = objective_for(scope.cfg, setup.fast)
+    print(objective.describe())
+    if getattr(objective, "reference", None) != "cached":
+        return objective
+    saved = scope.out_dir / REFERENCE_FILE
+    if scope.resume and saved.is_file():
+        cache = {int(k): v for k, v in artifacts.read_json(saved)["logps"].items()}
+    else:
+        start = time.perf_counter()
+        held = data.evaluation.held_out.examples if data.evaluation else []
+        micro = scope.cfg.micro_batch()
+        cache = reference_log_probs(
+            setup.model, data.examples + held, setup.fast, data.tokenizer.pad_token_id, scope.policy, micro
+        )
+        seconds = time.perf_counter() - start
+        print(f"reference: log-probs of {len(cache)} pairs computed in {seconds:.1f} s, kept in {saved.name}")
+        if scope.world.main:
+            artifacts.write_json(saved, {"seconds": seconds, "logps": cache})
+    return dataclasses.replace(objective, cache=cache)
+
+
+def _objective_metrics(objective: Objective) -> dict:
+    """metrics.json's `objective`: the method and its settings (no cache)."""
+    if objective.name == "sft":
+        return {"method": "sft"}
+    return {k: v for k, v in dataclasses.asdict(objective).items() if k != "cache"}
+
+
+def _print_data(examples: list, stats, data_format: str, cfg: RunConfig) -> None:
+    unit = "pairs" if cfg.pref.method != "sft" else "examples"
     print(
-        f"data: {len(examples)} examples ({data_format}) from {cfg.data.path or 'the built-in data set'}, "
+        f"data: {len(examples)} {unit} ({data_format}) from {cfg.data.path or 'the built-in data set'}, "
         f"{stats.tokens:,} tokens, {stats.truncated} truncated, {stats.dropped} dropped"
     )
     if stats.skipped:
         print(f"data: {stats.skipped} malformed records skipped, e.g. " + "; ".join(stats.skip_reasons))
 
 
-def _checkpointer(cfg: RunConfig, examples: list[Example], out_dir: Path, resume: bool) -> Checkpointer:
+def _checkpointer(cfg: RunConfig, examples: list, out_dir: Path, resume: bool) -> Checkpointer:
     """Checkpointing for this run; when resuming, the checkpoint to start from, checked against
     this run's config and data before any model work."""
     run_fingerprint = checkpoint.fingerprint(to_dict(cfg), examples)
@@ -224,14 +262,16 @@ def _checkpointer(cfg: RunConfig, examples: list[Example], out_dir: Path, resume
     return Checkpointer(out_dir, cfg.train.save_every, cfg.train.keep, run_fingerprint, start)
 
 
-def _evaluate_before(evaluation: Evaluation, model, tokenizer, fast: FastPaths, scope: RunScope) -> None:
+def _evaluate_before(
+    evaluation: Evaluation, model, tokenizer, fast: FastPaths, objective: Objective, scope: RunScope
+) -> None:
     """The held-out loss and accuracy before training; a resumed run reuses its first part's."""
     saved = scope.out_dir / EVAL_BEFORE_FILE
     if scope.resume and saved.is_file():
         evaluation.results.update(artifacts.read_json(saved))
         evaluation.held_out.best = evaluation.results["loss_before"]
         return
-    evaluation.run("before", model, tokenizer, scope.policy, fast, step=0)
+    evaluation.run("before", model, tokenizer, scope.policy, fast, 0, objective)
     if scope.world.main:
         artifacts.write_json(saved, evaluation.results)
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from solotune.artifacts import METRICS_FILE
 from solotune.config import config_paths
+from solotune.data import sequences_of
 from solotune.errors import SolotuneError
 from solotune.parallel import sharding
 
@@ -60,7 +61,7 @@ class Checkpoint:
 def fingerprint(config: dict, examples) -> dict:
     """What must be the same to resume: the config (less FREE_ON_RESUME) and the tokenized data."""
     digest = hashlib.sha256()
-    for e in examples:
+    for e in sequences_of(examples):
         digest.update(json.dumps([e.input_ids, e.labels]).encode())
     kept = {}
     for section, value in config.items():

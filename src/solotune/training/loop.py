@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from solotune import artifacts
 from solotune.config import TrainConfig
-from solotune.data import Batch, Example, count_loss_tokens, largest_step_early, plan_steps, split_micro_batches
+from solotune.data import Batch, largest_step_early, plan_steps, sequences_of, split_micro_batches
 from solotune.errors import RunStopped, SolotuneError
 from solotune.fastpaths.registry import FastPaths
 from solotune.measure.flops import FlopModel
@@ -32,19 +32,20 @@ from solotune.parallel import dist, sharding
 from solotune.training import checkpoint
 from solotune.training.checkpoint import Checkpointer, StopRequests
 from solotune.training.compile import CompiledLayers, choose_compile, compile_seconds
+from solotune.training.objective import SFT, Objective
 from solotune.training.optim import NoSchedule, NoUpdate, create_state, make_optimizer
 from solotune.training.step import NonFiniteStep, StepContext, StepResult, train_step
 
 
 class HeldOut(Protocol):
     """What the loop asks of a held-out set (evaluate.HeldOut): whether an evaluation is due,
-    its loss, and to record it (the lowest so far in `best`)."""
+    its loss and the objective's statistics, and to record the loss (the lowest so far in `best`)."""
 
     best: float
 
     def due(self, done: int, n_steps: int) -> bool: ...
 
-    def loss(self, model, policy: PrecisionPolicy, fast: FastPaths) -> float: ...
+    def evaluate(self, model, policy: PrecisionPolicy, fast: FastPaths, objective: Objective) -> dict: ...
 
     def record(self, step: int, loss: float) -> None: ...
 
@@ -60,6 +61,7 @@ class LoopResult:
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    stats: dict[str, list[float]] = field(default_factory=dict)  # the objective's, one value a step each
     step_seconds: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     tokens: int = 0  # non-padding tokens processed
@@ -105,12 +107,13 @@ class LoopState:
 
 def train_loop(
     model,
-    examples: list[Example],
+    examples: list,
     pad_id: int,
     policy: PrecisionPolicy,
     cfg: TrainConfig,
     *,
     fast: FastPaths | None = None,
+    objective: Objective | None = None,
     compiling: bool | None = None,
     checkpoints: Checkpointer | None = None,
     world: dist.World = dist.World(),
@@ -119,8 +122,10 @@ def train_loop(
 ) -> LoopResult:
     """Run every optimizer step of the run; measure time, tokens and peak memory of the loop alone.
 
-    `fast` and `compiling`: the fast paths and compilation as the run decided them at set-up
-    (run/train.py); by default those `cfg` asks for, unchecked, and `cfg.compile` decided here.
+    `examples`: the units the steps take (Examples, or preference Pairs), which `objective`
+    (default: SFT) scores. `fast` and `compiling`: the fast paths and compilation as the run
+    decided them at set-up (run/train.py); by default those `cfg` asks for, unchecked, and
+    `cfg.compile` decided here.
     Across ranks (`world`, dist.py) each runs its share of every step's micro-batches; the
     counts and the memory are then the job's: tokens summed, each rank's peak listed.
     `held_out`: the eval loss every `held_out.every` steps, kept out of the training time.
@@ -131,8 +136,9 @@ def train_loop(
     optimizer, scheduler = make_optimizer(model, cfg, n_steps)
     create_state(optimizer)  # before the rehearsal and the first step: nothing that persists grows later
     fast = fast or FastPaths.asked(cfg)
+    objective = objective or SFT(fast.ce_chunk)
     step_ctx = StepContext(
-        model, optimizer, scheduler, policy, fast.loss_fn(), cfg.max_grad_norm, cfg.offload_activations, world
+        model, optimizer, scheduler, policy, objective, cfg.max_grad_norm, cfg.offload_activations, world
     )
     run = LoopState(step_ctx, cfg, fast, schedule, checkpoints, FlopModel.of(model))
     run.probe = PeakMemoryProbe(policy.device)
@@ -147,7 +153,7 @@ def train_loop(
     model.train()
     clock = LoopClock(run.result)
     with (
-        fast.during_steps(model, max(len(e.input_ids) for e in examples)),
+        fast.during_steps(model, max(len(s.input_ids) for s in sequences_of(examples))),
         CompiledLayers(model) if compiling else contextlib.nullcontext() as compiled,
         breakdown,
         # Under several processes a signal stops the job (torchrun passes it on); it resumes from
@@ -177,12 +183,12 @@ class Schedule:
     """Which records each optimizer step takes, in the order the loop runs them."""
 
     steps: list[list[int]]  # indices into `examples`, one list per step
-    examples: list[Example]
+    examples: list  # the units: Examples, or preference Pairs
     pad_id: int
     steps_per_epoch: int
 
     @classmethod
-    def plan(cls, examples: list[Example], pad_id: int, cfg: TrainConfig) -> Schedule:
+    def plan(cls, examples: list, pad_id: int, cfg: TrainConfig) -> Schedule:
         """The steps of `cfg`'s epochs (cut at max_steps), with the largest early (largest_first)."""
         steps = plan_steps(len(examples), cfg.batch, cfg.epochs, cfg.seed, cfg.shuffle)
         steps = steps[: cfg.max_steps] if cfg.max_steps else steps
@@ -197,15 +203,15 @@ class Schedule:
         not, any accumulation or process count) trains in the same order and an ablation's cells
         stay comparable. The padded size also bounds the layout padding-free attention may pad a
         row into, so the step it picks is rarely exceeded in any of `step_size`'s measures."""
-        lengths = [len(self.examples[i].input_ids) for i in step]
+        lengths = [len(s.input_ids) for s in sequences_of([self.examples[i] for i in step])]
         return len(step) * max(lengths), sum(lengths)
 
     def largest(self) -> list[int]:
         """The largest step of the first epoch (with largest_first, the first step)."""
         return max(self.steps[: self.steps_per_epoch], key=self.size)
 
-    def micro_batches(self, step: list[int], parts: int) -> list[list[Example]]:
-        """The records of `step` split into `parts` micro-batches."""
+    def micro_batches(self, step: list[int], parts: int) -> list[list]:
+        """The units of `step` split into `parts` micro-batches (a pair's sequences stay together)."""
         return [[self.examples[i] for i in mb] for mb in split_micro_batches(step, parts)]
 
 
@@ -215,16 +221,18 @@ def _take_step(run: LoopState, step: int, breakdown: MemoryBreakdown, compiled: 
     cfg, fast, world, schedule = run.cfg, run.fast, run.ctx.world, run.schedule
     step_records = schedule.micro_batches(schedule.steps[step], cfg.grad_accum * world.size)
     records = world.shard(step_records)
-    lengths = [[len(e.input_ids) for e in r] for r in records] or [[0]]
+    lengths = [[len(s.input_ids) for s in sequences_of(r)] for r in records] or [[0]]
     followed = breakdown.follows(step_size(lengths, fast.padding_free))
+    objective = run.ctx.objective
     with breakdown.step(followed), compiled.eager() if compiled and followed else contextlib.nullcontext():
         key = step_key(cfg.seed, step)  # the step's dropout masks (model/dropout.py)
-        micro = [fast.batch(r, schedule.pad_id).for_step(key) for r in records]
-        n_loss_tokens = _step_loss_tokens(micro, schedule.steps[step], schedule.examples, world)
+        micro = [objective.batch(r, fast, schedule.pad_id).for_step(key) for r in records]
+        # The whole step's: every rank counts the others' units on the host too, so none has to ask.
+        normalizer = objective.normalizer([schedule.examples[i] for i in schedule.steps[step]])
         idle = None
         if not micro and sharding.is_sharded(run.ctx.model):
-            idle = fast.batch(step_records[0], schedule.pad_id)
-        return _run_step(run, micro, step, n_loss_tokens, idle_batch=idle)
+            idle = objective.batch(step_records[0], fast, schedule.pad_id)
+        return _run_step(run, micro, step, normalizer, idle_batch=idle)
 
 
 def _finish(run: LoopState, breakdown: MemoryBreakdown, clock: LoopClock) -> LoopResult:
@@ -250,12 +258,12 @@ def _rehearse(run: LoopState, breakdown: MemoryBreakdown, clock: LoopClock) -> N
     costs the loop nothing. Its time is kept apart, as the rehearsal's."""
     cfg, policy, schedule = run.cfg, run.ctx.policy, run.schedule
     records = schedule.micro_batches(schedule.largest(), cfg.grad_accum)
-    size = step_size([[len(e.input_ids) for e in r] for r in records], run.fast.padding_free)
+    size = step_size([[len(s.input_ids) for s in sequences_of(r)] for r in records], run.fast.padding_free)
     scale = policy.scaler.state_dict()
     start = time.perf_counter()
     devices = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), breakdown.rehearsal(size):
-        micro = [run.fast.batch(r, schedule.pad_id).to(policy.device) for r in records]  # as a step's are
+        micro = [run.ctx.objective.batch(r, run.fast, schedule.pad_id).to(policy.device) for r in records]
         try:
             train_step(
                 dataclasses.replace(run.ctx, optimizer=NoUpdate(run.ctx.optimizer), scheduler=NoSchedule()), micro
@@ -275,22 +283,24 @@ def _step_values(result: LoopResult) -> dict:
         "train/lr": result.lrs[-1],
         "train/grad_norm": result.grad_norms[-1],
         "train/step_seconds": result.step_seconds[-1],
+        **{f"train/{name}": values[-1] for name, values in result.stats.items()},
     }
 
 
 def _evaluate(run: LoopState, held_out: HeldOut, done: int, clock: LoopClock, log) -> None:
     """The eval loss after step `done`, kept out of the training time, shown and logged."""
     start = time.perf_counter()
-    loss = held_out.loss(run.ctx.model, run.ctx.policy, run.fast)
+    values = held_out.evaluate(run.ctx.model, run.ctx.policy, run.fast, run.ctx.objective)
+    loss = values["loss"]
     run.result.eval_curve.append([done, loss])
     held_out.record(done, loss)
     seconds = time.perf_counter() - start
     run.result.eval_s += seconds
     clock.saving_s += seconds
     if run.ctx.world.main:
-        tqdm.write(f"step {done}: eval loss {loss:.4f}")
+        tqdm.write(f"step {done}: eval " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in values.items()))
     if log:
-        log(done, {"eval/loss": loss})
+        log(done, {f"eval/{k}": v for k, v in values.items()})
 
 
 def _progress_bar(first: int, n_steps: int, world: dist.World) -> tqdm:
@@ -303,14 +313,6 @@ def _progress_bar(first: int, n_steps: int, world: dist.World) -> tqdm:
         total=n_steps,
         disable=not world.main,  # rank 0 shows the job's progress
     )
-
-
-def _step_loss_tokens(micro: list[Batch], step_indices: list[int], examples: list[Example], world: dist.World) -> int:
-    """The whole step's response tokens, where `micro` is this rank's share: every rank counts the
-    others' records on the host too, so no rank has to ask."""
-    if world.size == 1:
-        return sum(mb.n_loss_tokens for mb in micro)
-    return count_loss_tokens([examples[i] for i in step_indices])
 
 
 def _sum_over_ranks(result: LoopResult) -> None:
@@ -333,24 +335,26 @@ def _resume(run: LoopState, n_steps: int) -> int:
     return start.step
 
 
-def _run_step(
-    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, idle_batch: Batch | None
-) -> StepResult:
+def _run_step(run: LoopState, micro: list[Batch], step: int, normalizer: int, idle_batch: Batch | None) -> StepResult:
     """One optimizer step, timed, with its records added to the loop's (`idle_batch`: train_step's)."""
     result = run.result
-    result.flops += run.flop_model.step_flops(micro)  # on the host copies: no device sync
+    # On the host copies: no device sync. A reference pass (DPO under LoRA) is one more forward.
+    result.flops += run.flop_model.step_flops(micro)
+    result.flops += run.ctx.objective.reference_passes * run.flop_model.forward_flops(micro)
     device = run.ctx.policy.device
     micro = [mb.to(device) for mb in micro]
     result.lrs.append(run.ctx.scheduler.get_last_lr()[0])
     start, compiled_before = time.perf_counter(), compile_seconds()
     idle_batch = idle_batch.to(device) if idle_batch is not None else None
-    out = _guarded_step(run, micro, step, n_loss_tokens, idle_batch)
+    out = _guarded_step(run, micro, step, normalizer, idle_batch)
     run.gradients_checked = run.gradients_checked or out.checked
     compile_s = compile_seconds() - compiled_before
     result.step_seconds.append(time.perf_counter() - start - compile_s)
     result.compile_s += compile_s
     result.losses.append(out.loss)
     result.grad_norms.append(out.grad_norm)
+    for name, value in out.stats.items():
+        result.stats.setdefault(name, []).append(value)
     result.skipped_steps += out.skipped
     result.tokens += sum(mb.n_tokens for mb in micro)
     result.positions += sum(mb.n_positions for mb in micro)
@@ -364,13 +368,13 @@ def _run_step(
 
 
 def _guarded_step(
-    run: LoopState, micro: list[Batch], step: int, n_loss_tokens: int, idle_batch: Batch | None
+    run: LoopState, micro: list[Batch], step: int, normalizer: int, idle_batch: Batch | None
 ) -> StepResult:
     """`train_step`, stopping the run on a NaN/inf loss or gradient (outside fp16, where the
     scaler skips such steps) before it reaches the weights, naming the records of the step."""
     try:
         return train_step(
-            run.ctx, micro, n_loss_tokens=n_loss_tokens, check_gradients=not run.gradients_checked,
+            run.ctx, micro, normalizer=normalizer, check_gradients=not run.gradients_checked,
             idle_batch=idle_batch,
         )  # fmt: skip
     except NonFiniteStep as e:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from solotune.config import RunConfig
-from solotune.data import Example, count_steps
+from solotune.data import count_steps, sequences_of
 from solotune.fastpaths import cpu_bf16, selfcheck
 from solotune.fastpaths.registry import FastPaths
 from solotune.fastpaths.swiglu import use_fused_swiglu
@@ -78,7 +78,7 @@ class ModelSetup:
 
 
 def set_up_model(
-    cfg: RunConfig, policy: PrecisionPolicy, world: dist.World, source: str, examples: list[Example], pad_id: int
+    cfg: RunConfig, policy: PrecisionPolicy, world: dist.World, source: str, examples: list, pad_id: int
 ) -> ModelSetup:
     """Load and prepare the model, decide compilation, check its fast paths (each decided once,
     here), and shard it under FSDP2; what each step printed, the run's output shows."""
@@ -94,7 +94,7 @@ def set_up_model(
     n_steps = count_steps(len(examples), t.batch, t.epochs, t.max_steps)
     compiling, why = choose_compile(t.compile, t.track_memory, policy.device, n_steps)
     print(why)
-    run = selfcheck.RunShape(examples, pad_id, policy, t, cfg.data.max_len)
+    run = selfcheck.RunShape(sequences_of(examples), pad_id, policy, t, cfg.data.max_len)
     fast = selfcheck.choose_fast_paths(model, run, compiling=compiling)
     print("\n".join([fast.line(), *fast.notes]))
     sharded = cfg.dist_mode() == "fsdp"
