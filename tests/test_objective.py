@@ -3,6 +3,7 @@ formulas and against TRL, the reference without a copy, exact accumulation over 
 preference records (data.py)."""
 
 import copy
+import math
 import json
 
 import pytest
@@ -345,3 +346,84 @@ def test_the_built_in_pairs_reject_a_checkable_perturbation():
         assert pair["chosen"] == record["output"] and pair["rejected"] != pair["chosen"]
         assert pair["instruction"] == record["instruction"]
     assert json.loads(pairs[8]["chosen"])["age"] + 1 == json.loads(pairs[8]["rejected"])["age"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: `solotune train --method ...` and `solotune estimate --method dpo`
+
+
+@pytest.fixture
+def pair_file(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(12)))
+    return f
+
+
+def pref_args(model_dir, data, out, *extra):
+    return [
+        "train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--batch", "4",
+        "--mp", "off", "--no-generate.enabled", "--max-steps", "2", "--lr", "1e-2", *extra,
+    ]  # fmt: skip
+
+
+def test_a_dpo_run_reports_rewards_per_step_and_held_out_reward_accuracy(tiny_model_dir, pair_file, tmp_path, capsys):
+    """A LoRA DPO run: the reference pass in each step, each step's rewards in metrics.json, the
+    held-out reward accuracy before (every reward 0: the adapter starts at zero, ties count
+    half) and after, in the summary."""
+    from solotune.cli import main
+
+    out = tmp_path / "dpo"
+    assert main(pref_args(tiny_model_dir, pair_file, out, "--method", "dpo", "--eval.split", "0.25")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["objective"]["method"] == "dpo" and m["objective"]["reference"] == "adapter"
+    assert m["train"]["loss_curve"][0] == pytest.approx(0.6931, abs=1e-4)  # policy = reference at step 0
+    assert set(m["train"]["stats"]) == {"reward_accuracy", "chosen_reward", "rejected_reward", "margin"}
+    assert all(len(v) == 2 for v in m["train"]["stats"].values())
+    assert m["eval"]["reward_accuracy_before"] == 0.5 and m["eval"]["margin_before"] == 0.0
+    assert 0 <= m["eval"]["reward_accuracy_after"] <= 1
+    printed = capsys.readouterr().out
+    assert "reference: the model with its adapter off" in printed and "reward accuracy 50% -> " in printed
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_full_finetune_dpo_takes_its_reference_from_log_probs_computed_before_training(
+    tiny_model_dir, pair_file, tmp_path, capsys
+):
+    """Full fine-tuning has no adapter to switch off: the reference log-probs are computed once
+    before training and kept in the run folder (no copy of the weights); at step 0 the policy
+    is the reference, so the first loss is log 2."""
+    from solotune.cli import main
+
+    out = tmp_path / "full"
+    assert main(pref_args(tiny_model_dir, pair_file, out, "--method", "dpo", "--no-lora")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["objective"]["reference"] == "cached"
+    assert m["train"]["loss_curve"][0] == pytest.approx(math.log(2), abs=1e-6)
+    cache = json.loads((out / "reference-logps.json").read_text())["logps"]
+    assert len(cache) == 12 and all(len(v) == 2 and v[0] < 0 and v[1] < 0 for v in cache.values())
+    assert "log-probs of 12 pairs computed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+def test_reference_free_methods_run(tiny_model_dir, pair_file, tmp_path, method):
+    from solotune.cli import main
+
+    out = tmp_path / method
+    assert main(pref_args(tiny_model_dir, pair_file, out, "--method", method)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["objective"]["reference"] == "none" and len(m["train"]["stats"]["margin"]) == 2
+
+
+def test_estimate_includes_the_reference_pass(tiny_model_dir):
+    """`estimate --method dpo` simulates the pairs' step with its reference pass: more than an
+    SFT step of half the sequences, at most 1.3x an SFT step of the same chosen + rejected ones."""
+    from solotune.config import RunConfig
+    from solotune.experiment.estimate import estimate_memory, model_config
+
+    def peak(method, batch):
+        cfg = RunConfig(device="cpu")
+        cfg.model.name, cfg.pref.method, cfg.train.batch = str(tiny_model_dir), method, batch
+        return estimate_memory(model_config(str(tiny_model_dir)), cfg, 64).parts_mib["activations_mib"]
+
+    dpo, sft_same_tokens, sft_chosen = peak("dpo", 2), peak("sft", 4), peak("sft", 2)
+    assert sft_chosen < dpo <= 1.3 * sft_same_tokens

@@ -66,6 +66,14 @@ AXES = {
     "base": Axis(
         "base", "FP32 base", ("OFF", "ON"), lambda c, v: {"precision.base_dtype": "fp32" if v == "ON" else "auto"}
     ),
+    # The training objective, on preference pairs (the built-in ones unless --data): SFT on the
+    # chosen answers against DPO, ORPO and SimPO (training/objective.py).
+    "method": Axis(
+        "method",
+        "Objective",
+        ("SFT", "DPO", "ORPO", "SimPO"),
+        lambda c, v: {"pref.method": v.lower(), "data.format": "preference"},
+    ),
     # Compiled cells run the steps the memory tracker follows eager, the others compiled.
     "compile": Axis("compile", "Compile", ("OFF", "ON"), lambda c, v: {"train.compile": v.lower()}),
 }

@@ -37,7 +37,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from solotune.config import QuantConfig, RunConfig
-from solotune.data import Example
+from solotune.data import Example, Pair
 from solotune.errors import SolotuneError
 from solotune.fastpaths import attention
 from solotune.fastpaths.registry import FastPaths
@@ -47,6 +47,7 @@ from solotune.model.precision import resolve_policy
 from solotune.model.quant import BLOCKSIZE_4BIT, bitsandbytes
 from solotune.model.quant import compute_dtype as quant_compute_dtype
 from solotune.parallel import dist, sharding
+from solotune.training.objective import objective_for
 from solotune.training.optim import make_optimizer
 from solotune.training.setup import prepare_model
 from solotune.training.step import accumulate_gradients
@@ -215,9 +216,8 @@ def _simulate_steps(model, cfg: RunConfig, policy, seq_len: int, fake_mode: Fake
     """Two optimizer steps of one rank, under the tracker: its breakdown (`Estimate.parts_mib`)."""
     model.train()
     fast = FastPaths.asked(cfg.train)  # each assumed to apply, as it does to the models it was written for
-    # Every record at full length, every position a target: the worst case of a step.
-    records = [Example([0] * seq_len, [0] * seq_len, i) for i in range(cfg.micro_batch())]  # one rank's
-    batch = fast.batch(records, pad_id=0)
+    objective, units = _worst_case_units(cfg, fast, seq_len)
+    batch = objective.batch(units, fast, pad_id=0)
     # A paged optimizer's state has the size of the unpaged one's; paging changes where it lives.
     # Made outside fake mode: bitsandbytes computes its code books from data when it is created.
     train_cfg = dataclasses.replace(cfg.train, optim=cfg.train.optim.removeprefix("paged_"))
@@ -227,12 +227,30 @@ def _simulate_steps(model, cfg: RunConfig, policy, seq_len: int, fake_mode: Fake
         tracker = TensorMemoryTracker(model, optimizer, torch.device("cpu"))
         with tracker:
             for _ in range(2):  # the second step holds the optimizer state the first created
-                loss = accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy, fast.loss_fn())
+                loss = accumulate_gradients(model, [batch] * cfg.train.grad_accum, policy, objective)
                 if cfg.nproc > 1 and not sharded:  # DDP's all-reduce buffer, alive beside the gradients
                     dist.step_buffer([p.grad for p in model.parameters() if p.grad is not None], loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     return {**tracker.parts_mib(), "state_after_update": tracker.state_after_update_mib()}
+
+
+def _worst_case_units(cfg: RunConfig, fast: FastPaths, seq_len: int):
+    """(objective, one rank's micro-batch of units) for the step to simulate: every sequence at full
+    length, every position a target, the worst case of a step. A preference micro-batch holds
+    `micro_batch()` pairs, two sequences each; DPO's reference is the adapter-off pass inside the
+    step, or (precomputed) log-probs that cost nothing there."""
+    objective = objective_for(cfg, fast)
+
+    def sequence(i: int) -> Example:
+        return Example([0] * seq_len, [0] * seq_len, i)
+
+    if objective.name == "sft":
+        return objective, [sequence(i) for i in range(cfg.micro_batch())]
+    pairs = [Pair(sequence(i), sequence(i)) for i in range(cfg.micro_batch())]
+    if objective.reference == "cached":
+        objective = dataclasses.replace(objective, cache={p.record_index: [0.0, 0.0] for p in pairs})
+    return objective, pairs
 
 
 def _make_parameters_fake(model: torch.nn.Module, fake_mode: FakeTensorMode) -> None:
@@ -263,12 +281,15 @@ def print_estimate(est: Estimate, cfg: RunConfig, seq_len: int, overhead_mib: fl
     micro = cfg.micro_batch()
     total = est.total_mib(overhead_mib)
     ranks = f"; per process of {cfg.nproc} ({cfg.dist_mode()})" if cfg.nproc > 1 else ""
+    pairs = f" ({micro} pairs: {2 * micro} sequences)" if cfg.pref.method != "sft" else ""
     print(
         f"model {cfg.model.name or 'smollm2-135m'}: {est.total:,} parameters, {est.trainable:,} trainable "
         f"({f'LoRA r={cfg.lora.r}' if cfg.lora.enabled else 'full fine-tuning'}); "
-        f"micro-batch {micro} x {seq_len} tokens, {cfg.train.grad_accum} per step; mp {cfg.precision.mp}; "
+        f"micro-batch {micro}{pairs} x {seq_len} tokens, {cfg.train.grad_accum} per step; mp {cfg.precision.mp}; "
         f"checkpointing {'on' if cfg.train.grad_checkpointing else 'off'}{ranks}"
     )
+    if cfg.pref.method != "sft":
+        print(f"  {objective_for(cfg, FastPaths.asked(cfg.train)).describe()}")
     print(
         f"  parameters       {p['parameters_mib']:>12,.1f} MiB\n  gradients        {p['gradients_mib']:>12,.1f} MiB\n"
         f"  optimizer state  {p['optimizer_state_mib']:>12,.1f} MiB\n  activations      {p['activations_mib']:>12,.1f} MiB\n"

@@ -87,6 +87,8 @@ def _accuracy(m: dict) -> str | None:
 OPTIONAL_ROWS = [  # where the cells held records out (--eval.split / --eval.data), or exported (--export.gguf)
     ("Eval loss", lambda m: (m.get("eval") or {}).get("loss_after"), "{:.4f}"),
     ("Accuracy", _accuracy, "{}"),
+    ("Reward acc", lambda m: (m.get("eval") or {}).get("reward_accuracy_after"), "{:.0%}"),  # preference cells
+    ("Margin", lambda m: (m.get("eval") or {}).get("margin_after"), "{:+.3f}"),
     ("GGUF MiB", lambda m: (m.get("export") or {}).get("mib"), "{:,.1f}"),
     ("Export s", lambda m: (m.get("export") or {}).get("seconds"), "{:.1f}"),
 ]
@@ -273,6 +275,7 @@ def render_html(grid: Grid, table2: str, effects: list[str]) -> str:
             _img(_plot_speed(grid, done)),
             "<h2>Loss curves</h2>",
             _img(_plot_losses(grid, done)),
+            *_html_preference(grid, done),
             *_html_evaluation(grid, done),
             "<h2>Generations</h2>",
             _html_generations(grid, done),
@@ -378,6 +381,23 @@ def _plot_speed(grid: Grid, done: list[CellResult]) -> bytes:
     for a in (a1, a2):
         a.tick_params(axis="x", labelsize=6)
     return _png(fig)
+
+
+def _html_preference(grid: Grid, done: list[CellResult]) -> list[str]:
+    """The preference cells' reward accuracy and margin per step (none: no section)."""
+    tuned = [c for c in done if c.metrics["train"].get("stats")]
+    if not tuned:
+        return []
+    plt = _figure()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, name, label in zip(axes, ("reward_accuracy", "margin"), ("reward accuracy", "reward margin")):
+        for c in tuned:
+            curve = c.metrics["train"]["stats"][name]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=grid.label(c))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"{label} (the step's pairs)")
+        ax.legend(fontsize=7)
+    return ["<h2>Preference tuning</h2>", _img(_png(fig))]
 
 
 def _plot_losses(grid: Grid, done: list[CellResult]) -> bytes:
