@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint format test-report test-gguf install clean
+.PHONY: demo demo-pref test lint format test-report test-gguf install clean
 
 install: $(STAMP)
 
@@ -24,12 +24,23 @@ $(STAMP): requirements.txt pyproject.toml
 # cell, its eval loss before and after; then one LoRA run of 90 records whose task accuracy on
 # 30 held-out records is measured before and after, the demo's last line. Sized for a 2-core
 # CPU: 6 min 51 s from a clean clone on one without native bf16, where the MP ON cells take most.
-DEMO_ID = $(shell date +%Y%m%d-%H%M%S)
+DEMO_ID := $(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
 	$(VENV)/bin/solotune ablate --axes ga,mp,lora --samples 8 --batch 4 --max-len 128 --lr 1e-3 \
 		--eval.split 0.25 --eval.metric none --no-generate.enabled --output-dir runs/ablate-demo-$(DEMO_ID)
 	$(VENV)/bin/solotune train --samples 120 --max-len 128 --batch 8 --lr 1e-3 --eval.split 0.25 \
 		--generate.max-new-tokens 16 --output-dir runs/train-demo-$(DEMO_ID)
+
+# Preference tuning in two steps on the embedded default and the built-in pairs (each a computed
+# answer and a perturbation of it): SFT on the chosen answers, merged into the model, then DPO
+# from it (the SFT model is DPO's reference), the same pairs held out in both. The last line
+# shows the held-out reward accuracy before and after DPO. About 4 minutes on a 2-core CPU.
+PREF = --samples 96 --max-len 128 --batch 8 --eval.split 0.25 --eval.max-records 8 --no-generate.enabled
+demo-pref: $(STAMP)
+	$(VENV)/bin/solotune train --data.format preference $(PREF) --lr 1e-3 --output-dir runs/pref-sft-$(DEMO_ID)
+	$(VENV)/bin/solotune merge --adapter runs/pref-sft-$(DEMO_ID)/adapter --output runs/pref-sft-$(DEMO_ID)/merged
+	$(VENV)/bin/solotune train --method dpo --model runs/pref-sft-$(DEMO_ID)/merged $(PREF) --lr 5e-4 \
+		--output-dir runs/pref-dpo-$(DEMO_ID)
 
 test: lint
 	$(PY) -m pytest -q --durations=12

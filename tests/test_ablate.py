@@ -25,7 +25,12 @@ def test_cells_cover_every_combination_in_the_reference_order():
     assert "--no-lora.enabled" in argv and argv[argv.index("--train.grad-accum") + 1] == "1"
     with pytest.raises(SolotuneError, match="unknown axis qlora; choose from ga, mp, lora, gc, swiglu, pf"):
         parse_axes("lora,qlora")
-    assert set(AXES) == {"ga", "mp", "lora", "gc", "pf", "cce", "swiglu", "sdrop", "compile", "quant", "optim", "base"}
+    assert set(AXES) == {
+        "ga", "mp", "lora", "gc", "pf", "cce", "swiglu", "sdrop", "compile", "quant", "optim", "base", "method"
+    }  # fmt: skip
+    methods = plan_cells(cfg, parse_axes("method"))
+    assert [c.name for c in methods] == ["method-sft", "method-dpo", "method-orpo", "method-simpo"]
+    assert methods[1].overrides == {"pref.method": "dpo", "data.format": "preference"}
     assert [c.overrides for c in plan_cells(cfg, parse_axes("quant,optim"))[-1:]] == [
         {"quant.method": "nf4", "train.optim": "adamw8bit"}
     ]

@@ -3,8 +3,8 @@ formulas and against TRL, the reference without a copy, exact accumulation over 
 preference records (data.py)."""
 
 import copy
-import math
 import json
+import math
 
 import pytest
 import torch

@@ -174,3 +174,18 @@ def test_a_full_disk_while_a_checkpoint_is_written_stops_in_one_line(tokenizer, 
     assert f"the last complete checkpoint, {first}, is intact" in message and f"--resume {tmp_path}" in message
     assert not list((tmp_path / checkpoint.CHECKPOINTS_DIR).glob(".tmp-step-*"))
     assert latest(tmp_path).path == first and load_file(first / "trainable.safetensors")
+
+
+def test_dpo_resumes_with_the_reference_log_probs_of_its_start(model_dir, tmp_path):
+    """--pref.precompute-ref, killed after step 1 and resumed: the same losses as an uninterrupted
+    run, bitwise. The resumed run reads the reference log-probs its first part computed before
+    step 1; computed again from the half-trained adapter, they would change every later loss."""
+    dpo = ("--method", "dpo", "--pref.precompute-ref", "--train.save-every", "1", "--lr", "1e-2")
+    whole = tmp_path / "whole"
+    run(train_cmd(model_dir, whole, *dpo))
+    out = tmp_path / "killed"
+    code, _ = start_and_stop_at(train_cmd(model_dir, out, *dpo), out, 1, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    resumed = run(train_cmd(model_dir, out, *dpo, "--resume", str(out)))
+    assert "reference: log-probs of" in resumed.stdout and "read from reference-logps.json" in resumed.stdout
+    assert finished(out)[0] == finished(whole)[0]

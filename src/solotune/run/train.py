@@ -187,7 +187,8 @@ def _write_results(outcome: RunOutcome, out_dir: Path, trackers: Trackers) -> di
         metrics["export"] = _export(cfg, outcome.saved, out_dir)
     if trackers:
         if outcome.evaluation:
-            trackers.log(n_steps, {"eval/loss": outcome.evaluation["loss_after"]})
+            after = {k.removesuffix("_after"): v for k, v in outcome.evaluation.items() if k.endswith("_after")}
+            trackers.log(n_steps, {f"eval/{k}": v for k, v in after.items() if isinstance(v, float)})
         trackers.finish(n_steps, run_summary(metrics))
     artifacts.write_json(out_dir / artifacts.METRICS_FILE, metrics)
     if outcome.before:
@@ -213,11 +214,12 @@ def _objective(setup: ModelSetup, data: RunData, scope: RunScope) -> Objective:
     takes them from a cache (a resumed run reads its first part's)."""
     objective = objective_for(scope.cfg, setup.fast)
     print(objective.describe())
-    if getattr(objective, "reference", None) != "cached":
+    if objective.reference != "cached":
         return objective
     saved = scope.out_dir / REFERENCE_FILE
     if scope.resume and saved.is_file():
         cache = {int(k): v for k, v in artifacts.read_json(saved)["logps"].items()}
+        print(f"reference: log-probs of {len(cache)} pairs read from {saved.name} (computed before step 1)")
     else:
         start = time.perf_counter()
         held = data.evaluation.held_out.examples if data.evaluation else []

@@ -26,7 +26,7 @@ fraction of pairs whose chosen answer gets the higher reward (a tie counts half)
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ class SFT:
     chunk: int = 1024  # the chunked head's positions at a time; 0: full logits (fastpaths/loss.py)
     name = "sft"
     stats = ()
+    reference = "none"
     reference_passes = 0  # forwards besides the policy's, per micro-batch (for the FLOP count)
 
     def batch(self, units: list, fast: FastPaths, pad_id: int) -> Batch:
@@ -97,9 +98,9 @@ class Preference:
         """The pairs' sequences laid out as the run's fast paths lay out any sequences, with
         their cached reference log-probs (made on the host with the batch, moved with it)."""
         batch = fast.batch(units, pad_id)
-        if self.reference == "cached":
-            batch.reference_logps = torch.tensor([v for u in units for v in self.cache[u.record_index]])
-        return batch
+        if self.reference != "cached":
+            return batch
+        return replace(batch, reference_logps=torch.tensor([v for u in units for v in self.cache[u.record_index]]))
 
     def normalizer(self, units: list) -> int:
         return len(units)
