@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark of the hot path, in one call on a lent GPU machine: at most 7 minutes on one
+# The GPU benchmark of the hot path, in one call on a lent GPU machine: at most 8 minutes on one
 # H200, the install of the wheels included. Each part has a time budget; a part that runs out is
 # stopped and named, and the summary is printed all the same. Every result goes into one
 # tarball, $OUT/device_gpu.tgz; the summary also stands alone in $OUT/summary.txt.
@@ -16,7 +16,9 @@
 # 4. a Llama-2-7B-shaped step (LoRA r=16 on q, k, v, batch 8 x 512, bf16): plain, with
 #    checkpointing, QLoRA NF4, and TRL on the same shape; peak, tokens/s and MFU end to end and
 #    in steady state, against `solotune estimate` (gpu_step.py);
-# 5. dropout keyed to the data against torch's, forward + backward at a 7B layer's shape (dropout_cost.py).
+# 5. dropout keyed to the data against torch's, forward + backward at a 7B layer's shape (dropout_cost.py);
+# 6. a DPO step of solotune against TRL's DPOTrainer and against an SFT step on the same
+#    sequences, on the 1B-class shape (vs_trl_dpo.py).
 #
 # The GPU machine has torch 2.11 and transformers 5.17 but no network: the other wheels travel in
 # .whl/ (an ignored folder; pass it in `carry`), made here for its Python 3.12 with
@@ -59,11 +61,11 @@ install_wheels() {
 export -f install_wheels
 
 if [ "$DRY" = 1 ]; then
-  DEVICE=cpu PRECISION=fp32 MP=off FP16=off RECORDS=16 MAX_LEN=256 STEP_SHAPE=tiny STEPS=4 SEQ_LEN=64
+  DEVICE=cpu PRECISION=fp32 MP=off FP16=off RECORDS=16 MAX_LEN=256 STEP_SHAPE=tiny STEPS=4 SEQ_LEN=64 PAIRS=8
   SHAPE="hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2"
   COMPILE=off
 else
-  DEVICE=cuda PRECISION=bf16 MP=bf16 FP16=fp16 RECORDS=256 MAX_LEN=512 STEP_SHAPE=llama2-7b STEPS=8 SEQ_LEN=512
+  DEVICE=cuda PRECISION=bf16 MP=bf16 FP16=fp16 RECORDS=256 MAX_LEN=512 STEP_SHAPE=llama2-7b STEPS=8 SEQ_LEN=512 PAIRS=64
   SHAPE="hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4"
   COMPILE=on
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$RESULTS/gpu.txt"
@@ -139,6 +141,14 @@ dropout_cost() {
 export -f dropout_cost
 part "5. keyed dropout against torch's" 10 dropout_cost
 
+vs_trl_dpo() {
+  $PY benchmarks/vs_trl_dpo.py --device "$DEVICE" --precision "$PRECISION" --model /tmp/solotune-1b \
+    --pairs "$PAIRS" --repeats 1 --settings trl-dpo,solotune-dpo,solotune-sft --out "$RESULTS/vs_trl_dpo.md" \
+    > "$RESULTS/vs_trl_dpo.log" 2>&1 || tail -5 "$RESULTS/vs_trl_dpo.log"
+}
+export -f vs_trl_dpo
+part "6. DPO vs TRL, 1B-class shape" 60 vs_trl_dpo
+
 {
   echo "== summary ($(head -1 "$RESULTS/gpu.txt"); $((SECONDS - START)) s in all)"
   cat "$RESULTS/parts.txt"
@@ -152,6 +162,7 @@ part "5. keyed dropout against torch's" 10 dropout_cost
   [ -f "$RESULTS/vs_trl.md" ] && sed -n '/^| tool/,$p' "$RESULTS/vs_trl.md"
   [ -f "$RESULTS/gpu_step.md" ] && sed -n '/^| configuration/,$p' "$RESULTS/gpu_step.md"
   [ -f "$RESULTS/dropout_cost.md" ] && sed -n '/^| tokens/,$p' "$RESULTS/dropout_cost.md"
+  [ -f "$RESULTS/vs_trl_dpo.md" ] && sed -n '/^| setting/,$p' "$RESULTS/vs_trl_dpo.md"
 } > "$RESULTS/summary.txt" 2>/dev/null
 cp "$RESULTS/summary.txt" "$OUT/summary.txt"
 tar czf "$OUT/device_gpu.tgz" -C "$RESULTS" .

@@ -10,6 +10,7 @@ is its own process (setsid); the runs alternate between the settings. Needs TRL 
 extra, also in requirements.txt).
 
     .venv/bin/python benchmarks/vs_trl_dpo.py --pairs 32 --repeats 2
+    python benchmarks/vs_trl_dpo.py --device cuda --precision bf16 --model /tmp/solotune-1b   # device_gpu.sh
 
 Reported per run: non-padding tokens/s (chosen and rejected sequences), the peak RSS of the
 training loop (the high-water mark reset when the loop starts), loop wall time, first and last
@@ -53,9 +54,10 @@ def solotune_args(args, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "solotune.cli", "train", "--max-len", str(args.max_len), "--lora.r", "16",
         "--lora.alpha", "32", "--lora.dropout", "0", "--lr", "1e-4", "--epochs", "1", "--no-train.shuffle",
-        "--train.schedule", "linear", "--train.warmup-ratio", "0", "--seed", "0", "--mp", "off",
-        "--no-generate.enabled", "--output-dir", str(out), "--device", "cpu",
-    ]  # fmt: skip
+        "--train.schedule", "linear", "--train.warmup-ratio", "0", "--seed", "0",
+        "--no-generate.enabled", "--output-dir", str(out), "--device", args.device,
+        "--mp", "off" if args.precision == "fp32" else args.precision,
+    ] + (["--model", args.model] if args.model else [])  # fmt: skip
 
 
 def run_solotune(setting: str, args, tmp: Path) -> dict:
@@ -94,11 +96,13 @@ def run_trl(setting: str, args, tmp: Path) -> dict:
     from solotune.model.models import load_tokenizer, resolve_model_source
 
     torch.manual_seed(0)
-    source = resolve_model_source(ModelConfig())
-    tokenizer = load_tokenizer(source, ModelConfig())
+    model_cfg = ModelConfig(name=args.model)
+    source = resolve_model_source(model_cfg)
+    tokenizer = load_tokenizer(source, model_cfg)
     rows = pair_rows(args.pairs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa")
-    probe = PeakMemoryProbe(torch.device("cpu"))
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    probe = PeakMemoryProbe(torch.device(args.device))
 
     class Measure(TrainerCallback):
         def on_train_begin(self, *_, **__):
@@ -114,8 +118,9 @@ def run_trl(setting: str, args, tmp: Path) -> dict:
         output_dir=str(tmp / "trl"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=PAIRS_PER_STEP // micro, learning_rate=1e-4, num_train_epochs=1,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=0, beta=0.1,
-        use_cpu=True, max_length=args.max_len, train_sampling_strategy="sequential", logging_steps=1,
-        save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=args.device == "cpu", bf16=args.precision == "bf16", max_length=args.max_len,
+        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
     peft_config = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"
@@ -154,6 +159,7 @@ def worker(setting: str, args) -> None:
 
 def run_one(setting: str, args) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", setting, "--pairs", str(args.pairs), "--max-len", str(args.max_len)]
+    cmd += ["--device", args.device, "--precision", args.precision] + (["--model", args.model] if args.model else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, start_new_session=True)  # setsid
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -168,6 +174,10 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--model", help="default: the embedded default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--out", help="also write the report to this Markdown file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -180,7 +190,10 @@ def main() -> None:
             if r:
                 results[setting].append(r)
                 print(f"run {repeat + 1} {setting}: {json.dumps(r)}", flush=True)
-    print(report(results, args))
+    text = report(results, args)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 def report(results: dict[str, list[dict]], args) -> str:
@@ -189,8 +202,9 @@ def report(results: dict[str, list[dict]], args) -> str:
         return statistics.median(values) if values else float("nan")
 
     lines = [
-        f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"{args.pairs} built-in pairs, max length {args.max_len}, fp32; median of {args.repeats} runs each",
+        f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"device {args.device}; model {args.model or 'the embedded default'}; {args.pairs} built-in pairs, "
+        f"max length {args.max_len}, {args.precision}; median of {args.repeats} runs each",
         "",
         "| setting | tokens/s | peak MiB | loop s | first loss | last loss |",
         "|---|---|---|---|---|---|",
