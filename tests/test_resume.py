@@ -180,7 +180,7 @@ def test_dpo_resumes_with_the_reference_log_probs_of_its_start(model_dir, tmp_pa
     """--pref.precompute-ref, killed after step 1 and resumed: the same losses as an uninterrupted
     run, bitwise. The resumed run reads the reference log-probs its first part computed before
     step 1; computed again from the half-trained adapter, they would change every later loss."""
-    dpo = ("--method", "dpo", "--pref.precompute-ref", "--train.save-every", "1", "--lr", "1e-2")
+    dpo = ("--method", "dpo", "--pref.precompute-ref", "--train.save-every", "1", "--lr", "1e-2", "--samples", "20")
     whole = tmp_path / "whole"
     run(train_cmd(model_dir, whole, *dpo))
     out = tmp_path / "killed"
