@@ -35,11 +35,11 @@ demo: $(STAMP)
 # answer and a perturbation of it): SFT on the chosen answers, merged into the model, then DPO
 # from it (the SFT model is DPO's reference), the same pairs held out in both. The last line
 # shows the held-out reward accuracy before and after DPO. About 4 minutes on a 2-core CPU.
-PREF = --samples 96 --max-len 128 --batch 8 --eval.split 0.25 --eval.max-records 8 --no-generate.enabled
+PREF = --samples 96 --max-len 128 --batch 8 --eval.split 0.25 --eval.max-records 16 --no-generate.enabled
 demo-pref: $(STAMP)
 	$(VENV)/bin/solotune train --data.format preference $(PREF) --lr 1e-3 --output-dir runs/pref-sft-$(DEMO_ID)
 	$(VENV)/bin/solotune merge --adapter runs/pref-sft-$(DEMO_ID)/adapter --output runs/pref-sft-$(DEMO_ID)/merged
-	$(VENV)/bin/solotune train --method dpo --model runs/pref-sft-$(DEMO_ID)/merged $(PREF) --lr 5e-4 \
+	$(VENV)/bin/solotune train --method dpo --model runs/pref-sft-$(DEMO_ID)/merged $(PREF) --lr 2e-4 \
 		--output-dir runs/pref-dpo-$(DEMO_ID)
 
 test: lint

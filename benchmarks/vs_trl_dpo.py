@@ -39,8 +39,13 @@ SETTINGS = {
     "trl-dpo": "TRL DPOTrainer, 8 pairs a step (micro-batch 8)",
     "trl-dpo-micro2": "TRL DPOTrainer, 4 x 2 pairs (gradient accumulation)",
     "solotune-dpo": "solotune --method dpo, 8 pairs a step (defaults: padding-free, chunked head)",
+    "solotune-dpo-micro2": "solotune --method dpo, 4 x 2 pairs (--grad-accum 4)",
     "solotune-sft": "solotune SFT on the same chosen + rejected sequences, 16 a step",
 }
+
+
+# (solotune, peer): the same micro-batch, then solotune's default against the peer's leanest
+COMPARED = [("solotune-dpo", "trl-dpo"), ("solotune-dpo-micro2", "trl-dpo-micro2"), ("solotune-dpo", "trl-dpo-micro2")]
 
 
 def pair_rows(n: int) -> list[dict]:
@@ -61,8 +66,9 @@ def solotune_args(args, out: Path) -> list[str]:
 
 
 def run_solotune(setting: str, args, tmp: Path) -> dict:
-    if setting == "solotune-dpo":
+    if setting.startswith("solotune-dpo"):
         cmd = solotune_args(args, tmp / "run") + ["--method", "dpo", "--samples", str(args.pairs), "--batch", "8"]
+        cmd += ["--grad-accum", "4"] if setting.endswith("micro2") else []
     else:  # every pair's two sequences as prompt/response records, a step's 16 in file order
         data = tmp / "sequences.jsonl"
         rows = [
@@ -215,13 +221,14 @@ def report(results: dict[str, list[dict]], args) -> str:
                 f"| {SETTINGS[s]} | {median(s, 'tokens_per_s'):.0f} | {median(s, 'peak_mib'):,.0f} | "
                 f"{median(s, 'loop_s'):.1f} | {median(s, 'first_loss'):.4f} | {median(s, 'last_loss'):.4f} |"
             )
-    ours = "solotune-dpo"
-    for peer in ("trl-dpo", "trl-dpo-micro2"):
+    lines.append("")
+    for ours, peer in COMPARED:
         if results.get(peer) and results.get(ours):
             lines.append(
-                f"\nsolotune DPO vs {SETTINGS[peer]}: {median(ours, 'tokens_per_s') / median(peer, 'tokens_per_s'):.2f}x "
+                f"{SETTINGS[ours]} vs {SETTINGS[peer]}: {median(ours, 'tokens_per_s') / median(peer, 'tokens_per_s'):.2f}x "
                 f"tokens/s at {median(ours, 'peak_mib') / median(peer, 'peak_mib'):.2f}x the peak"
             )
+    ours = "solotune-dpo"
     if results.get("solotune-sft") and results.get(ours):
         lines.append(
             f"solotune DPO peak / SFT peak on the same sequences: "

@@ -104,6 +104,20 @@ def test_a_damaged_matmul_peak_cache_is_measured_again(monkeypatch, tmp_path):
     assert peak > 0 and json.loads((tmp_path / "matmul_peak.json").read_text())  # rewritten whole
 
 
+def test_a_cached_matmul_peak_below_what_a_run_reached_is_measured_again(monkeypatch, tmp_path):
+    """A peak measured while something else ran stays low in the cache; a run that goes faster
+    than it (MFU above 100%) has it measured again, and never reports more than 100%."""
+    from solotune.measure.flops import matmul_peak_flops
+
+    monkeypatch.setenv("SOLOTUNE_CACHE", str(tmp_path))
+    matmul_peak_flops(torch.device("cpu"), torch.float32)
+    cache = tmp_path / "matmul_peak.json"
+    cache.write_text(json.dumps({k: 1.0 for k in json.loads(cache.read_text())}))  # as if measured under load
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32) == 1.0  # no run says otherwise: kept
+    peak = matmul_peak_flops(torch.device("cpu"), torch.float32, at_least=2e6)
+    assert peak >= 2e6 and matmul_peak_flops(torch.device("cpu"), torch.float32) == peak  # measured, cached
+
+
 def test_metrics_hold_null_where_a_number_is_not_finite(tmp_path):
     """NaN and Infinity are not JSON: a strict reader must be able to read every metrics file."""
     from solotune.artifacts import write_json

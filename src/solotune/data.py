@@ -44,7 +44,7 @@ REQUIRED_KEYS = {
     "prompt_response": ("prompt", "response"),
     "messages": ("messages",),
     "text": ("text",),
-    "preference": ("chosen", "rejected"),  # "prompt" too, unless the answers carry it (see _pair_parts)
+    "preference": ("chosen", "rejected"),  # "prompt" too, unless the answers carry it (see pair_parts)
 }
 ASSISTANT_MARKER = "Assistant:"  # where a pair without a prompt field (Anthropic HH) has its last turn
 

@@ -157,7 +157,10 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
         after=after,
         saved=saved,
         # Measured after the loop (and cached) on this rank's device and threads; the job has N of them.
-        matmul_peak_flops=matmul_peak_flops(policy.device, policy.compute_dtype) * world.size,
+        matmul_peak_flops=matmul_peak_flops(
+            policy.device, policy.compute_dtype, at_least=loop.flops / world.size / loop.runtime_s
+        )
+        * world.size,
         evaluation=evaluation.metrics(loop.eval_curve, len(loop.losses)) if evaluation else None,
         objective=_objective_metrics(objective),
     )

@@ -204,7 +204,7 @@ class Schedule:
         stay comparable. The padded size also bounds the layout padding-free attention may pad a
         row into, so the step it picks is rarely exceeded in any of `step_size`'s measures."""
         lengths = [len(s.input_ids) for s in sequences_of([self.examples[i] for i in step])]
-        return len(step) * max(lengths), sum(lengths)
+        return len(lengths) * max(lengths), sum(lengths)
 
     def largest(self) -> list[int]:
         """The largest step of the first epoch (with largest_first, the first step)."""
@@ -390,8 +390,10 @@ def _guarded_step(
 
 
 def _show_progress(bar: tqdm, run: LoopState, out: StepResult, clock: LoopClock) -> None:
+    pairs = {"reward_acc": f"{out.stats['reward_accuracy']:.2f}"} if "reward_accuracy" in out.stats else {}
     bar.set_postfix(
         loss=f"{out.loss:.4f}",
+        **pairs,
         tok_s=f"{run.result.tokens / clock.runtime(run.result):.0f}",
         peak_mib=f"{run.probe.read().peak_mib:.0f}",
     )
