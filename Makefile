@@ -34,7 +34,7 @@ demo: $(STAMP)
 # Preference tuning in two steps on the embedded default and the built-in pairs (each a computed
 # answer and a perturbation of it): SFT on the chosen answers, merged into the model, then DPO
 # from it (the SFT model is DPO's reference), the same pairs held out in both. The last line
-# shows the held-out reward accuracy before and after DPO. About 4 minutes on a 2-core CPU.
+# shows the held-out reward accuracy before and after DPO. 3 minutes on a 2-core CPU.
 PREF = --samples 96 --max-len 128 --batch 8 --eval.split 0.25 --eval.max-records 16 --no-generate.enabled
 demo-pref: $(STAMP)
 	$(VENV)/bin/solotune train --data.format preference $(PREF) --lr 1e-3 --output-dir runs/pref-sft-$(DEMO_ID)
