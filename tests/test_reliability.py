@@ -69,7 +69,7 @@ def test_the_trained_weights_are_saved_before_anything_after_the_loop_can_fail(t
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "response": f" {i + 1}"}) + "\n" for i in range(8)))
 
-    def broken_peak(*_):
+    def broken_peak(*_, **__):
         raise RuntimeError("the matmul benchmark failed")
 
     monkeypatch.setattr(train_module, "matmul_peak_flops", broken_peak)
@@ -107,15 +107,19 @@ def test_a_damaged_matmul_peak_cache_is_measured_again(monkeypatch, tmp_path):
 def test_a_cached_matmul_peak_below_what_a_run_reached_is_measured_again(monkeypatch, tmp_path):
     """A peak measured while something else ran stays low in the cache; a run that goes faster
     than it (MFU above 100%) has it measured again, and never reports more than 100%."""
+    from solotune.measure import flops
     from solotune.measure.flops import matmul_peak_flops
 
+    measured = []
+    monkeypatch.setattr(flops, "_measure_matmul", lambda *_: measured.append(1) or 1.0)  # as if measured under load
     monkeypatch.setenv("SOLOTUNE_CACHE", str(tmp_path))
-    matmul_peak_flops(torch.device("cpu"), torch.float32)
-    cache = tmp_path / "matmul_peak.json"
-    cache.write_text(json.dumps({k: 1.0 for k in json.loads(cache.read_text())}))  # as if measured under load
-    assert matmul_peak_flops(torch.device("cpu"), torch.float32) == 1.0  # no run says otherwise: kept
-    peak = matmul_peak_flops(torch.device("cpu"), torch.float32, at_least=2e6)
-    assert peak >= 2e6 and matmul_peak_flops(torch.device("cpu"), torch.float32) == peak  # measured, cached
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32) == 1.0 and len(measured) == 1
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32) == 1.0 and len(measured) == 1  # cached, kept
+    monkeypatch.setattr(flops, "_measure_matmul", lambda *_: measured.append(1) or 3e6)  # quiet now
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32, at_least=2e6) == 3e6 and len(measured) == 2
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32) == 3e6 and len(measured) == 2  # cached
+    monkeypatch.setattr(flops, "_measure_matmul", lambda *_: 1.0)  # still busy: the run's own rate is the floor
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32, at_least=5e6) == 5e6
 
 
 def test_metrics_hold_null_where_a_number_is_not_finite(tmp_path):
