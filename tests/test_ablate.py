@@ -160,3 +160,40 @@ def test_the_quant_and_optim_axes_show_smaller_parameters_and_optimizer_state(tm
     cells = tmp_path / "grid" / "cells"
     assert (cells / "quant-on_optim-off" / "adapter" / "solotune-quantization.json").is_file()  # for generate / merge
     assert not (cells / "quant-off_optim-off" / "adapter" / "solotune-quantization.json").exists()
+
+
+def test_a_running_grid_has_a_page_that_shows_its_cells_and_reloads_until_done(tmp_path, monkeypatch):
+    """The live report (report.LiveReport): while a grid runs, report.html says which cells are
+    done (here one X), running (with its step and loss so far) and waiting, shows the partial
+    Table 2 and the time left, and reloads itself; the final report does not."""
+    from solotune import artifacts
+    from solotune.experiment import report
+    from solotune.experiment.report import LiveReport, write_report
+
+    cells = plan_cells(RunConfig(), parse_axes("lora,gc"))
+    axes = [{"key": a.key, "label": a.label, "values": list(a.values)} for a in parse_axes("lora,gc")]
+    artifacts.write_json(tmp_path / "grid.json", {"axes": axes, "cells": [vars(c) for c in cells]})
+    artifacts.write_json(
+        tmp_path / "results.json", {cells[0].name: {"status": "X", "reason": "OOM (test)", "cell_s": 30.0}}
+    )
+    live = LiveReport(tmp_path, cells_to_run=4)
+    live.cell_seconds = [30.0]  # as if this invocation had finished the first cell
+    live.cell_started(cells[1].name)
+    monkeypatch.setattr(report, "LIVE_REFRESH_S", 0)  # every progress line rewrites the page
+    live.cell_progress(2, 4, 0.6931)
+    page = (tmp_path / "report.html").read_text()
+    assert "http-equiv='refresh'" in page and "Running: 1 running, 2 waiting, 1 X; about 1.2 min left" in page
+    assert "<td>running</td><td>2 of 4</td><td>0.6931</td>" in page and "X (OOM (test))" in page
+    assert "Table 2" in page and "…" in page  # the partial table: cells not yet run
+    write_report(tmp_path)  # the grid done: the final page
+    assert "refresh" not in (tmp_path / "report.html").read_text()
+
+
+def test_the_progress_line_of_a_cell_is_read_for_the_live_report():
+    from solotune.experiment.ablate import PROGRESS
+
+    stderr = (
+        b"train:   0%|          | 0/3 [00:00<?, ?step/s]\r"
+        b"train:  67%|######6   | 2/3 [00:06<00:03,  3.01s/step, loss=0.6852, reward_acc=0.75, peak_mib=1851]"
+    )
+    assert PROGRESS.findall(stderr) == [(b"2", b"3", b"0.6852")]

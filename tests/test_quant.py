@@ -275,7 +275,7 @@ def test_a_qlora_adapter_merges_into_its_dequantized_base(model_dir, tokenizer, 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qlora.gguf", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch.model_inputs()).logits, merged_logits, rtol=1e-5, atol=1e-4)
-    inference_model, _, _ = load_for_inference(str(tmp_path / "adapter"), str(model_dir), cfg.precision, "cpu")
+    inference_model = load_for_inference(str(tmp_path / "adapter"), str(model_dir), cfg.precision, "cpu").model
     assert quantized_linears(inference_model).layers == 14
 
 

@@ -90,3 +90,36 @@ def test_report_renders_with_its_plots_and_no_console_errors(tiny_model_dir, tmp
     image = Image.open(shot).convert("RGB")
     colours = len(set(image.resize((300, 600)).getdata()))
     assert colours > 50, "the screenshot looks blank: the plots did not render"
+
+
+def test_a_grid_in_the_middle_shows_a_partial_table_and_its_running_cell(tiny_model_dir, tmp_path):
+    """The live page in Chromium: a 2-cell grid, its second cell set back to running (its result
+    removed, the live report told it runs, at step 1 of 2): the page shows the done cell's
+    numbers, the running cell's loss, the partial Table 2, and reloads itself; no console errors."""
+    from solotune.experiment.report import LiveReport
+
+    grid = tmp_path / "grid"
+    argv = ["ablate", "--axes", "lora", "--model", str(tiny_model_dir), "--output-dir", str(grid), "--samples", "8"]
+    assert main(argv + ["--max-steps", "2", "--batch", "4", "--mp", "off", "--no-generate.enabled"]) == 0
+    results = json.loads((grid / "results.json").read_text())
+    running = sorted(results)[-1]
+    (grid / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != running}))
+    live = LiveReport(grid, cells_to_run=2)
+    live.cell_seconds = [results[sorted(results)[0]]["cell_s"]]
+    live.cell_started(running)
+    live.last_write = 0  # as if LIVE_REFRESH_S had passed
+    live.cell_progress(1, 2, 1.2345)
+    url = (grid / "report.html").resolve().as_uri()
+
+    dom = chromium(tmp_path, "--dump-dom", url)
+    assert dom.returncode == 0
+    assert "Running: 1 done, 1 running" in dom.stdout and "1.2345" in dom.stdout and "1 of 2" in dom.stdout
+    assert "Table 2" in dom.stdout and "…" in dom.stdout and 'http-equiv="refresh"' in dom.stdout
+    console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and "rror" in line]
+    assert not console_errors, console_errors
+    shot = tmp_path / "live.png"
+    result = chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", url)
+    assert result.returncode == 0 and shot.is_file()
+    from PIL import Image
+
+    assert len(set(Image.open(shot).convert("RGB").resize((300, 400)).getdata())) > 20, "a blank page"

@@ -1,4 +1,4 @@
-"""The `solotune` command: train, ablate, report, estimate, generate, merge, export.
+"""The `solotune` command: train, ablate, report, estimate, generate, chat, merge, export.
 
 Every leaf of the config tree is an option (`--lora.r 8`, `--train.grad-accum 4`), and the
 common ones have short aliases (`--mp`, `--grad-accum`, `--batch`, ...). Errors the user can
@@ -111,14 +111,15 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from solotune.experiment.ablate import parse_axes, run_grid
-    from solotune.experiment.report import write_report
+    from solotune.experiment.report import LiveReport, write_report
 
     cfg = config_from_args(args)
     if args.resume:
-        grid_dir = run_grid(cfg, [], Path(args.resume), resume=True, timeout_s=args.cell_timeout)
+        grid_dir = run_grid(cfg, [], Path(args.resume), resume=True, timeout_s=args.cell_timeout, watch=LiveReport)
     else:
         out = Path(cfg.output_dir) if cfg.output_dir else None
-        grid_dir = run_grid(cfg, parse_axes(args.axes), out, resume=False, timeout_s=args.cell_timeout)
+        axes = parse_axes(args.axes)
+        grid_dir = run_grid(cfg, axes, out, resume=False, timeout_s=args.cell_timeout, watch=LiveReport)
     print(f"report: {write_report(grid_dir)}")
 
 
@@ -155,20 +156,38 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from solotune.run.generate import generate, load_for_inference, print_generations
+    from solotune.prompting import RAW, PromptFormat
+    from solotune.run.generate import eval_inputs, generate, load_for_inference, print_generations
 
-    defaults = GenerateConfig()
-    given = bool(args.prompt or args.instruction)
+    loaded = load_for_inference(args.adapter, args.model, PrecisionConfig(mp=args.mp), args.device)
+    fmt = RAW if args.raw else loaded.format
+    print(fmt.describe())
+    cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, static_cache=args.static_cache)
+    if args.prompt or args.instruction:  # --prompt in the model's format, --instruction in Alpaca's
+        ask = [fmt.ask(p, loaded.tokenizer) for p in args.prompt]
+        ask += [PromptFormat("alpaca").ask(i, loaded.tokenizer) for i in args.instruction]
+    else:
+        ask = eval_inputs(cfg, fmt, loaded.tokenizer)
+    name = args.adapter or args.model or "embedded default"
+    print_generations(f"generations ({name})", generate(loaded.model, loaded.tokenizer, ask, cfg, loaded.policy))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from solotune.prompting import RAW
+    from solotune.run.chat import chat
+    from solotune.run.generate import load_for_inference
+
+    loaded = load_for_inference(args.adapter, args.model, PrecisionConfig(mp=args.mp), args.device)
+    if args.raw:
+        loaded.format = RAW
     cfg = GenerateConfig(
-        prompts=args.prompt if given else defaults.prompts,
-        instructions=args.instruction if given else defaults.instructions,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        static_cache=args.static_cache,
     )
-    model, tokenizer, policy = load_for_inference(args.adapter, args.model, PrecisionConfig(mp=args.mp), args.device)
-    print_generations(
-        f"generations ({args.adapter or args.model or 'embedded default'})", generate(model, tokenizer, cfg, policy)
-    )
+    chat(loaded, cfg, interactive=sys.stdin.isatty())
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -189,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="solotune", description="Fine-tune a causal LM on one GPU or a CPU, measured."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_ablate, _add_estimate, _add_report, _add_generate, _add_merge, _add_export):
+    for add in (_add_train, _add_ablate, _add_estimate, _add_report, _add_generate, _add_chat, _add_merge, _add_export):
         add(sub)
     return parser
 
@@ -253,17 +272,40 @@ def _add_report(sub) -> None:
 
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate from prompts with a base model or a saved adapter, timed")
-    gen.add_argument("--adapter", help="a saved adapter (or full fine-tune) folder, e.g. runs/<run>/adapter")
-    gen.add_argument("--model", help="base model (default: the one the adapter names, else the embedded default)")
-    gen.add_argument("--prompt", action="append", default=[], help="a raw prompt (repeatable)")
+    _inference_options(gen)
+    gen.add_argument(
+        "--prompt", action="append", default=[], help="a prompt, in the format the model was trained in (repeatable)"
+    )
     gen.add_argument(
         "--instruction", action="append", default=[], help="an instruction, wrapped in the Alpaca template (repeatable)"
     )
-    gen.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens)
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--mp", default="auto", choices=("auto", "off", "bf16", "fp16"))
-    gen.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     gen.set_defaults(func=cmd_generate)
+
+
+def _add_chat(sub) -> None:
+    chat = sub.add_parser(
+        "chat", help="talk with a base model, an adapter or a merged model (/reset, /exit); stdin: one turn a line"
+    )
+    _inference_options(chat)
+    chat.add_argument("--temperature", type=float, default=GenerateConfig.temperature, help="with --do-sample")
+    chat.add_argument("--top-p", type=float, default=GenerateConfig.top_p, help="with --do-sample")
+    chat.set_defaults(func=cmd_chat)
+
+
+def _inference_options(parser: argparse.ArgumentParser) -> None:
+    """What `generate` and `chat` share: which model, how it is asked, decoding and device."""
+    parser.add_argument("--adapter", help="a saved adapter (or full fine-tune) folder, e.g. runs/<run>/adapter")
+    parser.add_argument("--model", help="base model (default: the one the adapter names, else the embedded default)")
+    parser.add_argument(
+        "--raw", action="store_true", help="send the text as given, not in the format the model was trained in"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument(
+        "--static-cache", action="store_true", help="a KV cache allocated once at full length (CUDA graphs, compile)"
+    )
+    parser.add_argument("--mp", default="auto", choices=("auto", "off", "bf16", "fp16"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
 def _add_merge(sub) -> None:

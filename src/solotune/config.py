@@ -207,6 +207,9 @@ class GenerateConfig:
     )
     max_new_tokens: int = 48
     do_sample: bool = False  # greedy by default, so before/after compare like with like
+    # A KV cache allocated once at its full length (transformers' "static" cache), which CUDA
+    # graphs and torch.compile need; the default cache grows with each token.
+    static_cache: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
 

@@ -26,18 +26,9 @@ import torch
 from solotune.builtin_data import builtin_preference_records, builtin_records
 from solotune.config import DataConfig
 from solotune.errors import SolotuneError
+from solotune.prompting import format_instruction
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (prompt, padding)
-
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 REQUIRED_KEYS = {
     "alpaca": ("instruction", "output"),
@@ -310,13 +301,6 @@ def detect_format(records: list[Record], requested: str) -> str:
         f"{first.where}: cannot tell the record format; expected keys "
         + "; or ".join(", ".join(k) for k in REQUIRED_KEYS.values())
     )
-
-
-def format_instruction(instruction: str, input_text: str = "") -> str:
-    """The Alpaca prompt for an instruction (and optional input), up to the response."""
-    if input_text:
-        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)
-    return ALPACA_NO_INPUT.format(instruction=instruction)
 
 
 def check_record(record: Record, fmt: str) -> None:

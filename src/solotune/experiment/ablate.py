@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from solotune import artifacts
 from solotune.artifacts import CELLS_DIR, GRID_FILE
@@ -118,8 +120,23 @@ def cell_argv(base_yaml: Path, cell_dir: Path, cell: Cell) -> list[str]:
     return argv
 
 
-def run_cell(argv: list[str], cell_dir: Path, timeout_s: float | None) -> dict:
-    """Run one cell, streaming its progress; return its outcome (ok, or X with the reason)."""
+class GridWatch(Protocol):
+    """What follows a running grid (report.LiveReport): each cell's start, progress and end."""
+
+    def cell_started(self, name: str) -> None: ...
+
+    def cell_progress(self, step: int, steps: int, loss: float | None) -> None: ...
+
+    def cell_finished(self, seconds: float) -> None: ...
+
+
+# The cell's progress bar on stderr (training/loop.py): "train:  33%|...| 1/3 [...loss=0.6931, ...]"
+PROGRESS = re.compile(rb"train:[^\r\n]*?\| *(\d+)/(\d+) \[[^\]]*?loss=([0-9.]+)")
+
+
+def run_cell(argv: list[str], cell_dir: Path, timeout_s: float | None, watch: GridWatch | None = None) -> dict:
+    """Run one cell, streaming its progress (to the terminal and to `watch`); return its outcome
+    (ok, or X with the reason)."""
     cell_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     tail = b""
@@ -131,6 +148,9 @@ def run_cell(argv: list[str], cell_dir: Path, timeout_s: float | None) -> dict:
                 sys.stderr.flush()
                 log.write(chunk)
                 tail = (tail + chunk)[-4000:]
+                if watch and (steps := PROGRESS.findall(tail)):
+                    step, total, loss = steps[-1]
+                    watch.cell_progress(int(step), int(total), float(loss))
                 if timeout_s and time.perf_counter() - start > timeout_s:
                     proc.kill()
             code = proc.wait()
@@ -155,8 +175,16 @@ def failure_reason(code: int, stderr_tail: str) -> str:
     return last[:200]
 
 
-def run_grid(cfg: RunConfig, axes: list[Axis], grid_dir: Path | None, resume: bool, timeout_s: float | None) -> Path:
-    """Run (or finish) a grid; returns its folder."""
+def run_grid(
+    cfg: RunConfig,
+    axes: list[Axis],
+    grid_dir: Path | None,
+    resume: bool,
+    timeout_s: float | None,
+    watch: Callable[[Path, int], GridWatch] | None = None,
+) -> Path:
+    """Run (or finish) a grid; returns its folder. `watch(grid_dir, cells to run)`: what follows
+    the cells as they run (the live report)."""
     if resume:
         if not (grid_dir / GRID_FILE).is_file():
             raise SolotuneError(f"--resume {grid_dir}: not an ablation grid folder (no {GRID_FILE})")
@@ -182,6 +210,7 @@ def run_grid(cfg: RunConfig, axes: list[Axis], grid_dir: Path | None, resume: bo
     results = artifacts.read_json(results_path) if results_path.exists() else {}
     todo = [c for c in cells if c.name not in results]
     print(f"grid {grid_dir}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
+    follower = watch(grid_dir, len(todo)) if watch else None
     start = time.perf_counter()
     for i, cell in enumerate(todo, start=1):
         eta = (time.perf_counter() - start) / (i - 1) * (len(todo) - i + 1) if i > 1 else None
@@ -189,8 +218,13 @@ def run_grid(cfg: RunConfig, axes: list[Axis], grid_dir: Path | None, resume: bo
             f"\n=== cell {i}/{len(todo)}: {cell.name}" + (f"  (grid ETA {eta / 60:.1f} min)" if eta else ""), flush=True
         )
         cell_dir = grid_dir / CELLS_DIR / cell.name
-        results[cell.name] = run_cell(cell_argv(grid_dir / BASE_CONFIG_FILE, cell_dir, cell), cell_dir, timeout_s)
+        if follower:
+            follower.cell_started(cell.name)
+        argv = cell_argv(grid_dir / BASE_CONFIG_FILE, cell_dir, cell)
+        results[cell.name] = run_cell(argv, cell_dir, timeout_s, follower)
         artifacts.write_json(results_path, results)
+        if follower:
+            follower.cell_finished(results[cell.name]["cell_s"])
         print(f"=== cell {cell.name}: {cell_summary(results[cell.name], cell_dir)}", flush=True)
     return grid_dir
 

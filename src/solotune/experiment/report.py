@@ -12,6 +12,7 @@ import csv
 import html
 import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +103,13 @@ def metric_rows(grid: Grid) -> list[tuple]:
 
 def cell_value(cell: CellResult, read, fmt: str) -> str:
     if not cell.ok:
-        return "X" if cell.status == "X" else "…"
+        return _not_run(cell)
     return _fmt(read(cell.metrics), fmt)
+
+
+def _not_run(cell: CellResult) -> str:
+    """A cell without numbers: X where it failed, … where it has not run (yet)."""
+    return "X" if cell.status == "X" else "…"
 
 
 def _fmt(value, fmt: str = "{:,.1f}") -> str:
@@ -147,7 +153,7 @@ def table1_rows(grid: Grid) -> list[list[str]]:
     rows = [["cell"] + [f"{PART_LABELS[p]} (max)" for p in PARTS] + ["tensor peak", "measured peak"]]
     for c in grid.cells:
         if not c.ok:
-            rows.append([grid.label(c)] + ["X"] * 6)
+            rows.append([grid.label(c)] + [_not_run(c)] * 6)
             continue
         mem = c.metrics["memory"]
         most = part_maxima(mem) if mem["tracked_peak_mib"] is not None else {}
@@ -165,7 +171,7 @@ def peak_split_rows(grid: Grid) -> list[list[str]]:
     rows = [["cell"] + [PART_LABELS[p] for p in PARTS] + ["tensor peak", "runtime, untracked", "measured peak"]]
     for c in grid.cells:
         if not c.ok:
-            rows.append([grid.label(c)] + ["X"] * 7)
+            rows.append([grid.label(c)] + [_not_run(c)] * 7)
             continue
         mem = c.metrics["memory"]
         rows.append(
@@ -194,7 +200,7 @@ def _find(grid: Grid, values: dict) -> CellResult:
 
 def _effect_sentence(label: str, off: CellResult, on: CellResult, context: str) -> str:
     if not (off.ok and on.ok):
-        state = lambda c: "ran" if c.ok else f"X ({c.reason or c.status})"  # noqa: E731
+        state = lambda c: "ran" if c.ok else "not run yet" if c.status == "pending" else f"X ({c.reason or c.status})"  # noqa: E731
         return f"{label} ({context}): OFF {state(off)}, ON {state(on)}."
     a, b = off.metrics["memory"], on.metrics["memory"]
     most_a, most_b = (part_maxima(m) if m["tracked_peak_mib"] is not None else {} for m in (a, b))
@@ -219,8 +225,65 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def write_report(folder: Path) -> Path:
-    """Write every table and report.html into the grid folder; print Table 2; return the report path."""
+@dataclass
+class Progress:
+    """Where a running grid is: the running cell, its last step and loss, the time left."""
+
+    running: str | None = None  # the running cell's name; None between cells
+    step: int = 0
+    steps: int = 0
+    loss: float | None = None
+    eta_s: float | None = None
+
+
+LIVE_REFRESH_S = 10  # while a grid runs, its page reloads itself, and is rewritten, this often
+
+
+class LiveReport:
+    """report.html kept current while `solotune ablate` runs: rewritten whole (plots too) after each
+    cell, and without plots (a few tens of ms) as a cell starts and every LIVE_REFRESH_S seconds
+    of its progress; the page reloads itself until the grid is done. The time left is the mean
+    time of the cells this invocation has finished, times the cells still to run (the running
+    one by the steps it has left)."""
+
+    def __init__(self, folder: Path, cells_to_run: int):
+        self.folder, self.to_run = folder, cells_to_run
+        self.cell_seconds: list[float] = []
+        self.progress = Progress()
+        self.last_write = 0.0
+
+    def cell_started(self, name: str) -> None:
+        self.progress = Progress(running=name, eta_s=self._eta(0.0))
+        self._write(plots=False)
+
+    def cell_progress(self, step: int, steps: int, loss: float | None) -> None:
+        p = self.progress
+        p.step, p.steps, p.loss = step, steps, loss
+        p.eta_s = self._eta(step / steps if steps else 0.0)
+        if time.monotonic() - self.last_write >= LIVE_REFRESH_S:
+            self._write(plots=False)
+
+    def cell_finished(self, seconds: float) -> None:
+        self.cell_seconds.append(seconds)
+        self.progress = Progress(eta_s=self._eta(0.0))
+        if len(self.cell_seconds) < self.to_run:  # the last cell's report is the final one (cli)
+            self._write(plots=True)
+
+    def _eta(self, running_done: float) -> float | None:
+        if not self.cell_seconds:
+            return None
+        left = self.to_run - len(self.cell_seconds) - running_done
+        return max(0.0, left) * sum(self.cell_seconds) / len(self.cell_seconds)
+
+    def _write(self, plots: bool) -> None:
+        write_report(self.folder, self.progress, plots=plots)
+        self.last_write = time.monotonic()
+
+
+def write_report(folder: Path, progress: Progress | None = None, plots: bool = True) -> Path:
+    """Write every table and report.html into the grid folder; return the report path. A final
+    report (`progress` None) also prints Table 2; a running grid's page shows its `progress` and
+    reloads itself (LiveReport)."""
     from solotune.artifacts import write_atomic
 
     grid = load_grid(folder)
@@ -240,10 +303,11 @@ def write_report(folder: Path) -> Path:
         + markdown_table(peak_split_rows(grid))
         + "\n",
     )
-    write_atomic(folder / REPORT_FILE, render_html(grid, text, effects))
-    print(f"\n{text}\n")
-    for e in effects:
-        print(f"- {e}")
+    write_atomic(folder / REPORT_FILE, render_html(grid, text, effects, progress, plots))
+    if progress is None:
+        print(f"\n{text}\n")
+        for e in effects:
+            print(f"- {e}")
     return folder / REPORT_FILE
 
 
@@ -251,12 +315,16 @@ def write_report(folder: Path) -> Path:
 # HTML
 
 
-def render_html(grid: Grid, table2: str, effects: list[str]) -> str:
-    """A self-contained page: tables, plots as inline PNGs, generations, config and machine."""
+def render_html(
+    grid: Grid, table2: str, effects: list[str], progress: Progress | None = None, plots: bool = True
+) -> str:
+    """A self-contained page: tables, plots as inline PNGs, generations, config and machine; while
+    the grid runs (`progress`), which cells are done, running and waiting first."""
     done = [c for c in grid.cells if c.ok]
     first = done[0].metrics if done else {}
     sections = [
         f"<h1>solotune ablation: {html.escape(grid.folder.name)}</h1>",
+        *(_html_progress(grid, progress) if progress else []),
         "<h2>Table 2: every combination</h2>",
         f"<pre>{html.escape(table2)}</pre>",
         _html_table(table2_rows(grid)),
@@ -267,7 +335,7 @@ def render_html(grid: Grid, table2: str, effects: list[str]) -> str:
         "<h3>At the tensor peak</h3>",
         _html_table(peak_split_rows(grid)),
     ]
-    if done:
+    if done and plots:
         sections += [
             "<h2>Memory breakdown at the peak</h2>",
             _img(_plot_breakdown(grid, done)),
@@ -287,8 +355,36 @@ def render_html(grid: Grid, table2: str, effects: list[str]) -> str:
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
         "pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%}"
     )
-    head = f"<head><meta charset='utf-8'><title>solotune report</title><style>{style}</style></head>"
+    refresh = f"<meta http-equiv='refresh' content='{LIVE_REFRESH_S}'>" if progress else ""
+    head = f"<head><meta charset='utf-8'>{refresh}<title>solotune report</title><style>{style}</style></head>"
     return f"<!DOCTYPE html><html>{head}<body>{''.join(sections)}</body></html>\n"
+
+
+def _html_progress(grid: Grid, progress: Progress) -> list[str]:
+    """The running grid: each cell's state, the running cell's loss so far, the time left."""
+    states = {"done": 0, "running": 0, "waiting": 0, "X": 0}
+    rows = [["cell", "state", "step", "loss so far"]]
+    for c in grid.cells:
+        step = loss = ""
+        if c.ok:
+            state = "done"
+        elif c.status == "X":
+            state = "X"
+        elif c.name == progress.running:
+            state = "running"
+            step = f"{progress.step} of {progress.steps}" if progress.steps else "starting"
+            loss = f"{progress.loss:.4f}" if progress.loss is not None else ""
+        else:
+            state = "waiting"
+        states[state] += 1
+        rows.append([grid.label(c, sep=" "), state + (f" ({c.reason})" if state == "X" else ""), step, loss])
+    left = f"; about {progress.eta_s / 60:.1f} min left" if progress.eta_s is not None else ""
+    counts = ", ".join(f"{n} {state}" for state, n in states.items() if n)
+    return [
+        f"<h2 id='progress'>Running: {counts}{left}</h2>",
+        f"<p>This page reloads every {LIVE_REFRESH_S} s until the grid is done.</p>",
+        _html_table(rows),
+    ]
 
 
 def _html_table(rows: list[list[str]]) -> str:

@@ -18,6 +18,7 @@ from solotune.model.dropout import use_keyed_dropout
 from solotune.model.models import load_model, load_tokenizer, resolve_model_source
 from solotune.model.precision import DTYPE_NAMES
 from solotune.model.quant import quantization_config, read_record
+from solotune.prompting import copy_format
 
 
 @dataclass
@@ -188,6 +189,7 @@ def merge_to_folder(adapter_dir: str, output_dir: str, model_name: str | None = 
     merged, tokenizer, merge = merged_model(adapter_dir, model_name)
     merged.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
+    copy_format(adapter_dir, output_dir)  # the merged model is asked as the adapter was trained
     print(f"{merge.line}: saved {output_dir}")
     return merge.max_logit_diff
 

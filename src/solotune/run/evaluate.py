@@ -40,6 +40,8 @@ from solotune.errors import SolotuneError
 from solotune.fastpaths.registry import FastPaths
 from solotune.model.precision import PrecisionPolicy
 from solotune.parallel import sharding
+from solotune.prompting import Ask, PromptFormat
+from solotune.run.generate import encode_left_padded
 from solotune.training.objective import SFT, Objective
 
 GENERATION_BATCH = 8
@@ -164,18 +166,16 @@ def _scores(answer: str, expected: str, metric: str) -> bool:
 
 
 def _generate_answers(model, tokenizer, pairs: list[tuple], policy: PrecisionPolicy, max_new_tokens: int | None):
+    # As training tokenized them: a text prompt with the tokenizer's special tokens, a chat
+    # template's rendering as it is (it writes its own).
     prompts = [
-        q if isinstance(q, str) else tokenizer.apply_chat_template(q, tokenize=False, add_generation_prompt=True)
+        Ask(q, q) if isinstance(q, str) else PromptFormat("chat", tokenizer.chat_template).ask_turns(q, tokenizer)
         for q, _ in pairs
     ]
     if max_new_tokens is None:
         longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pairs)
         max_new_tokens = longest + ANSWER_SLACK_TOKENS
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues every row at its end
-    try:
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(policy.device)
-    finally:
-        tokenizer.padding_side = side
+    inputs = encode_left_padded(tokenizer, prompts).to(policy.device)  # every row continues at its end
     was_training = model.training
     model.eval()
     with torch.no_grad(), policy.autocast():  # not inference mode: FSDP2 trains the weights it gathers

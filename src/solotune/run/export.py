@@ -32,6 +32,7 @@ import torch
 
 from solotune.artifacts import atomic_path, write_atomic
 from solotune.errors import SolotuneError
+from solotune.prompting import PromptFormat, format_instruction, read_format
 
 # --type: the GGML type of the 2-D weights (norms and other 1-D tensors stay F32, and a weight
 # whose rows do not split into the type's blocks falls back to F16, as llama.cpp does).
@@ -76,10 +77,13 @@ def export_gguf(
     config = _config_of(adapter, model)
     arch = _architecture(config)
     net, tokenizer, origin, base = _load(adapter, model)
+    fmt = read_format(adapter or model)
+    if fmt and fmt.chat_template:  # the template the run trained with, whatever the tokenizer has now
+        tokenizer.chat_template = fmt.chat_template
     names = (origin.get("general.name") or Path(base).name, out.stem)
     with atomic_path(out) as part:  # nothing partial is left
-        counts = _write(part, arch, net, tokenizer, gguf_type, origin, names)
-    modelfile = write_modelfile(out, tokenizer) if ollama else None
+        counts = _write(part, arch, net, tokenizer, gguf_type, origin, names, fmt)
+    modelfile = write_modelfile(out, tokenizer, fmt) if ollama else None
     return Exported(str(out), gguf_type, out.stat().st_size / 2**20, time.perf_counter() - start, *counts, modelfile)
 
 
@@ -138,9 +142,12 @@ def _load(adapter: str | None, model: str | None):
     return net, load_tokenizer(source, mcfg), gguf_origin(source), source
 
 
-def _write(path: Path, arch: str, model, tokenizer, gguf_type: str, origin: dict, names) -> tuple[int, int]:
+def _write(
+    path: Path, arch: str, model, tokenizer, gguf_type: str, origin: dict, names, fmt: PromptFormat | None
+) -> tuple[int, int]:
     """The GGUF file: metadata, tokenizer, tensors. Returns (tensors, F16 fallbacks).
-    `names`: the base model's name and the fine-tune's (the file's stem)."""
+    `names`: the base model's name and the fine-tune's (the file's stem); `fmt`: the prompt format
+    the run trained in, kept as `solotune.prompt_format` (prompting.py)."""
     import gguf
 
     # Its INFO lines list every key it writes; its one warning (a tokenizer without merges, like
@@ -149,6 +156,8 @@ def _write(path: Path, arch: str, model, tokenizer, gguf_type: str, origin: dict
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(names[0])
     writer.add_finetune(names[1])
+    if fmt:
+        writer.add_string(GGUF_FORMAT_KEY, fmt.kind)
     _add_hyperparameters(writer, model.config, arch)
     _add_tokenizer(writer, tokenizer, model.config, arch, origin)
     qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
@@ -328,15 +337,26 @@ OLLAMA_FORMATS = {
     ),
 }
 MODELFILE = "Modelfile"
+GGUF_FORMAT_KEY = "solotune.prompt_format"
+# Ollama's templates for the formats that are not a chat template: the Alpaca prompt, or the
+# user's text as given.
+OLLAMA_PLAIN = {
+    "alpaca": format_instruction("{{ .Prompt }}"),
+    "prompt_response": "{{ .Prompt }}",
+    "text": "{{ .Prompt }}",
+}
 
 
-def write_modelfile(gguf_path: Path, tokenizer) -> str:
-    """An Ollama Modelfile beside the GGUF file (`ollama create NAME -f Modelfile`)."""
+def write_modelfile(gguf_path: Path, tokenizer, fmt: PromptFormat | None = None) -> str:
+    """An Ollama Modelfile beside the GGUF file (`ollama create NAME -f Modelfile`), asking in the
+    format the run trained in (`fmt`; without a record, the chat template's)."""
     template = tokenizer.chat_template or ""
     found = next((fmt for marker, fmt in OLLAMA_FORMATS.items() if marker in template), None)
     lines = [f"FROM ./{gguf_path.name}"]
     stops = [tokenizer.eos_token] if tokenizer.eos_token else []
-    if found:
+    if fmt and fmt.kind in OLLAMA_PLAIN:
+        lines.append(f'TEMPLATE """{OLLAMA_PLAIN[fmt.kind]}"""')
+    elif found:
         go_template, format_stops = found
         lines.append(f'TEMPLATE """{go_template}"""')
         stops = format_stops + [s for s in stops if s not in format_stops]

@@ -1,4 +1,5 @@
-"""Generation from prompts, with timing."""
+"""Generation from prompts, in batches, with timing; the prompts put in the format the model was
+trained in (prompting.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 import torch
 
 from solotune.config import GenerateConfig, ModelConfig, PrecisionConfig
-from solotune.data import format_instruction
 from solotune.model.adapters import adapter_base_model, load_adapter
 from solotune.model.models import load_model, load_tokenizer, resolve_model_source
 from solotune.model.precision import PrecisionPolicy, resolve_policy
 from solotune.model.quant import quantization_config, read_record
 from solotune.parallel import sharding
+from solotune.prompting import Ask, PromptFormat, format_for
+
+BATCH = 8  # prompts generated together, left-padded
 
 
 @dataclass
@@ -22,7 +25,7 @@ class Generation:
     prompt: str  # what the user wrote (prompt or instruction)
     text: str  # the generated continuation only
     new_tokens: int
-    seconds: float
+    seconds: float  # its batch's generation time (prompts of a batch are generated together)
 
     @property
     def tokens_per_s(self) -> float:
@@ -36,58 +39,105 @@ class Generation:
         return cls(d["prompt"], d["text"], d["new_tokens"], d["seconds"])
 
 
-def eval_inputs(cfg: GenerateConfig) -> list[tuple[str, str]]:
-    """(shown prompt, model input) pairs: raw prompts as given, instructions templated."""
-    return [(p, p) for p in cfg.prompts] + [(i, format_instruction(i)) for i in cfg.instructions]
+def eval_inputs(cfg: GenerateConfig, fmt: PromptFormat, tokenizer) -> list[Ask]:
+    """A run's prompts: `prompts` as given, `instructions` in the format the model was trained in
+    (the Alpaca template, its chat template, ...)."""
+    return [Ask(p, p) for p in cfg.prompts] + [fmt.ask(i, tokenizer) for i in cfg.instructions]
 
 
-def generate(model, tokenizer, cfg: GenerateConfig, policy: PrecisionPolicy) -> list[Generation]:
-    """Generate a continuation for every evaluation prompt, one at a time (so each is timed alone).
+def generate(model, tokenizer, inputs: list[Ask], cfg: GenerateConfig, policy) -> list[Generation]:
+    """A continuation of every prompt of `inputs`, BATCH at a time, with `cfg`'s decoding settings.
 
     In inference mode, except under FSDP2: the weights it gathers for the forward are tensors it
     keeps and trains later, and a tensor made in inference mode cannot take part in training.
     """
+    was_training = model.training
+    model.eval()
+    results = []
     with torch.no_grad(), torch.inference_mode(not sharding.is_sharded(model)):
-        results = _generate(model, tokenizer, cfg, policy)
+        for start in range(0, len(inputs), BATCH):
+            results += generate_batch(model, tokenizer, inputs[start : start + BATCH], cfg, policy)
+    model.train(was_training)
     sharding.reshard(model)  # FSDP2: a forward without backward leaves the root's weights gathered
     return results
 
 
-def _generate(model, tokenizer, cfg: GenerateConfig, policy: PrecisionPolicy) -> list[Generation]:
-    was_training = model.training
-    model.eval()
+def generate_batch(model, tokenizer, inputs: list[Ask], cfg: GenerateConfig, policy) -> list[Generation]:
+    """One batch: left-padded, so that every row continues at its end; each row's new tokens
+    counted up to its end of sequence."""
+    batch = encode_left_padded(tokenizer, inputs).to(policy.device)
+    start = time.perf_counter()
+    with policy.autocast():
+        out = model.generate(**batch, **decoding(cfg, tokenizer))
+    if policy.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     results = []
-    for shown, text in eval_inputs(cfg):
-        inputs = tokenizer(text, return_tensors="pt").to(policy.device)
-        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
-        start = time.perf_counter()
-        with policy.autocast():
-            out = model.generate(
-                **inputs,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=cfg.do_sample,
-                pad_token_id=tokenizer.pad_token_id,
-                **sampling,
-            )
-        if policy.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        new = out[0, inputs["input_ids"].shape[1] :]
-        results.append(Generation(shown, tokenizer.decode(new, skip_special_tokens=True), len(new), seconds))
-    model.train(was_training)
+    for ask, row in zip(inputs, out[:, batch["input_ids"].shape[1] :].tolist()):
+        new = _until_end(row, tokenizer)
+        results.append(Generation(ask.shown, tokenizer.decode(new, skip_special_tokens=True), len(new), seconds))
     return results
+
+
+def decoding(cfg: GenerateConfig, tokenizer) -> dict:
+    """`model.generate`'s decoding arguments for `cfg`."""
+    out = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "pad_token_id": tokenizer.pad_token_id}
+    if cfg.do_sample:
+        out.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    if cfg.static_cache:
+        out["cache_implementation"] = "static"
+    return out
+
+
+def encode_left_padded(tokenizer, inputs: list[Ask]):
+    """Token ids and attention mask of `inputs`, each encoded as its format says, padded on the left."""
+    rows = [tokenizer(a.text, add_special_tokens=a.special_tokens)["input_ids"] for a in inputs]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+
+
+def _until_end(tokens: list[int], tokenizer) -> list[int]:
+    """A row's generated tokens up to and including its end of sequence (the rest is padding)."""
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    for i, token in enumerate(tokens):
+        if token in ends:
+            return tokens[: i + 1]
+    return tokens
 
 
 def print_generations(title: str, generations: list[Generation]) -> None:
     print(f"\n== {title} ==")
     for g in generations:
         print(
-            f"> {g.prompt!r}\n  {g.text.strip()!r}\n  ({g.new_tokens} tokens in {g.seconds:.2f} s, {g.tokens_per_s:.1f} tokens/s)"
+            f"> {g.prompt!r}\n  {g.text.strip()!r}\n  ({g.new_tokens} tokens, {g.tokens_per_s:.1f} tokens/s in its batch)"
         )
+    total_s = sum(_batch_seconds(generations))
+    if generations and total_s > 0:
+        new = sum(g.new_tokens for g in generations)
+        print(f"  overall: {new} tokens in {total_s:.2f} s, {new / total_s:.1f} tokens/s ({len(generations)} prompts)")
 
 
-def load_for_inference(adapter: str | None, model_name: str | None, precision: PrecisionConfig, device: str):
-    """(model, tokenizer, policy) for a base model, a saved adapter on its base, or a full fine-tune."""
+def _batch_seconds(generations: list[Generation]) -> list[float]:
+    """Each batch's time once: the prompts of a batch share it."""
+    return [g.seconds for i, g in enumerate(generations) if i % BATCH == 0]
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer: its tokenizer, precision, and the format to ask it in."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    policy: PrecisionPolicy
+    format: PromptFormat
+
+
+def load_for_inference(adapter: str | None, model_name: str | None, precision: PrecisionConfig, device: str) -> Loaded:
+    """A base model, a saved adapter on its base, or a full fine-tune (or merged) folder, with the
+    prompt format its training recorded (else its chat template, else raw text)."""
     policy = resolve_policy(precision, device, frozen_base=True)
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         model_name, adapter = adapter, None  # a full fine-tune folder is a plain HF model
@@ -100,4 +150,4 @@ def load_for_inference(adapter: str | None, model_name: str | None, precision: P
     model = load_model(source, mcfg, policy.base_dtype, policy.device, quant and quantization_config(*quant))
     if adapter:
         model = load_adapter(model, adapter)
-    return model, tokenizer, policy
+    return Loaded(model, tokenizer, policy, format_for([adapter, source], tokenizer))

@@ -33,8 +33,9 @@ from solotune.model.models import copy_gguf_origin, load_tokenizer, resolve_mode
 from solotune.model.precision import PrecisionPolicy, resolve_policy
 from solotune.model.quant import save_record
 from solotune.parallel import dist, sharding
+from solotune.prompting import PromptFormat, copy_format, format_of_data
 from solotune.run.evaluate import Evaluation, evaluation_for
-from solotune.run.generate import Generation, generate, print_generations
+from solotune.run.generate import Generation, eval_inputs, generate, print_generations
 from solotune.run.metrics import RunOutcome, collect_metrics, library_versions, print_summary
 from solotune.run.trackers import RunIdentity, Trackers, run_summary
 from solotune.training import checkpoint
@@ -107,6 +108,7 @@ class RunData:
     examples: list  # the units to train on: Examples, or preference Pairs
     stats: DataStats
     format: str
+    prompt_format: PromptFormat  # how the data put prompts to the model: recorded with the weights
     evaluation: Evaluation | None
 
 
@@ -114,6 +116,8 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
     cfg, policy, world = scope.cfg, scope.policy, scope.world
     data = _read_data(cfg)
     checkpoints = _checkpointer(cfg, data.examples, scope.out_dir, scope.resume)
+    if world.main:  # beside the run's weights, whichever folder they are saved in (_save_weights)
+        data.prompt_format.save(scope.out_dir)
     setup = set_up_model(cfg, policy, world, data.source, data.examples, data.tokenizer.pad_token_id)
     model, fast, tokenizer, evaluation = setup.model, setup.fast, data.tokenizer, data.evaluation
     objective = _objective(setup, data, scope)
@@ -121,7 +125,7 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
     # Under FSDP2 every rank takes part in each forward (it holds a shard of every layer), so
     # every rank generates, in step; rank 0 keeps what they generated.
     generates = world.main or setup.sharded
-    before = _generations_before(model, tokenizer, scope) if generates else []
+    before = _generations_before(model, tokenizer, scope, data.prompt_format) if generates else []
     if evaluation:
         if cfg.eval.keep_best:
             evaluation.held_out.on_best = lambda step: _save_weights(model, tokenizer, scope, step)
@@ -135,7 +139,7 @@ def _run(scope: RunScope, trackers: Trackers) -> dict:
     )  # fmt: skip
     # The trained weights first: nothing after the loop (generations, the matmul peak) can lose them.
     saved = _save_weights(model, tokenizer, scope)
-    after = _generate(model, tokenizer, cfg, policy) if generates and cfg.generate.enabled else []
+    after = _generate(model, tokenizer, cfg, policy, data.prompt_format) if generates and cfg.generate.enabled else []
     if evaluation:  # every rank: under FSDP2 each forward needs them all
         evaluation.run("after", model, tokenizer, policy, fast, len(loop.losses), objective)
     if not world.main:
@@ -176,10 +180,21 @@ def _read_data(cfg: RunConfig) -> RunData:
     tokenizer = load_tokenizer(source, cfg.model)
     examples, stats, data_format = tokenize_records(records, tokenizer, cfg.data, pairs)
     _print_data(examples, stats, data_format, cfg)
+    prompt_format = _prompt_format(records, data_format, tokenizer, cfg)
+    print(prompt_format.describe())
     examples, evaluation = evaluation_for(cfg, records, examples, data_format, tokenizer)
     if evaluation:
         print(evaluation.describe())
-    return RunData(source, tokenizer, examples, stats, data_format, evaluation)
+    return RunData(source, tokenizer, examples, stats, data_format, prompt_format, evaluation)
+
+
+def _prompt_format(records, data_format: str, tokenizer, cfg: RunConfig) -> PromptFormat:
+    """How this run's data puts prompts to the model. Preference pairs: in the chat template where
+    they are messages, in the Alpaca template for the built-in ones, else as given."""
+    first = next((r.fields for r in records if r.problem is None and isinstance(r.fields, dict)), {})
+    chat_pairs = any(isinstance(first.get(k), list) for k in ("prompt", "chosen"))
+    fmt = format_of_data(data_format, tokenizer, chat_pairs, alpaca_pairs=cfg.data.path is None)
+    return dataclasses.replace(fmt, origin="this run's data")
 
 
 def _write_results(outcome: RunOutcome, out_dir: Path, trackers: Trackers) -> dict:
@@ -293,12 +308,13 @@ def _save_weights(model, tokenizer, scope: RunScope, best_step: int | None = Non
         save_trained(model, tokenizer, folder)
     if world.main:
         copy_gguf_origin(resolve_model_source(cfg.model), folder)  # for `solotune export`
+        copy_format(scope.out_dir, folder)  # how to ask it: generate, chat, merge and export read it
     if world.main and best_step is not None:
         artifacts.write_json(folder / "best.json", {"step": best_step})
     return folder
 
 
-def _generate(model, tokenizer, cfg: RunConfig, policy) -> list[Generation]:
+def _generate(model, tokenizer, cfg: RunConfig, policy, fmt: PromptFormat) -> list[Generation]:
     """`generate`, drawing from a generator seeded by the run's seed: ranks generating in step
     (FSDP2) draw the same tokens, so they stop after the same number of forwards.
 
@@ -307,7 +323,7 @@ def _generate(model, tokenizer, cfg: RunConfig, policy) -> list[Generation]:
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if policy.device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)
         try:
-            return generate(model, tokenizer, cfg.generate, policy)
+            return generate(model, tokenizer, eval_inputs(cfg.generate, fmt, tokenizer), cfg.generate, policy)
         except Exception as e:
             if is_out_of_memory(e) or isinstance(e, SolotuneError):
                 raise
@@ -318,14 +334,14 @@ def _generate(model, tokenizer, cfg: RunConfig, policy) -> list[Generation]:
             return []
 
 
-def _generations_before(model, tokenizer, scope: RunScope) -> list[Generation]:
+def _generations_before(model, tokenizer, scope: RunScope, fmt: PromptFormat) -> list[Generation]:
     """The generations before training; a resumed run reuses those its first part recorded."""
     saved = scope.out_dir / GENERATIONS_BEFORE_FILE
     if not scope.cfg.generate.enabled:
         return []
     if scope.resume and saved.is_file():
         return [Generation.from_dict(g) for g in artifacts.read_json(saved)["generations"]]
-    before = _generate(model, tokenizer, scope.cfg, scope.policy)
+    before = _generate(model, tokenizer, scope.cfg, scope.policy, fmt)
     if scope.world.main:
         artifacts.write_json(saved, {"generations": [g.as_dict() for g in before]})
     return before
