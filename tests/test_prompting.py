@@ -172,3 +172,23 @@ def test_a_static_kv_cache_gives_the_same_answers(tiny_model_dir):
         for static in (False, True)
     }
     assert texts[True] == texts[False] and all(texts[True])
+
+
+def test_the_gguf_export_and_its_modelfile_carry_the_format(trained, tmp_path):
+    """An Alpaca-trained adapter exported: the GGUF says `solotune.prompt_format = alpaca`, and
+    the Ollama Modelfile asks in the Alpaca template, not the tokenizer's chat template."""
+    import gguf
+
+    out = tmp_path / "alpaca.gguf"
+    assert (
+        main(
+            ["export", "--adapter", str(trained["alpaca"] / "adapter"), "--gguf", str(out), "--type", "f32", "--ollama"]
+        )
+        == 0
+    )
+    assert gguf.GGUFReader(str(out)).fields["solotune.prompt_format"].contents() == "alpaca"
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert (
+        'TEMPLATE """Below is an instruction' in modelfile
+        and "### Instruction:\n{{ .Prompt }}\n\n### Response:\n" in modelfile
+    )
