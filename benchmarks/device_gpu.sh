@@ -143,7 +143,7 @@ part "5. keyed dropout against torch's" 10 dropout_cost
 
 vs_trl_dpo() {
   $PY benchmarks/vs_trl_dpo.py --device "$DEVICE" --precision "$PRECISION" --model /tmp/solotune-1b \
-    --pairs "$PAIRS" --repeats 1 --settings trl-dpo,solotune-dpo,solotune-sft --out "$RESULTS/vs_trl_dpo.md" \
+    --pairs "$PAIRS" --max-len 512 --repeats 1 --settings trl-dpo,solotune-dpo,solotune-sft --out "$RESULTS/vs_trl_dpo.md" \
     > "$RESULTS/vs_trl_dpo.log" 2>&1 || tail -5 "$RESULTS/vs_trl_dpo.log"
 }
 export -f vs_trl_dpo

@@ -60,7 +60,7 @@ def solotune_args(args, out: Path) -> list[str]:
         sys.executable, "-m", "solotune.cli", "train", "--max-len", str(args.max_len), "--lora.r", "16",
         "--lora.alpha", "32", "--lora.dropout", "0", "--lr", "1e-4", "--epochs", "1", "--no-train.shuffle",
         "--train.schedule", "linear", "--train.warmup-ratio", "0", "--seed", "0",
-        "--no-generate.enabled", "--output-dir", str(out), "--device", args.device,
+        "--no-generate.enabled", "--output-dir", str(out), "--device", args.device, "--data.on-bad-record", "skip",
         "--mp", "off" if args.precision == "fp32" else args.precision,
     ] + (["--model", args.model] if args.model else [])  # fmt: skip
 
@@ -136,8 +136,11 @@ def run_trl(setting: str, args, tmp: Path) -> dict:
         model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=peft_config, callbacks=[measure],
     )  # fmt: skip
-    ours = tokenize_records(read_records(DataConfig(samples=args.pairs), pairs=True), tokenizer, DataConfig(), True)[0]
-    theirs = [trainer.train_dataset[i] for i in range(len(rows))]
+    # Both leave out a pair whose prompt fills the length limit (solotune's with --data.on-bad-record skip).
+    data = DataConfig(samples=args.pairs, max_len=args.max_len, on_bad_record="skip")
+    ours = tokenize_records(read_records(data, pairs=True), tokenizer, data, True)[0]
+    theirs = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    assert len(ours) == len(theirs), f"solotune keeps {len(ours)} pairs, TRL {len(theirs)}"
     differ = sum(
         p.chosen.input_ids != t["prompt_ids"] + t["chosen_ids"]
         or p.rejected.input_ids != t["prompt_ids"] + t["rejected_ids"]
