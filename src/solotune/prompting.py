@@ -13,7 +13,7 @@ chat template where it has one, else with the text as given, and the output says
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -147,7 +147,3 @@ def copy_format(source: str | Path, destination: str | Path) -> None:
     found = read_format(source)
     if found:
         found.save(destination)
-
-
-def as_dict(fmt: PromptFormat) -> dict:
-    return asdict(fmt)
