@@ -1,6 +1,7 @@
 """The training format travels with what was trained (prompting.py): a run records how its
 prompts were formatted, and generate, chat and merge ask the model in it."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -33,6 +34,20 @@ def expected_ids(kind: str, tokenizer) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+@contextlib.contextmanager
+def model_inputs():
+    """The token ids every `model.generate` call gets (its first row), in a list."""
+    seen = []
+    original = transformers.GenerationMixin.generate
+
+    def recording(model, *args, **kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return original(model, *args, **kwargs)
+
+    with mock.patch.object(transformers.GenerationMixin, "generate", recording):
+        yield seen
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter per record format, 12 steps on one repeated record."""
@@ -54,14 +69,7 @@ def test_generate_asks_in_the_format_the_adapter_was_trained_in(trained, kind, t
     it (the token ids checked), and the answer is not empty."""
     adapter = trained[kind] / "adapter"
     assert read_format(adapter).kind == kind and read_format(trained[kind]).kind == kind
-    seen = []
-    original = transformers.GenerationMixin.generate
-
-    def recording(model, *args, **kwargs):
-        seen.append(kwargs["input_ids"][0].tolist())
-        return original(model, *args, **kwargs)
-
-    with mock.patch.object(transformers.GenerationMixin, "generate", recording):
+    with model_inputs() as seen:
         assert main(["generate", "--adapter", str(adapter), "--prompt", QUESTION, "--mp", "off"]) == 0
     out = capsys.readouterr().out
     assert seen == [expected_ids(kind, tokenizer)]
@@ -73,14 +81,7 @@ def test_generate_asks_in_the_format_the_adapter_was_trained_in(trained, kind, t
 
 
 def test_raw_sends_the_text_as_given(trained, tokenizer, capsys):
-    seen = []
-    original = transformers.GenerationMixin.generate
-
-    def recording(model, *args, **kwargs):
-        seen.append(kwargs["input_ids"][0].tolist())
-        return original(model, *args, **kwargs)
-
-    with mock.patch.object(transformers.GenerationMixin, "generate", recording):
+    with model_inputs() as seen:
         assert main(["generate", "--adapter", str(trained["chat"] / "adapter"), "--prompt", QUESTION, "--raw"]) == 0
     assert (
         seen == [tokenizer(QUESTION)["input_ids"]] and "prompt format: text as given (--raw)" in capsys.readouterr().out

@@ -80,9 +80,9 @@ def export_gguf(
     fmt = read_format(adapter or model)
     if fmt and fmt.chat_template:  # the template the run trained with, whatever the tokenizer has now
         tokenizer.chat_template = fmt.chat_template
-    names = (origin.get("general.name") or Path(base).name, out.stem)
+    about = About(origin.get("general.name") or Path(base).name, out.stem, fmt)
     with atomic_path(out) as part:  # nothing partial is left
-        counts = _write(part, arch, net, tokenizer, gguf_type, origin, names, fmt)
+        counts = _write(part, arch, net, tokenizer, gguf_type, origin, about)
     modelfile = write_modelfile(out, tokenizer, fmt) if ollama else None
     return Exported(str(out), gguf_type, out.stat().st_size / 2**20, time.perf_counter() - start, *counts, modelfile)
 
@@ -142,22 +142,27 @@ def _load(adapter: str | None, model: str | None):
     return net, load_tokenizer(source, mcfg), gguf_origin(source), source
 
 
-def _write(
-    path: Path, arch: str, model, tokenizer, gguf_type: str, origin: dict, names, fmt: PromptFormat | None
-) -> tuple[int, int]:
-    """The GGUF file: metadata, tokenizer, tensors. Returns (tensors, F16 fallbacks).
-    `names`: the base model's name and the fine-tune's (the file's stem); `fmt`: the prompt format
-    the run trained in, kept as `solotune.prompt_format` (prompting.py)."""
+@dataclass(frozen=True)
+class About:
+    """What the file says about itself besides the weights."""
+
+    base_name: str  # the base model's
+    finetune: str  # the fine-tune's: the file's stem
+    prompt_format: PromptFormat | None  # the one the run trained in, as `solotune.prompt_format`
+
+
+def _write(path: Path, arch: str, model, tokenizer, gguf_type: str, origin: dict, about: About) -> tuple[int, int]:
+    """The GGUF file: metadata, tokenizer, tensors. Returns (tensors, F16 fallbacks)."""
     import gguf
 
     # Its INFO lines list every key it writes; its one warning (a tokenizer without merges, like
     # a byte-level vocabulary's) is not a problem here.
     logging.getLogger("gguf").setLevel(logging.ERROR)
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(names[0])
-    writer.add_finetune(names[1])
-    if fmt:
-        writer.add_string(GGUF_FORMAT_KEY, fmt.kind)
+    writer.add_name(about.base_name)
+    writer.add_finetune(about.finetune)
+    if about.prompt_format:
+        writer.add_string(GGUF_FORMAT_KEY, about.prompt_format.kind)
     _add_hyperparameters(writer, model.config, arch)
     _add_tokenizer(writer, tokenizer, model.config, arch, origin)
     qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
