@@ -203,22 +203,12 @@ def run_solotune(s: Setting, args, out_dir: Path) -> dict:
     }
 
 
-def run_trl(s: Setting, args, out_dir: Path) -> dict:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+def trainer_measure(device):
+    """A Trainer callback that times `train()` and reads the peak memory of its loop alone (the
+    high-water mark reset as training begins): `.seconds` and `.peak` once it ends."""
+    from transformers import TrainerCallback
 
-    from solotune.data import IGNORE_INDEX, collate_packed
-    from solotune.measure.flops import FlopModel, matmul_peak_flops
     from solotune.measure.memory import PeakMemoryProbe
-
-    source, examples = tokenized_examples(args)
-    rows = [{"input_ids": e.input_ids, "completion_mask": [int(y != IGNORE_INDEX) for y in e.labels]} for e in examples]
-    dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
-    device = torch.device(args.device)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa").to(device)
 
     probe = PeakMemoryProbe(device)
 
@@ -231,7 +221,26 @@ def run_trl(s: Setting, args, out_dir: Path) -> dict:
             self.seconds = time.perf_counter() - self.start
             self.peak = probe.read()
 
-    measure = Measure()
+    return Measure()
+
+
+def run_trl(s: Setting, args, out_dir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from solotune.data import IGNORE_INDEX, collate_packed
+    from solotune.measure.flops import FlopModel, matmul_peak_flops
+
+    source, examples = tokenized_examples(args)
+    rows = [{"input_ids": e.input_ids, "completion_mask": [int(y != IGNORE_INDEX) for y in e.labels]} for e in examples]
+    dtype = torch.bfloat16 if s.precision == "bf16" else torch.float32
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa").to(device)
+
+    measure = trainer_measure(device)
     config = SFTConfig(
         output_dir=str(out_dir / "trl"),
         per_device_train_batch_size=s.micro,

@@ -93,12 +93,12 @@ def run_trl(setting: str, args, tmp: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
+    from vs_trl import trainer_measure  # benchmarks/ is the script's folder, so on its path
 
     from solotune.config import DataConfig, ModelConfig
     from solotune.data import read_records, tokenize_records
-    from solotune.measure.memory import PeakMemoryProbe
     from solotune.model.models import load_tokenizer, resolve_model_source
 
     torch.manual_seed(0)
@@ -108,16 +108,6 @@ def run_trl(setting: str, args, tmp: Path) -> dict:
     rows = pair_rows(args.pairs)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
-    probe = PeakMemoryProbe(torch.device(args.device))
-
-    class Measure(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            probe.reset()
-            self.start = time.perf_counter()
-
-        def on_train_end(self, *_, **__):
-            self.seconds = time.perf_counter() - self.start
-            self.peak = probe.read()
 
     micro = 2 if setting == "trl-dpo-micro2" else PAIRS_PER_STEP
     config = DPOConfig(
@@ -131,7 +121,7 @@ def run_trl(setting: str, args, tmp: Path) -> dict:
     peft_config = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"
     )
-    measure = Measure()
+    measure = trainer_measure(torch.device(args.device))  # vs_trl.py's: the same measure for both peers
     trainer = DPOTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=peft_config, callbacks=[measure],
